@@ -1,0 +1,27 @@
+# Set-up on a fresh machine: a .venv with the CPU build of torch first (an unpinned torch
+# pulls a multi-GB CUDA build), then the package with its dev extra.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m diffusiongym.demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

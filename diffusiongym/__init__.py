@@ -1,0 +1,62 @@
+"""diffusiongym: pretrained diffusion and flow models as Gymnasium environments for reward adaptation.
+
+Conventions: ``t`` runs from 0 (noise) to 1 (data); ``x_t = alpha_t x1 + beta_t x0``;
+controlled dynamics ``dX = (b + sigma u) dt + sigma dB``; step reward
+``-1/2 |u|^2 dt`` plus ``reward_scale * r(x1)`` at the end.
+"""
+
+from diffusiongym.envs.environment import (
+    DiffusionEnvironment,
+    EndpointEnvironment,
+    EpsilonEnvironment,
+    ScoreEnvironment,
+    VelocityEnvironment,
+    make_environment,
+)
+from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, gmm_preset
+from diffusiongym.noise import ODE, CallableNoise, Constant, Memoryless, Noise, make_noise
+from diffusiongym.oracle import TiltOracle
+from diffusiongym.parameterization import PARAMETERIZATIONS, conversion_coefficients, convert
+from diffusiongym.rewards import CallableReward, ConstantReward, LinearReward, QuadraticReward, Reward
+from diffusiongym.sampling import Trajectory, sample
+from diffusiongym.schedulers import CosineScheduler, DiscreteVPScheduler, LinearScheduler, Scheduler, make_scheduler
+from diffusiongym.timegrid import make_time_grid
+from diffusiongym.utils.stats import energy_distance
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiffusionEnvironment",
+    "VelocityEnvironment",
+    "EpsilonEnvironment",
+    "EndpointEnvironment",
+    "ScoreEnvironment",
+    "make_environment",
+    "GaussianMixture",
+    "GaussianMixtureModel",
+    "gmm_preset",
+    "Noise",
+    "ODE",
+    "Memoryless",
+    "Constant",
+    "CallableNoise",
+    "make_noise",
+    "TiltOracle",
+    "PARAMETERIZATIONS",
+    "conversion_coefficients",
+    "convert",
+    "Reward",
+    "CallableReward",
+    "ConstantReward",
+    "LinearReward",
+    "QuadraticReward",
+    "Trajectory",
+    "sample",
+    "Scheduler",
+    "LinearScheduler",
+    "CosineScheduler",
+    "DiscreteVPScheduler",
+    "make_scheduler",
+    "make_time_grid",
+    "energy_distance",
+]

@@ -1,0 +1,227 @@
+"""Exact Gaussian-mixture base models (the oracle's ground truth).
+
+Base ``p1 = sum_k w_k N(mu_k, S_k)`` and path ``x_t = alpha x1 + beta x0``. Then
+``p_t = sum_k w_k N(alpha mu_k, C_k)`` with ``C_k = alpha^2 S_k + beta^2 I`` and the
+posterior of ``x1`` given ``x_t = x`` is the mixture with responsibilities
+``rho_k(x) ∝ w_k N(x; alpha mu_k, C_k)``, means
+``mu_k + alpha S_k C_k^{-1} (x - alpha mu_k)`` and covariances
+``S_k - alpha^2 S_k C_k^{-1} S_k`` (``shared/DESIGN.md`` s. 2).
+
+Everything is computed in each component's eigenbasis ``S_k = Q_k diag(lam_k) Q_k^T``
+(``C_k`` shares it: eigenvalues ``alpha^2 lam + beta^2``), so a per-sample time costs
+element-wise work only and no batched matrix inverse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffusiongym.parameterization import check_parameterization
+from diffusiongym.schedulers import Scheduler, make_scheduler
+
+__all__ = ["GaussianMixture", "GaussianMixtureModel", "Posterior", "gmm_preset", "GMM_PRESETS"]
+
+
+@dataclass
+class Posterior:
+    """Posterior of ``x1`` given ``x_t = x`` (batch of ``n`` points, ``K`` components).
+
+    Attributes
+    ----------
+    log_rho : (n, K) log responsibilities.
+    means : (n, K, d) component posterior means ``E[x1 | x, k]``.
+    cov_eigvals : (n, K, d) posterior covariance eigenvalues in the basis ``Q_k``.
+    basis : (K, d, d) the eigenbases ``Q_k`` (columns).
+    score : (n, d) ``grad_x log p_t(x)``.
+    x1_hat : (n, d) ``E[x1 | x]``.
+    """
+
+    log_rho: Tensor
+    means: Tensor
+    cov_eigvals: Tensor
+    basis: Tensor
+    score: Tensor
+    x1_hat: Tensor
+
+    def covariances(self) -> Tensor:
+        """Full component posterior covariances, shape ``(n, K, d, d)``."""
+        q = self.basis
+        return torch.einsum("kij,nkj,klj->nkil", q, self.cov_eigvals, q)
+
+
+class GaussianMixture:
+    """A Gaussian mixture distribution in ``d`` dimensions (stored in float64).
+
+    Parameters
+    ----------
+    weights : array, shape (K,)
+        Positive; normalised here.
+    means : array, shape (K, d)
+    covs : array, shape (K, d, d) positive definite, or (K, d) diagonal, or (K,) isotropic.
+    """
+
+    def __init__(self, weights: Any, means: Any, covs: Any):
+        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        if mu.ndim != 2 or mu.shape[0] != w.numel():
+            raise ValueError(f"means: expected shape ({w.numel()}, d), got {tuple(mu.shape)}")
+        k, d = mu.shape
+        s = torch.as_tensor(covs, dtype=torch.float64)
+        if s.shape == (k,):
+            s = s[:, None, None] * torch.eye(d, dtype=torch.float64)
+        elif s.shape == (k, d):
+            s = torch.diag_embed(s)
+        if s.shape != (k, d, d):
+            raise ValueError(f"covs: expected shape ({k}, {d}, {d}), ({k}, {d}) or ({k},), got {tuple(s.shape)}")
+        if not torch.all(w > 0):
+            raise ValueError("weights: expected positive entries")
+        s = 0.5 * (s + s.mT)
+        lam, q = torch.linalg.eigh(s)
+        if not torch.all(lam > 0):
+            raise ValueError("covs: expected positive definite covariances")
+        self.weights = w / w.sum()
+        self.means = mu
+        self.covs = s
+        self.eigvals = lam
+        self.eigvecs = q
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    def mean(self) -> Tensor:
+        """Overall mean, shape ``(d,)``."""
+        return self.weights @ self.means
+
+    def covariance(self) -> Tensor:
+        """Overall covariance, shape ``(d, d)``."""
+        m = self.mean()
+        diff = self.means - m
+        return torch.einsum("k,kij->ij", self.weights, self.covs) + torch.einsum("k,ki,kj->ij", self.weights, diff, diff)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64, device: Any = None) -> Tensor:
+        """Exact samples, shape ``(n, d)`` (drawn on the CPU in float64, then moved)."""
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        chol = torch.linalg.cholesky(self.covs)
+        x = self.means[comp] + (chol[comp] @ z.unsqueeze(-1)).squeeze(-1)
+        return x.to(dtype=dtype, device=device)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log density at ``x`` of shape ``(n, d)``, shape ``(n,)``."""
+        return self.marginal(1.0, 0.0)._log_prob(x)
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        w, mu, q, lam = (v.to(x) for v in (self.weights, self.means, self.eigvecs, self.eigvals))
+        y = torch.einsum("nki,kij->nkj", x[:, None, :] - mu, q)
+        logn = -0.5 * ((y**2 / lam) + torch.log(lam) + math.log(2 * math.pi)).sum(-1)
+        return torch.logsumexp(torch.log(w) + logn, dim=1)
+
+    def marginal(self, alpha: float, beta: float) -> "GaussianMixture":
+        """The law of ``alpha X1 + beta X0`` (``p_t`` for scalars alpha, beta)."""
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        return GaussianMixture(self.weights, alpha * self.means, alpha**2 * self.covs + beta**2 * eye)
+
+    def posterior(self, x: Tensor, alpha: Tensor | float, beta: Tensor | float) -> Posterior:
+        """Posterior of ``x1`` given ``alpha x1 + beta x0 = x``.
+
+        ``x`` has shape ``(n, d)``; ``alpha``, ``beta`` are scalars or shape ``(n,)``.
+        Computed in ``x``'s dtype.
+        """
+        w, mu, q, lam = (v.to(x) for v in (self.weights, self.means, self.eigvecs, self.eigvals))
+        a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+        b = torch.as_tensor(beta, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+        y = torch.einsum("nki,kij->nkj", x[:, None, :] - a * mu, q)  # coordinates in Q_k
+        c = a**2 * lam + b**2  # eigenvalues of C_k
+        log_rho = torch.log(w) - 0.5 * ((y**2 / c) + torch.log(c)).sum(-1)
+        log_rho = log_rho - torch.logsumexp(log_rho, dim=1, keepdim=True)
+        rho = log_rho.exp()
+        y_over_c = y / c
+        score = -torch.einsum("nk,kij,nkj->ni", rho, q, y_over_c)
+        means = mu + torch.einsum("kij,nkj->nki", q, a * lam * y_over_c)
+        x1_hat = torch.einsum("nk,nki->ni", rho, means)
+        cov_eigvals = lam * b**2 / c
+        return Posterior(log_rho, means, cov_eigvals.expand(x.shape[0], -1, -1), q, score, x1_hat)
+
+    def tilt(self, reward: Any, scale: float) -> tuple["GaussianMixture", float]:
+        """Exact ``p* ∝ p exp(scale * r)`` and ``log E_p[exp(scale * r)]``.
+
+        ``reward`` must implement ``gaussian_tilt`` (linear, quadratic, constant rewards).
+        """
+        log_z, means, covs = reward.gaussian_tilt(self.means, self.covs, scale)
+        log_w = torch.log(self.weights) + log_z
+        log_norm = torch.logsumexp(log_w, 0)
+        return GaussianMixture(torch.exp(log_w - log_norm), means, covs), float(log_norm)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"weights": self.weights.tolist(), "means": self.means.tolist(), "covs": self.covs.tolist()}
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(K={self.num_components}, d={self.dim})"
+
+
+class GaussianMixtureModel(nn.Module):
+    """Exact predictor of a Gaussian mixture in any parameterisation and scheduler.
+
+    ``forward(x, t)`` returns the exact ``velocity``, ``epsilon``, ``endpoint`` or
+    ``score`` at ``(x, t)`` for the mixture under ``scheduler``; ``t`` has shape
+    ``(n,)`` or is a scalar. ``eps_hat`` is computed as ``-beta * score`` (no
+    ``1/beta`` singularity at ``t = 1``).
+    """
+
+    def __init__(self, mixture: GaussianMixture, scheduler: str | Scheduler = "linear", parameterization: str = "velocity"):
+        super().__init__()
+        self.mixture = mixture
+        self.scheduler = make_scheduler(scheduler)
+        self.parameterization = check_parameterization(parameterization)
+        self.sample_shape = (mixture.dim,)
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.mixture.dim:
+            raise ValueError(f"x: expected shape (n, {self.mixture.dim}), got {tuple(x.shape)}")
+        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        alpha, beta, d_alpha, d_beta = self.scheduler(tt)
+        post = self.mixture.posterior(x, alpha, beta)
+        if self.parameterization == "score":
+            return post.score
+        if self.parameterization == "endpoint":
+            return post.x1_hat
+        shape = (-1, 1) if tt.ndim == 1 else ()
+        eps_hat = -beta.reshape(shape) * post.score
+        if self.parameterization == "epsilon":
+            return eps_hat
+        return d_alpha.reshape(shape) * post.x1_hat + d_beta.reshape(shape) * eps_hat
+
+
+def _ring(n: int, radius: float, std: float, weights: list[float]) -> GaussianMixture:
+    angles = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
+    means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    return GaussianMixture(weights, means, torch.full((n,), std**2, dtype=torch.float64))
+
+
+GMM_PRESETS: dict[str, Any] = {
+    # Two modes; the right one has a fifth of the mass (the reward's target).
+    "1d": lambda: GaussianMixture([0.8, 0.2], [[-1.0], [1.5]], [0.25**2, 0.2**2]),
+    # Eight modes on a ring; the last (angle 315 degrees) has a seventh of the others' mass.
+    "2d": lambda: _ring(8, 2.0, 0.25, [7, 7, 7, 7, 7, 7, 7, 1]),
+    # The uniform 8-Gaussian ring used by the engine benchmark.
+    "8gaussians": lambda: _ring(8, 2.0, 0.25, [1] * 8),
+}
+
+
+def gmm_preset(name: str) -> GaussianMixture:
+    """A preset mixture: ``"1d"``, ``"2d"`` or ``"8gaussians"``."""
+    if name not in GMM_PRESETS:
+        from diffusiongym.utils.validation import unknown_name_error
+
+        raise unknown_name_error("name", name, GMM_PRESETS)
+    return GMM_PRESETS[name]()
