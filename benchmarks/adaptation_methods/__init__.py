@@ -1,0 +1,1 @@
+"""One module per adaptation method; see ``benchmarks/adaptation.py``."""
