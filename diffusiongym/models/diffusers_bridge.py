@@ -1,0 +1,304 @@
+"""Load diffusers UNet models with their scheduler as diffusiongym environments.
+
+Sources: a local folder (a pipeline folder with ``unet/`` and ``scheduler/``, or a model
+folder with ``config.json`` and ``scheduler_config.json`` / ``scheduler/``), a hub id that
+is already in the local Hugging Face cache (``from_pretrained(..., local_files_only=True)``
+by default: nothing is downloaded unless you pass ``local_files_only=False``), or objects in
+memory (:func:`diffusers_environment`). Any diffusers model class named in the config
+(``UNet2DModel``, class-conditional ``UNet2DModel(num_class_embeds=...)``,
+``UNet2DConditionModel``) works; ``diffusers`` is imported lazily.
+
+Conventions (``shared/DESIGN.md`` s.3), with our ``t`` running from 0 (noise) to 1 (data):
+
+- ``DDPMScheduler`` / ``DDIMScheduler`` (any scheduler with an ``alphas_cumprod`` table):
+  ``x_tau = sqrt(abar_tau) x_data + sqrt(1 - abar_tau) eps`` with ``tau = T - 1`` the
+  noisiest. We use ``t = 1 - tau / (T - 1)`` and
+  :class:`~diffusiongym.schedulers.DiscreteVPScheduler` (``log abar`` interpolated in ``t``),
+  and call the UNet with the *float* timestep ``tau = (1 - t)(T - 1)``.
+
+  * ``prediction_type="epsilon"`` -> :class:`EpsilonEnvironment` (output as is);
+  * ``"sample"`` -> :class:`EndpointEnvironment` (output as is);
+  * ``"v_prediction"`` is Salimans-Ho ``v = alpha eps - beta x_data``, *not* the flow
+    velocity: converted to ``eps_hat = beta x + alpha v`` (``alpha^2 + beta^2 = 1``) ->
+    :class:`EpsilonEnvironment`.
+
+  A zero-terminal-SNR table (``rescale_betas_zero_snr``, ``abar_{T-1} = 0``) is floored at
+  ``2^-24`` as diffusers' Euler schedulers do (ties then broken by ``1e-6`` in ``log abar``). ``clip_sample`` / thresholding of the
+  diffusers samplers are not applied (they are sampler heuristics, not part of the model).
+- ``FlowMatchEulerDiscreteScheduler``: ``x_sigma = (1 - sigma) x_data + sigma noise``,
+  ``sigma`` from 1 (noise) to 0, timestep ``sigma * num_train_timesteps``, model output
+  ``noise - x_data``. We use ``t = 1 - sigma`` with the linear scheduler and the velocity
+  ``v = -output`` -> :class:`VelocityEnvironment`. ``shift`` only re-spaces the sampling
+  grid, not the model, so it is ignored here (pass a grid to the sampler to reproduce it).
+
+Conditioning: ``model(x, t, label=..., guidance_scale=..., **kwargs)``; ``label`` is passed to
+the UNet as ``class_labels``, every other keyword (e.g. ``encoder_hidden_states``) as is.
+Classifier-free guidance needs the index of the unconditional class (``null_class``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffusiongym.schedulers import DiscreteVPScheduler, LinearScheduler, Scheduler
+
+__all__ = ["DiffusersModel", "diffusers_environment", "load_diffusers_environment", "scheduler_from_diffusers", "ZERO_SNR_FLOOR"]
+
+ZERO_SNR_FLOOR = 2.0**-24
+VP_PREDICTIONS = {"epsilon": "epsilon", "sample": "endpoint", "v_prediction": "epsilon"}
+
+
+def _import_diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError as err:  # pragma: no cover - diffusers is a core dependency
+        raise ImportError("the diffusers bridge needs diffusers: pip install diffusers") from err
+    return diffusers
+
+
+def _scheduler_config(scheduler: Any) -> dict[str, Any]:
+    if isinstance(scheduler, dict):
+        return dict(scheduler)
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {type(scheduler).__name__}")
+    out = dict(config)
+    out.setdefault("_class_name", type(scheduler).__name__)
+    return out
+
+
+def scheduler_from_diffusers(scheduler: Any, prediction_type: str | None = None) -> tuple[Scheduler, str, str, int]:
+    """Map a diffusers scheduler (object or config dict) to ours.
+
+    Returns
+    -------
+    (scheduler, kind, prediction_type, num_train_timesteps)
+        ``kind`` is ``"vp"`` (alphas_cumprod table) or ``"flow"`` (flow matching);
+        ``prediction_type`` is diffusers' name (``"flow"`` for flow matching).
+    """
+    config = _scheduler_config(scheduler)
+    name = str(config.get("_class_name", type(scheduler).__name__))
+    T = int(config.get("num_train_timesteps", 1000))
+    if "FlowMatch" in name:
+        if prediction_type not in (None, "flow"):
+            raise ValueError(f"prediction_type: a flow-matching scheduler predicts the flow (noise - data), got {prediction_type!r}")
+        return LinearScheduler(), "flow", "flow", T
+    pred = prediction_type if prediction_type is not None else config.get("prediction_type", "epsilon")
+    if pred not in VP_PREDICTIONS:
+        from diffusiongym.utils.validation import unknown_name_error
+
+        raise unknown_name_error("prediction_type", pred, VP_PREDICTIONS)
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None:
+        diffusers = _import_diffusers()
+        cls = getattr(diffusers, name, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ValueError(f"scheduler: unknown diffusers scheduler class {name!r}")
+        abar = getattr(cls.from_config(config), "alphas_cumprod", None)
+        if abar is None:
+            raise ValueError(f"scheduler: {name} has no alphas_cumprod table; expected a DDPM-style or flow-matching scheduler")
+    log_abar = torch.log(torch.as_tensor(abar, dtype=torch.float64).clamp(min=ZERO_SNR_FLOOR))
+    # A zero-SNR table floored at 2^-24 (or rounded in float32) can end in ties; break them by
+    # 1e-6 in log abar so that the table stays strictly decreasing (a change far below float32).
+    for i in range(1, len(log_abar)):
+        if log_abar[i] >= log_abar[i - 1]:
+            log_abar[i] = log_abar[i - 1] - 1e-6
+    return DiscreteVPScheduler(torch.exp(log_abar)), "vp", pred, T
+
+
+class DiffusersModel(nn.Module):
+    """A diffusers denoiser as a diffusiongym model ``model(x, t, **cond)``.
+
+    The output is in ``self.parameterization`` (``"epsilon"``, ``"endpoint"`` or
+    ``"velocity"``) for ``self.scheduler`` (see the module docstring for the mapping).
+
+    Parameters
+    ----------
+    unet : callable
+        ``unet(sample, timestep, class_labels=..., **kwargs)`` returning a tensor, a tuple or an
+        object with ``.sample`` (diffusers' ``UNet2DOutput``).
+    scheduler : diffusers scheduler or config dict
+    prediction_type : str, optional
+        Overrides the scheduler config's.
+    null_class : int, optional
+        Class index of the unconditional mode (needed for ``guidance_scale != 1``).
+    guidance_scale : float
+        Default classifier-free guidance scale.
+    sample_shape : tuple, optional
+        Default from the UNet config (``in_channels``, ``sample_size``).
+    """
+
+    def __init__(
+        self,
+        unet: Callable[..., Any],
+        scheduler: Any,
+        *,
+        prediction_type: str | None = None,
+        null_class: int | None = None,
+        guidance_scale: float = 1.0,
+        sample_shape: tuple[int, ...] | None = None,
+    ):
+        super().__init__()
+        if not callable(unet):
+            raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
+        self.unet = unet
+        self.scheduler, self.kind, self.prediction_type, self.num_train_timesteps = scheduler_from_diffusers(scheduler, prediction_type)
+        self.parameterization = "velocity" if self.kind == "flow" else VP_PREDICTIONS[self.prediction_type]
+        self.null_class = null_class
+        self.guidance_scale = float(guidance_scale)
+        if sample_shape is None:
+            cfg = getattr(unet, "config", None)
+            if cfg is not None and "in_channels" in cfg and "sample_size" in cfg:
+                size = cfg["sample_size"]
+                hw = (size, size) if isinstance(size, int) else tuple(size)
+                sample_shape = (int(cfg["in_channels"]), *map(int, hw))
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """diffusers' (float) timestep for our ``t``: ``(1 - t)(T - 1)`` (VP) or ``(1 - t) T`` (flow)."""
+        if self.kind == "flow":
+            return (1.0 - t) * self.num_train_timesteps
+        return (1.0 - t) * (self.num_train_timesteps - 1)
+
+    def _unet(self, x: Tensor, timestep: Tensor, label: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+        if label is not None:
+            kwargs = {**kwargs, "class_labels": label}
+        dtype = getattr(self.unet, "dtype", x.dtype)
+        out = self.unet(x.to(dtype), timestep.to(dtype if dtype.is_floating_point else x.dtype), **kwargs)
+        if hasattr(out, "sample"):
+            out = out.sample
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.to(x.dtype)
+
+    def forward(self, x: Tensor, t: Tensor | float, label: Tensor | None = None, guidance_scale: float | None = None, **kwargs: Any) -> Tensor:
+        n = x.shape[0]
+        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        tt = tt.expand(n) if tt.ndim == 0 else tt
+        timestep = self.timestep(tt)
+        w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if w == 1.0 or label is None:
+            out = self._unet(x, timestep, label, kwargs)
+        else:
+            if self.null_class is None:
+                raise ValueError("guidance_scale: classifier-free guidance needs null_class (the unconditional class index)")
+            null = torch.full_like(torch.as_tensor(label, device=x.device), self.null_class)
+            cond = self._unet(x, timestep, label, kwargs)
+            uncond = self._unet(x, timestep, null, kwargs)
+            out = uncond + w * (cond - uncond)
+        if self.kind == "flow":
+            return -out
+        if self.prediction_type == "v_prediction":
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            t64 = tt.to(torch.float64)
+            alpha = self.scheduler.alpha(t64).to(x.dtype).reshape(shape)
+            beta = self.scheduler.beta(t64).to(x.dtype).reshape(shape)
+            return beta * x + alpha * out
+        return out
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, prediction_type={self.prediction_type!r}, parameterization={self.parameterization!r}"
+
+
+def diffusers_environment(
+    unet: Callable[..., Any],
+    scheduler: Any,
+    *,
+    noise: Any = "memoryless",
+    prediction_type: str | None = None,
+    null_class: int | None = None,
+    guidance_scale: float = 1.0,
+    sample_shape: tuple[int, ...] | None = None,
+):
+    """Wrap a diffusers model and scheduler (objects in memory) in the matching environment.
+
+    Returns
+    -------
+    DiffusionEnvironment
+        :class:`EpsilonEnvironment` (DDPM/DDIM epsilon or v_prediction),
+        :class:`EndpointEnvironment` (``sample``) or :class:`VelocityEnvironment` (flow
+        matching); ``env.model`` is the :class:`DiffusersModel`.
+    """
+    from diffusiongym.envs.environment import make_environment
+
+    model = DiffusersModel(unet, scheduler, prediction_type=prediction_type, null_class=null_class, guidance_scale=guidance_scale, sample_shape=sample_shape)
+    return make_environment(model, model.parameterization, scheduler=model.scheduler, noise=noise, sample_shape=model.sample_shape)
+
+
+def _load_config(source: str, subfolder: str | None, filename: str, hub_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    diffusers = _import_diffusers()
+
+    class _Reader(diffusers.ConfigMixin):  # reads any diffusers JSON config by file name
+        config_name = filename
+
+    try:
+        config = _Reader.load_config(source, subfolder=subfolder, **hub_kwargs)
+    except (OSError, EnvironmentError, ValueError):
+        return None
+    return dict(config)
+
+
+def load_diffusers_environment(
+    source: str | Path,
+    *,
+    subfolder: str | None = None,
+    scheduler_subfolder: str | None = None,
+    noise: Any = "memoryless",
+    prediction_type: str | None = None,
+    null_class: int | None = None,
+    guidance_scale: float = 1.0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    local_files_only: bool = True,
+    **hub_kwargs: Any,
+):
+    """Load a diffusers model and its scheduler from a folder or a (cached) hub id.
+
+    Parameters
+    ----------
+    source : str or Path
+        A local folder or a hub id (``"google/ddpm-cifar10-32"``).
+    subfolder, scheduler_subfolder : str, optional
+        Where the model's ``config.json`` and the ``scheduler_config.json`` live; by default
+        ``unet/`` and ``scheduler/`` (pipeline layout), else the root.
+    noise, prediction_type, null_class, guidance_scale
+        See :func:`diffusers_environment`.
+    device, dtype
+        Where to put the model (and its precision).
+    local_files_only : bool
+        Default ``True``: never touch the network, use the local cache.
+    **hub_kwargs
+        Passed to ``from_pretrained`` / ``load_config`` (``cache_dir``, ``revision``, ...).
+    """
+    diffusers = _import_diffusers()
+    src = str(source)
+    kwargs = {"local_files_only": local_files_only, **hub_kwargs}
+    model_sub, model_cfg = subfolder, None
+    candidates = [subfolder] if subfolder is not None else ["unet", None]
+    for sub in candidates:
+        model_cfg = _load_config(src, sub, "config.json", kwargs)
+        if model_cfg is not None and "_class_name" in model_cfg:
+            model_sub = sub
+            break
+    if model_cfg is None or "_class_name" not in model_cfg:
+        where = "local folder" if Path(src).exists() else "local Hugging Face cache (local_files_only=True)"
+        raise FileNotFoundError(f"source: no diffusers model config.json found in {src!r} ({where}); looked in subfolders {candidates}")
+    sched_cfg = None
+    for sub in [scheduler_subfolder] if scheduler_subfolder is not None else ["scheduler", None]:
+        sched_cfg = _load_config(src, sub, "scheduler_config.json", kwargs)
+        if sched_cfg is not None:
+            break
+    if sched_cfg is None:
+        raise FileNotFoundError(f"source: no scheduler_config.json found in {src!r} (tried scheduler/ and the root)")
+    model_cls = getattr(diffusers, model_cfg["_class_name"], None)
+    if model_cls is None:
+        raise ValueError(f"source: unknown diffusers model class {model_cfg['_class_name']!r}")
+    unet = model_cls.from_pretrained(src, subfolder=model_sub, **kwargs)
+    unet = unet.to(device=device, dtype=dtype) if dtype is not None else unet.to(device)
+    unet.eval().requires_grad_(False)
+    return diffusers_environment(unet, sched_cfg, noise=noise, prediction_type=prediction_type, null_class=null_class, guidance_scale=guidance_scale)
