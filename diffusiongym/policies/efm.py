@@ -133,16 +133,21 @@ def weighted_flow_matching_loss(
     weights: Tensor | None = None,
     *,
     t_range: tuple[float, float] = (DEFAULT_T_START, 1.0),
+    time_power: float = 1.0,
     generator: torch.Generator | None = None,
     cond: dict[str, Any] | None = None,
 ) -> Tensor:
-    """``sum_i g_i |model(x_t, t) - target|^2`` (mean over dimensions) with ``t ~ U(t_range)``.
+    """``sum_i g_i |model(x_t, t) - target|^2`` (mean over dimensions), ``t`` drawn in ``t_range``.
 
-    ``weights`` of shape ``(n,)`` summing to one (uniform when ``None``). Scalar, differentiable.
+    ``weights`` of shape ``(n,)`` summing to one (uniform when ``None``). ``t = t0 + (t1 - t0)
+    (1 - (1 - U)^time_power)``: ``time_power = 1`` is uniform, larger values put more draws near
+    ``t1`` (the data end). The per-time minimiser (the conditional expectation) does not depend
+    on the time distribution, only how the network's capacity is spread. Scalar, differentiable.
     """
     n = x1.shape[0]
     x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
-    t = t_range[0] + (t_range[1] - t_range[0]) * torch.rand(n, generator=generator, dtype=x1.dtype, device=x1.device)
+    u = torch.rand(n, generator=generator, dtype=x1.dtype, device=x1.device)
+    t = t_range[0] + (t_range[1] - t_range[0]) * (1 - (1 - u) ** time_power)
     x_t, target = flow_matching_target(parameterization, scheduler, x1, x0, t)
     err = ((model(x_t, t, **(cond or {})) - target) ** 2).reshape(n, -1).mean(1)
     err = err * _loss_weight(parameterization, scheduler, t).to(err.dtype)
@@ -172,7 +177,10 @@ class EFMConfig:
         Inverse temperature (offline); ``None`` means the task's ``reward_scale`` (targets ``p*``).
     lr, grad_clip, weight_decay : optimiser settings (Adam).
     t_min, t_max : float
-        Training times ``t ~ U(t_min, t_max)``; ``t_min = None`` uses the grid's ``t_start``.
+        Training time range; ``t_min = None`` uses the grid's ``t_start``.
+    time_power : float
+        ``1``: uniform training times; ``> 1``: more of them near the data end, where the KL
+        weighs drift errors most (memoryless: ``sigma -> 0`` as ``t -> 1``).
     ess_warn_fraction : float
         Warn when ``ESS < ess_warn_fraction * n``.
     seed : int
@@ -190,6 +198,7 @@ class EFMConfig:
     weight_decay: float = 0.0
     t_min: float | None = None
     t_max: float = 1.0
+    time_power: float = 1.0
     ess_warn_fraction: float = 0.02
     seed: int = 0
 
@@ -302,8 +311,10 @@ class EFMTrainer:
         return traj.x1, traj.reward, g, float(traj.kl[traj.valid].mean())
 
     # ------------------------------------------------------------------ training
-    def train(self, callback: Callable[[dict[str, float]], None] | None = None, progress: bool = False) -> dict[str, list[float]]:
+    def train(self, callback: Callable[[dict[str, float]], None] | None = None, progress: bool = False, until: int | None = None) -> dict[str, list[float]]:
         """Run the remaining rounds (all of them, or what is left after a resume).
+
+        ``until`` stops after that many rounds in all (default ``config.rounds``).
 
         ``callback(record)`` is called after every round with that round's numbers.
         Returns the history (lists over rounds): ``loss`` (mean over the round), ``ess``,
@@ -315,7 +326,8 @@ class EFMTrainer:
         t_min = self.t_start if cfg.t_min is None else cfg.t_min
         sched = self.env.scheduler
         bar = tqdm(total=cfg.rounds * cfg.iterations_per_round, initial=self.round * cfg.iterations_per_round, disable=not progress, desc="EFM")
-        while self.round < cfg.rounds:
+        stop = cfg.rounds if until is None else min(int(until), cfg.rounds)
+        while self.round < stop:
             # one generator per round, seeded by (seed, round): a resumed run is bit-identical
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.round)
             self.model.eval()
@@ -333,7 +345,7 @@ class EFMTrainer:
             losses = []
             for _ in range(cfg.iterations_per_round):
                 idx = torch.multinomial(g, cfg.batch_size, replacement=True, generator=gen)
-                loss = weighted_flow_matching_loss(self.model, self.env.parameterization, sched, x1[idx], t_range=(t_min, cfg.t_max), generator=gen)
+                loss = weighted_flow_matching_loss(self.model, self.env.parameterization, sched, x1[idx], t_range=(t_min, cfg.t_max), time_power=cfg.time_power, generator=gen)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)

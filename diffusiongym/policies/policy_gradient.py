@@ -156,8 +156,10 @@ class PolicyGradientAgent:
         drift = coef_x[k_index].reshape(shape) * x + coef_out[k_index].reshape(shape) * out
         return x + h.reshape(shape) * drift
 
-    def train(self, callback: Callable[[dict[str, float]], None] | None = None, progress: bool = False) -> dict[str, list[float]]:
+    def train(self, callback: Callable[[dict[str, float]], None] | None = None, progress: bool = False, until: int | None = None) -> dict[str, list[float]]:
         """Run the remaining iterations; returns the history (lists over iterations).
+
+        ``until`` stops after that many iterations in all (default ``config.iterations``).
 
         ``mean_reward``, ``kl`` (path KL ``sum_k 1/2 h |u_k|^2`` of the rollout) and ``objective``
         (``lambda r - KL``) describe each iteration's rollout, i.e. the policy *before* its update.
@@ -167,7 +169,8 @@ class PolicyGradientAgent:
         env = self.env
         n = cfg.num_groups * cfg.group_size
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress, desc="GRPO")
-        while self.iteration < cfg.iterations:
+        stop = cfg.iterations if until is None else min(int(until), cfg.iterations)
+        while self.iteration < stop:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.iteration)
             # ---- rollout (no grad) with the current policy
             self.policy.eval()

@@ -1,0 +1,292 @@
+"""The shipped pretrained model: a class-conditional flow-matching UNet on 8x8 digits.
+
+Data: scikit-learn's handwritten digits (``sklearn.datasets.load_digits``, 1,797 images of
+8x8 pixels with integer intensities 0..16, shipped inside scikit-learn, nothing is
+downloaded). Split: ``train_test_split(test_size=0.2, random_state=0, stratify=labels)``
+-> 1,437 training and 360 test images (:func:`digits_dataset`).
+
+Data scaling: an image is a tensor of shape ``(1, 8, 8)`` with ``x = intensity / 8 - 1``,
+so the data lie in ``[-1, 1]`` (-1 is the white background, 1 full ink).
+
+Model: a *velocity* (flow-matching) model for the linear path ``x_t = t x1 + (1 - t) x0``
+(``t = 0`` noise, ``t = 1`` data), trained on the target ``x1 - x0``. It is
+class-conditional with classifier-free guidance: the label ``label`` (LongTensor ``(n,)``
+with values 0..9, or :data:`NULL_LABEL` = 10 for "no label") is a keyword argument, and
+
+    v = v(x, t, null) + guidance_scale * (v(x, t, label) - v(x, t, null)).
+
+``guidance_scale = 1`` (default) is the plain conditional model (one network pass),
+``0`` the unconditional one; other values cost two passes. Note that guidance other than
+1 is not the velocity of any path, so the SDE family's "same marginals" property holds
+only at 0 and 1.
+
+The weights (``diffusiongym/weights/digits_unet.safetensors`` + ``.json``) are produced by
+``python -m diffusiongym.train.digits``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DigitsUNet",
+    "NUM_CLASSES",
+    "NULL_LABEL",
+    "IMAGE_SHAPE",
+    "WEIGHTS_DIR",
+    "digits_dataset",
+    "load_digits_model",
+    "digits_environment",
+    "digits_task",
+    "sample_labels",
+    "save_module",
+    "load_module",
+]
+
+NUM_CLASSES = 10
+NULL_LABEL = 10
+IMAGE_SHAPE = (1, 8, 8)
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DIGITS_SPLIT = {"test_size": 0.2, "random_state": 0, "stratify": True}
+
+
+# --------------------------------------------------------------------------- data
+def digits_dataset(split: str = "train") -> tuple[Tensor, Tensor]:
+    """scikit-learn's 8x8 digits, scaled to ``[-1, 1]``.
+
+    Parameters
+    ----------
+    split : {"train", "test", "all"}
+        ``train_test_split(test_size=0.2, random_state=0, stratify=labels)``: 1,437 / 360.
+
+    Returns
+    -------
+    images : Tensor, (n, 1, 8, 8) float32 in [-1, 1]
+    labels : Tensor, (n,) int64 in 0..9
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}")
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError("digits_dataset needs scikit-learn: pip install 'diffusiongym[train]'") from err
+    data = load_digits()
+    images = torch.as_tensor(data.images, dtype=torch.float32).reshape(-1, *IMAGE_SHAPE) / 8.0 - 1.0
+    labels = torch.as_tensor(data.target, dtype=torch.int64)
+    if split == "all":
+        return images, labels
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(labels)).numpy(), test_size=DIGITS_SPLIT["test_size"], random_state=DIGITS_SPLIT["random_state"], stratify=labels.numpy()
+    )
+    idx = torch.as_tensor(idx_train if split == "train" else idx_test)
+    return images[idx], labels[idx]
+
+
+def sample_labels(n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+    """Uniform class labels, LongTensor ``(n,)`` in 0..9 (the task's conditioning sampler)."""
+    gen_device = generator.device if generator is not None else (device or "cpu")
+    labels = torch.randint(0, NUM_CLASSES, (int(n),), generator=generator, device=gen_device)
+    return labels.to(device) if device is not None else labels
+
+
+# ------------------------------------------------------------------------ network
+class _ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, FiLM conditioning (scale, shift) from the embedding."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.film = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2 = nn.GroupNorm(8, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        out = self.conv1(nn.functional.silu(self.norm1(h)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        out = self.norm2(out) * (1 + scale) + shift
+        out = self.conv2(nn.functional.silu(out))
+        return self.skip(h) + out
+
+
+class DigitsUNet(nn.Module):
+    """Class-conditional velocity UNet for ``(1, 8, 8)`` images (two resolutions, 8x8 and 4x4).
+
+    ``forward(x, t, label=None, guidance_scale=None)``: ``x`` (n, 1, 8, 8), ``t`` (n,) or scalar
+    in [0, 1], ``label`` LongTensor (n,) with 0..9 or :data:`NULL_LABEL` (``None``: all null,
+    i.e. unconditional), ``guidance_scale`` defaults to ``self.guidance_scale``. Returns the
+    velocity, shape of ``x``.
+
+    Parameters
+    ----------
+    channels : int
+        Width at 8x8 (twice that at 4x4).
+    emb_dim : int
+        Width of the time + label embedding.
+    num_frequencies : int
+        Fourier features of ``t``.
+    guidance_scale : float
+        Default classifier-free guidance scale.
+    """
+
+    sample_shape = IMAGE_SHAPE
+
+    def __init__(self, channels: int = 32, emb_dim: int = 128, num_frequencies: int = 16, guidance_scale: float = 1.0):
+        super().__init__()
+        self.config = {"channels": channels, "emb_dim": emb_dim, "num_frequencies": num_frequencies}
+        self.guidance_scale = float(guidance_scale)
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(200.0), num_frequencies)), persistent=False)
+        self.time_mlp = nn.Sequential(nn.Linear(2 * num_frequencies, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(NUM_CLASSES + 1, emb_dim)
+        c = channels
+        self.conv_in = nn.Conv2d(1, c, 3, padding=1)
+        self.down1 = _ResBlock(c, c, emb_dim)
+        self.downsample = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.mid1 = _ResBlock(2 * c, 2 * c, emb_dim)
+        self.mid2 = _ResBlock(2 * c, 2 * c, emb_dim)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.up1 = _ResBlock(3 * c, c, emb_dim)
+        self.up2 = _ResBlock(c, c, emb_dim)
+        self.norm_out = nn.GroupNorm(8, c)
+        self.conv_out = nn.Conv2d(c, 1, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _net(self, x: Tensor, t: Tensor, label: Tensor) -> Tensor:
+        angles = t[:, None] * self.freqs.to(x)
+        emb = self.time_mlp(torch.cat([torch.sin(angles), torch.cos(angles)], 1)) + self.label_emb(label)
+        emb = nn.functional.silu(emb)
+        h0 = self.down1(self.conv_in(x), emb)
+        h = self.mid2(self.mid1(self.downsample(h0), emb), emb)
+        h = self.up2(self.up1(torch.cat([self.upsample(h), h0], 1), emb), emb)
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))
+
+    def forward(self, x: Tensor, t: Tensor | float, label: Tensor | None = None, guidance_scale: float | None = None) -> Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
+            raise ValueError(f"x: expected shape (n, 1, 8, 8), got {tuple(x.shape)}")
+        n = x.shape[0]
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = t.expand(n) if t.ndim == 0 else t.reshape(n)
+        null = torch.full((n,), NULL_LABEL, dtype=torch.long, device=x.device)
+        if label is None:
+            return self._net(x, t, null)
+        label = torch.as_tensor(label, device=x.device)
+        if label.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"label: expected an integer tensor, got {label.dtype}")
+        label = label.long().expand(n) if label.ndim == 0 else label.long()
+        if label.shape != (n,):
+            raise ValueError(f"label: expected shape ({n},), got {tuple(label.shape)}")
+        if bool(((label < 0) | (label > NULL_LABEL)).any()):
+            raise ValueError(f"label: expected values in 0..{NUM_CLASSES - 1} (or {NULL_LABEL} for unconditional)")
+        w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if w == 1.0:
+            return self._net(x, t, label)
+        if w == 0.0:
+            return self._net(x, t, null)
+        both = self._net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
+        cond, uncond = both.chunk(2)
+        return uncond + w * (cond - uncond)
+
+
+# ------------------------------------------------------------------ weights on disk
+def save_module(module: nn.Module, stem: str | Path, config: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``<stem>.safetensors`` (state dict) and ``<stem>.json`` (``config``)."""
+    from safetensors.torch import save_file
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    save_file(state, str(weights))
+    cfg.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return weights, cfg
+
+
+def load_module(factory: Callable[..., nn.Module], stem: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``factory(**config["architecture"])`` and load ``<stem>.safetensors`` (strict)."""
+    from safetensors.torch import load_file
+
+    stem = Path(stem)
+    weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.exists() or not cfg.exists():
+        raise FileNotFoundError(
+            f"weights: expected {weights.name} and {cfg.name} in {stem.parent}; regenerate them with `python -m diffusiongym.train.digits`"
+        )
+    config = json.loads(cfg.read_text())
+    module = factory(**config.get("architecture", {}))
+    module.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
+    return module.to(device).eval(), config
+
+
+def load_digits_model(device: torch.device | str = "cpu", guidance_scale: float = 1.0, path: str | Path | None = None) -> DigitsUNet:
+    """The shipped pretrained :class:`DigitsUNet` (eval mode, parameters frozen).
+
+    Parameters
+    ----------
+    device : torch device
+    guidance_scale : float
+        Default classifier-free guidance scale (overridable per call).
+    path : str or Path, optional
+        A weights stem (without suffix); default the shipped ``weights/digits_unet``.
+    """
+    model, config = load_module(DigitsUNet, path if path is not None else WEIGHTS_DIR / "digits_unet", device)
+    assert isinstance(model, DigitsUNet)
+    model.guidance_scale = float(guidance_scale)
+    model.training_config = config  # type: ignore[attr-defined]
+    model.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------- environment, task
+def digits_environment(noise: Any = "memoryless", guidance_scale: float = 1.0, device: torch.device | str = "cpu", model: nn.Module | None = None):
+    """:class:`~diffusiongym.envs.environment.VelocityEnvironment` around the shipped model
+    with the linear scheduler (the one it was trained with)."""
+    from diffusiongym.envs.environment import VelocityEnvironment
+
+    model = model if model is not None else load_digits_model(device, guidance_scale)
+    return VelocityEnvironment(model, scheduler="linear", noise=noise, sample_shape=IMAGE_SHAPE)
+
+
+def digits_task(
+    *,
+    reward: Any = None,
+    reward_scale: float = 1.0,
+    noise: Any = "memoryless",
+    steps: int = 50,
+    t_start: float = 1e-2,
+    guidance_scale: float = 1.0,
+    action_scale: float = 3.0,
+    device: torch.device | str = "cpu",
+):
+    """The ``Digits-v0`` task: the shipped digits model conditioned on a random class label.
+
+    Default reward: the shipped classifier's log-probability of the *requested* label
+    (``DigitClassifierReward(target=None, mode="log_prob")``, read from ``label=``), so the
+    adapted model draws digits the classifier recognises more surely. ``t_start = 0.01``:
+    the memoryless drift ``2 v - x / t`` is stiff near ``t = 0``.
+
+    Returns
+    -------
+    diffusiongym.tasks.Task
+        ``conditioning = {"label": (Discrete(10), sample_labels)}``.
+    """
+    import gymnasium
+
+    from diffusiongym.rewards.images import DigitClassifierReward
+    from diffusiongym.tasks import Task
+
+    env = digits_environment(noise=noise, guidance_scale=guidance_scale, device=device)
+    reward = reward if reward is not None else DigitClassifierReward(target=None, mode="log_prob", device=device)
+    conditioning = {"label": (gymnasium.spaces.Discrete(NUM_CLASSES), sample_labels)}
+    return Task("Digits-v0", env, reward, float(reward_scale), int(steps), float(t_start), float(action_scale), None, conditioning, None)

@@ -1,0 +1,566 @@
+"""Adjoint Matching: stochastic-optimal-control fine-tuning of a copy of the base model.
+
+Domingo-Enrich et al., "Adjoint Matching" (2024); ``shared/DESIGN.md`` s. 7. The fine-tuned
+model outputs in the *base model's own parameterisation*; its control is
+``u = (b_finetuned - b_base) / sigma`` under the memoryless schedule
+``sigma^2 = 2 eta``. One iteration:
+
+1. sample ``n`` trajectories ``x_0 .. x_m`` with the current fine-tuned model (no graph);
+2. solve the *lean adjoint* backwards with vector-Jacobian products of the **base** drift::
+
+       a_m = -lambda grad r(x_m),   a_k = a_{k+1} + h_k (d b_base / d x)(x_k, t_k)^T a_{k+1};
+
+3. regress the control onto ``-sigma a``: loss ``mean over a subset of k of
+   |u_theta(x_k, t_k) + sigma(t_k) a_k|^2``.
+
+At the fixed point ``u = u* = -sigma grad V*`` and the fine-tuned model's memoryless SDE
+samples ``p* ∝ p_base exp(lambda r)``; its running cost ``1/2 |u|^2 h`` is the KL to the base.
+The fine-tuned model is used like the base: ``sample(env, policy=model)`` or
+``env.with_model(model)`` (e.g. with ``noise="ode"`` for deterministic sampling).
+
+Shapes: ``x`` is ``(n, *sample_shape)``, ``t`` a tensor ``(n,)``; adjoints have the shape
+of the states, ``(m + 1, n, *sample_shape)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffusiongym.envs.environment import DiffusionEnvironment
+from diffusiongym.noise import Memoryless
+from diffusiongym.policies.networks import ResidualModel, TimeMLP
+from diffusiongym.rewards.base import Reward
+from diffusiongym.sampling import StepSchedule, sample
+from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
+from diffusiongym.utils.io import load_checkpoint, save_checkpoint
+from diffusiongym.utils.validation import check_positive_int
+
+__all__ = [
+    "AdjointMatchingConfig",
+    "AdjointMatching",
+    "ControlScaledNet",
+    "lean_adjoint",
+    "make_finetune_model",
+    "check_differentiable_reward",
+]
+
+
+@dataclass
+class AdjointMatchingConfig:
+    """Hyper-parameters of :class:`AdjointMatching` (all in one place).
+
+    Attributes
+    ----------
+    iterations : int
+        Default number of iterations for :meth:`AdjointMatching.train`.
+    batch_size : int
+        Trajectories sampled per iteration.
+    learning_rate : float
+        Adam step size.
+    weight_decay : float
+        Adam (decoupled, AdamW) weight decay.
+    loss_times : int or None
+        Number of grid times the loss uses per iteration (``None``: all ``m``).
+    always_last : int
+        How many of them are always the last grid times (the rest drawn at random
+        without replacement), as in the paper (the end of the path matters most).
+    grad_clip : float or None
+        Clip the parameter gradient norm.
+    seed : int
+        Seeds the trainer's generator (sampling and time subsets) and the default network.
+    hidden, layers, num_frequencies : int
+        Width, depth and time features of the default residual :class:`TimeMLP`.
+    residual : str
+        Default fine-tuned model: ``"control"`` (residual network scaled by
+        ``sigma / coef_out(t)`` so that it outputs the control ``u`` itself; same
+        conditioning in every parameterisation) or ``"plain"`` (``base + net``).
+    """
+
+    iterations: int = 400
+    batch_size: int = 256
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    loss_times: int | None = 20
+    always_last: int = 5
+    grad_clip: float | None = 10.0
+    seed: int = 0
+    hidden: int = 64
+    layers: int = 2
+    num_frequencies: int = 4
+    residual: str = "control"
+    time_weight: str = "clip"
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size"):
+            check_positive_int(name, getattr(self, name))
+        if self.loss_times is not None:
+            check_positive_int("loss_times", self.loss_times)
+        if isinstance(self.always_last, bool) or not isinstance(self.always_last, int) or self.always_last < 0:
+            raise ValueError(f"always_last: expected a non-negative integer, got {self.always_last!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: expected a positive number, got {self.learning_rate!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip!r}")
+        if self.time_weight not in TIME_WEIGHTS:
+            raise ValueError(f"time_weight: expected one of {list(TIME_WEIGHTS)}, got {self.time_weight!r}")
+        if self.residual not in ("control", "plain"):
+            raise ValueError(f"residual: expected 'control' or 'plain', got {self.residual!r}")
+
+
+TIME_WEIGHTS = ("uniform", "clip", "inverse")
+
+
+def time_weights(sigma: Tensor, kind: str) -> Tensor:
+    """Per-time loss weights ``w(t_k)`` from ``sigma(t_k)`` (same shape).
+
+    ``"uniform"``: 1. ``"clip"``: ``min(1, 1 / sigma^2)``. ``"inverse"``: ``1 / sigma^2``.
+    The regression target ``-sigma a_k`` has a variance that grows like ``sigma^2`` where
+    the memoryless ``sigma`` blows up (``t -> 0`` for the linear schedule), while the
+    optimal control vanishes there; any positive weight keeps the minimiser ``u*``.
+    """
+    if kind == "uniform":
+        return torch.ones_like(sigma)
+    if kind == "clip":
+        return (1.0 / sigma**2).clamp(max=1.0)
+    if kind == "inverse":
+        return 1.0 / sigma**2
+    raise ValueError(f"time_weight: expected one of {list(TIME_WEIGHTS)}, got {kind!r}")
+
+
+def check_differentiable_reward(reward: Reward) -> Reward:
+    """Raise unless ``reward`` is a :class:`Reward` declaring ``differentiable = True``."""
+    if not isinstance(reward, Reward):
+        raise TypeError(f"reward: expected a diffusiongym Reward, got {type(reward).__name__}")
+    if not getattr(reward, "differentiable", False):
+        raise ValueError(
+            f"reward: adjoint matching needs grad r, but {reward!r} declares differentiable=False; "
+            "use a differentiable reward (e.g. CallableReward(fn, differentiable=True)) or a "
+            "gradient-free method such as value matching"
+        )
+    return reward
+
+
+def _memoryless(env: DiffusionEnvironment) -> DiffusionEnvironment:
+    noise = env.noise
+    if isinstance(noise, Memoryless) and noise.is_memoryless:
+        return env
+    return env.with_noise(Memoryless())
+
+
+def lean_adjoint(
+    env: DiffusionEnvironment,
+    states: Tensor,
+    times: Tensor,
+    reward: Reward,
+    reward_scale: float,
+    cond: dict[str, Any] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Lean adjoint along sampled states (DESIGN.md s. 7).
+
+    Parameters
+    ----------
+    env : DiffusionEnvironment
+        The *base* model and its noise (the drift whose Jacobian is used).
+    states : Tensor, (m + 1, n, *sample_shape)
+        States ``x_0 .. x_m`` on the grid ``times`` (any control may have produced them).
+    times : Tensor, (m + 1,)
+        The grid.
+    reward : Reward
+        Differentiable terminal reward ``r``.
+    reward_scale : float
+        ``lambda``; the terminal cost is ``g = -lambda r``.
+    cond : dict, optional
+        Conditioning passed to the model and the reward.
+
+    Returns
+    -------
+    adjoint : Tensor, (m + 1, n, *sample_shape)
+        ``a_k``, with ``a_m = grad g(x_m)`` and
+        ``a_k = a_{k+1} + h_k (d b_base / dx)(x_k, t_k)^T a_{k+1}``. For states sampled
+        from the base model this is the pathwise gradient ``d g(x_m) / d x_k`` with the
+        noise held fixed. Rows of invalid trajectories are zero.
+    valid : Tensor, (n,) bool
+        Trajectories whose terminal reward and adjoint are finite.
+    """
+    check_differentiable_reward(reward)
+    cond = dict(cond or {})
+    m = states.shape[0] - 1
+    if times.shape != (m + 1,):
+        raise ValueError(f"times: expected shape ({m + 1},) to match states, got {tuple(times.shape)}")
+    schedule = StepSchedule.build(env, times.to(torch.float64))
+    n = states.shape[1]
+    with torch.enable_grad():
+        x1 = states[-1].detach().requires_grad_(True)
+        values, valid = reward(x1, **cond)
+        if not values.requires_grad:
+            raise ValueError(f"reward: {reward!r} declares differentiable=True but its values carry no gradient to x")
+        (grad_r,) = torch.autograd.grad(values.masked_fill(~valid, 0.0).sum(), x1, allow_unused=True)
+    if grad_r is None:
+        grad_r = torch.zeros_like(x1)
+    flat = grad_r.reshape(n, -1)
+    valid = valid & torch.isfinite(flat).all(1)
+    a = torch.where(valid.reshape(n, *([1] * (x1.ndim - 1))), -float(reward_scale) * grad_r, torch.zeros_like(grad_r))
+    out = [a.detach()]
+    for k in reversed(range(m)):
+        xk = states[k].detach().requires_grad_(True)
+        t_vec = torch.full((n,), schedule.t[k], dtype=xk.dtype, device=xk.device)
+        with torch.enable_grad():
+            model_out = env.model(xk, t_vec, **cond)
+            (vjp,) = torch.autograd.grad(model_out, xk, grad_outputs=a, allow_unused=True)
+        # b = coef_x x + coef_out model(x, t), so a^T db/dx = coef_x a + coef_out a^T d model/dx
+        step = schedule.coef_x[k] * a
+        if vjp is not None:
+            step = step + schedule.coef_out[k] * vjp
+        a = (a + schedule.h[k] * step).detach()
+        out.append(a)
+    adjoint = torch.stack(out[::-1])
+    finite = torch.isfinite(adjoint.reshape(m + 1, n, -1)).all(-1).all(0)
+    valid = valid & finite
+    adjoint = torch.where(valid.reshape(1, n, *([1] * (x1.ndim - 1))), adjoint, torch.zeros_like(adjoint))
+    return adjoint, valid
+
+
+class ControlScaledNet(nn.Module):
+    """Residual in base-model units from a network that outputs the control ``u``.
+
+    ``forward(x, t) = (sigma(t) / coef_out(t)) * net(x, t)``, where
+    ``b = coef_x x + coef_out * output`` is the base environment's drift conversion under
+    the memoryless schedule. Inside ``ResidualModel(base, ControlScaledNet(net, env))``
+    the control is then exactly ``u = net(x, t)``, whatever the parameterisation, which
+    keeps the regression equally well conditioned for velocity, epsilon, endpoint and
+    score models (their ``coef_out / sigma`` ranges over orders of magnitude in ``t``).
+    """
+
+    def __init__(self, net: nn.Module, env: DiffusionEnvironment):
+        super().__init__()
+        self.net = net
+        self._env = _memoryless(env)
+
+    def scale(self, t: Tensor) -> Tensor:
+        """``sigma(t) / coef_out(t)``, shape of ``t`` (float64 maths, cast to ``t``'s dtype)."""
+        t64 = t.detach().to(torch.float64)
+        _, coef_out = self._env.coefficients(t64, "drift")
+        return (self._env.sigma(t64) / coef_out).to(t.dtype)
+
+    def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        out = self.net(x, t, **cond).reshape(x.shape)
+        return self.scale(t).reshape(-1, *([1] * (x.ndim - 1))) * out
+
+
+def make_finetune_model(
+    env: DiffusionEnvironment,
+    hidden: int = 64,
+    layers: int = 2,
+    num_frequencies: int = 4,
+    residual: str = "control",
+    seed: int = 0,
+) -> ResidualModel:
+    """The default fine-tuned copy of a vector-valued base model (starts equal to it).
+
+    ``ResidualModel(env.model, net)`` with ``net`` a zero-initialised :class:`TimeMLP`
+    (``residual="plain"``) or that network wrapped in :class:`ControlScaledNet`
+    (``residual="control"``). Needs ``env.sample_shape = (d,)``; image models should be
+    fine-tuned as ``copy.deepcopy(base)`` instead. The network's random init uses ``seed``
+    and leaves the global RNG untouched.
+    """
+    shape = env.sample_shape
+    if shape is None or len(shape) != 1:
+        raise ValueError(
+            f"env: the default residual MLP needs vector samples of shape (d,), got sample_shape={shape}; "
+            "pass model=copy.deepcopy(base_model) (a trainable copy) instead"
+        )
+    if not isinstance(env.model, nn.Module):
+        raise TypeError(f"env.model: expected a torch.nn.Module to wrap, got {type(env.model).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mlp = TimeMLP(shape[0], shape[0], hidden=hidden, layers=layers, num_frequencies=num_frequencies, zero_init=True)
+    if residual == "control":
+        net: nn.Module = ControlScaledNet(mlp, env)
+    elif residual == "plain":
+        net = mlp
+    else:
+        raise ValueError(f"residual: expected 'control' or 'plain', got {residual!r}")
+    return ResidualModel(env.model, net)
+
+
+class AdjointMatching:
+    """Adjoint Matching trainer for a fine-tuned copy of a base model.
+
+    Parameters
+    ----------
+    env : DiffusionEnvironment
+        Base model and scheduler. Training always uses the memoryless schedule
+        (``env.with_noise("memoryless")``): only then does the optimum sample ``p*``.
+    reward : Reward
+        Differentiable terminal reward (``reward.differentiable`` must be True).
+    reward_scale : float
+        ``lambda`` in ``max E[lambda r(x1)] - KL``.
+    model : nn.Module, optional
+        The fine-tuned copy, in the base parameterisation, e.g.
+        ``ResidualModel(base, TimeMLP(d, d, zero_init=True))`` or
+        ``copy.deepcopy(base)``; default :func:`make_finetune_model`. Its trainable
+        parameters are optimised.
+    config : AdjointMatchingConfig, optional
+    steps, t_start : int, float
+        The Euler–Maruyama grid used for training and evaluation.
+    cond_samplers : dict, optional
+        ``name -> sampler(n, generator, device) -> tensor`` for conditioned models (as in
+        ``Task.conditioning``); drawn afresh for every batch.
+    oracle : TiltOracle, optional
+        Adds ``gap_closed`` to :meth:`evaluate`.
+    """
+
+    def __init__(
+        self,
+        env: DiffusionEnvironment,
+        reward: Reward,
+        reward_scale: float = 1.0,
+        model: nn.Module | None = None,
+        config: AdjointMatchingConfig | None = None,
+        *,
+        steps: int = 100,
+        t_start: float = DEFAULT_T_START,
+        cond_samplers: dict[str, Callable[..., Tensor]] | None = None,
+        oracle: Any = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if not isinstance(env, DiffusionEnvironment):
+            raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
+        self.reward = check_differentiable_reward(reward)
+        if not math.isfinite(float(reward_scale)):
+            raise ValueError(f"reward_scale: expected a finite number, got {reward_scale!r}")
+        self.config = config if config is not None else AdjointMatchingConfig()
+        if not isinstance(self.config, AdjointMatchingConfig):
+            raise TypeError(f"config: expected an AdjointMatchingConfig, got {type(self.config).__name__}")
+        self.env = _memoryless(env)
+        self.reward_scale = float(reward_scale)
+        self.steps = check_positive_int("steps", steps)
+        self.t_start = float(t_start)
+        self.times = make_time_grid(self.steps, self.t_start)
+        self.schedule = StepSchedule.build(self.env, self.times)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        c = self.config
+        if model is None:
+            model = make_finetune_model(self.env, c.hidden, c.layers, c.num_frequencies, c.residual, c.seed)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module in the base parameterisation, got {type(model).__name__}")
+        self.model = model.to(device=self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model: expected trainable parameters (requires_grad=True), found none")
+        self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
+        self.cond_samplers = dict(cond_samplers or {})
+        self.oracle = oracle
+        self.iteration = 0
+        self.history: dict[str, list[float]] = {k: [] for k in ("iteration", "loss", "reward", "kl", "objective", "seconds")}
+
+    @classmethod
+    def from_task(cls, task: Any, model: nn.Module | None = None, config: AdjointMatchingConfig | None = None, **kwargs: Any) -> "AdjointMatching":
+        """Trainer on a :class:`diffusiongym.tasks.Task` (its reward, scale, grid, oracle)."""
+        samplers = {name: spec[1] for name, spec in getattr(task, "conditioning", {}).items()}
+        kwargs.setdefault("steps", task.steps)
+        kwargs.setdefault("t_start", task.t_start)
+        return cls(task.environment, task.reward, task.reward_scale, model, config, cond_samplers=samplers, oracle=task.oracle, **kwargs)
+
+    # ------------------------------------------------------------------ control
+    def control(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """``u = (b_finetuned - b_base) / sigma`` at ``(x, t)`` (memoryless sigma), shape of ``x``."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        _, coef_out = self.env.coefficients(t.detach().to(torch.float64), "drift")
+        factor = (coef_out / self.env.sigma(t.detach().to(torch.float64))).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        with torch.no_grad():
+            base = self.env.model(x, t, **cond)
+        return (self.model(x, t, **cond) - base) * factor
+
+    def finetuned_env(self, noise: Any = None) -> DiffusionEnvironment:
+        """``env.with_model(model)`` (optionally with another ``noise``, e.g. ``"ode"``)."""
+        env = self.env.with_model(self.model)
+        return env if noise is None else env.with_noise(noise)
+
+    def _cond(self, n: int) -> dict[str, Tensor]:
+        return {name: fn(n, self.generator, self.device) for name, fn in self.cond_samplers.items()}
+
+    # ------------------------------------------------------------------ training
+    def loss_times(self) -> Tensor:
+        """Grid indices ``k`` used by the loss this iteration (sorted, shape ``(K,)``)."""
+        m, c = self.steps, self.config
+        if c.loss_times is None or c.loss_times >= m:
+            return torch.arange(m)
+        last = min(c.always_last, c.loss_times)
+        fixed = torch.arange(m - last, m)
+        rest = torch.randperm(m - last, generator=self.generator, device=self.device).cpu()[: c.loss_times - last]
+        return torch.cat([rest.sort().values, fixed])
+
+    def loss(self, states: Tensor, adjoint: Tensor, valid: Tensor, cond: dict[str, Any] | None = None) -> Tensor:
+        """Adjoint-matching loss ``mean_{k, i} |u_theta(x_k^i, t_k) + sigma(t_k) a_k^i|^2``.
+
+        ``states`` and ``adjoint`` have shape ``(m + 1, n, *sample_shape)``; the mean runs
+        over the loss times of :meth:`loss_times` and the ``valid`` trajectories.
+        """
+        idx = self.loss_times()
+        states_v, adj_v = states[:, valid], adjoint[:, valid]
+        n = states_v.shape[1]
+        shape = states_v.shape[2:]
+        kk = idx.numel()
+        x = states_v[idx].reshape(kk * n, *shape)
+        t = torch.tensor([self.schedule.t[k] for k in idx.tolist()], dtype=x.dtype, device=x.device).repeat_interleave(n)
+        sig = torch.tensor([self.schedule.sigma[k] for k in idx.tolist()], dtype=x.dtype, device=x.device).repeat_interleave(n)
+        factor = torch.tensor([self.schedule.coef_out[k] / self.schedule.sigma[k] for k in idx.tolist()], dtype=x.dtype, device=x.device)
+        factor = factor.repeat_interleave(n).reshape(-1, *([1] * len(shape)))
+        sig = sig.reshape(-1, *([1] * len(shape)))
+        cond_rep = {k: v[valid].repeat(kk, *([1] * (v.ndim - 1))) for k, v in (cond or {}).items()}
+        with torch.no_grad():
+            base = self.env.model(x, t, **cond_rep)
+        u = (self.model(x, t, **cond_rep) - base) * factor
+        target = -sig * adj_v[idx].reshape(kk * n, *shape)
+        weight = time_weights(sig.reshape(-1), self.config.time_weight)
+        return (weight * ((u - target) ** 2).reshape(kk * n, -1).sum(1)).mean()
+
+    def step(self) -> dict[str, float]:
+        """One iteration (sample, lean adjoint, one gradient step); returns its record."""
+        start = time.perf_counter()
+        c = self.config
+        cond = self._cond(c.batch_size)
+        self.model.train()
+        traj = sample(
+            self.env, c.batch_size, grid=self.times, policy=self.model, reward=self.reward, reward_scale=self.reward_scale,
+            cond=cond, generator=self.generator, store="states", device=self.device, dtype=self.dtype,
+        )
+        adjoint, valid = lean_adjoint(self.env, traj.states, self.times, self.reward, self.reward_scale, cond)
+        valid = valid & traj.valid
+        self.optimizer.zero_grad(set_to_none=True)
+        if bool(valid.any()):
+            loss = self.loss(traj.states, adjoint, valid, cond)
+            loss.backward()
+            if c.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.optimizer.step()
+            loss_value = float(loss.detach())
+        else:
+            loss_value = float("nan")
+        self.iteration += 1
+        r = traj.reward[valid] if bool(valid.any()) else traj.reward
+        kl = traj.kl[valid] if bool(valid.any()) else traj.kl
+        record = {
+            "iteration": float(self.iteration),
+            "loss": loss_value,
+            "reward": float(r.mean()),
+            "kl": float(kl.mean()),
+            "objective": float((self.reward_scale * r - kl).mean()),
+            "seconds": time.perf_counter() - start,
+        }
+        for key, value in record.items():
+            self.history[key].append(value)
+        return record
+
+    def train(
+        self,
+        iterations: int | None = None,
+        callback: Callable[[dict[str, float]], Any] | None = None,
+        progress: bool = False,
+    ) -> dict[str, list[float]]:
+        """Run ``iterations`` more iterations (default ``config.iterations``); resumable.
+
+        ``callback(record)`` is called after every iteration; returning ``True`` stops.
+        Returns the full history (lists keyed by ``iteration``, ``loss``, ``reward``,
+        ``kl``, ``objective``, ``seconds``).
+        """
+        torch.set_flush_denormal(True)
+        n_iter = check_positive_int("iterations", iterations if iterations is not None else self.config.iterations)
+        bar = tqdm(range(n_iter), disable=not progress, desc="adjoint matching")
+        for _ in bar:
+            record = self.step()
+            if progress:
+                bar.set_postfix(loss=f"{record['loss']:.3g}", objective=f"{record['objective']:.3f}")
+            if callback is not None and callback(record) is True:
+                break
+        return self.history
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, num_samples: int = 4096, seed: int = 0, steps: int | None = None) -> dict[str, Any]:
+        """Objective, KL and mean reward of the fine-tuned model on fresh samples.
+
+        Returns a dict with ``objective``, ``kl``, ``reward`` (floats), ``x1``
+        ``(n, *sample_shape)`` and, with an oracle, ``gap_closed``.
+        """
+        self.model.eval()
+        grid = self.times if steps is None else make_time_grid(steps, self.t_start)
+        cond = self._cond(num_samples) if self.cond_samplers else {}
+        traj = sample(
+            self.env, num_samples, grid=grid, policy=self.model, reward=self.reward, reward_scale=self.reward_scale,
+            cond=cond, seed=seed, device=self.device, dtype=self.dtype,
+        )
+        v = traj.valid
+        out: dict[str, Any] = {
+            "objective": float(traj.objective[v].mean()),
+            "kl": float(traj.kl[v].mean()),
+            "reward": float(traj.reward[v].mean()),
+            "valid_fraction": float(v.float().mean()),
+            "x1": traj.x1,
+        }
+        if self.oracle is not None:
+            out["gap_closed"] = float(self.oracle.gap_closed(out["objective"]))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path) -> Path:
+        """Save model, optimiser, generator state, iteration and history (safetensors + JSON)."""
+        opt = self.optimizer.state_dict()
+        tensors: dict[str, Tensor] = {"generator_state": self.generator.get_state()}
+        for pid, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value)
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+        config = {
+            "method": "adjoint_matching",
+            "config": dataclasses.asdict(self.config),
+            "iteration": self.iteration,
+            "history": self.history,
+            "reward_scale": self.reward_scale,
+            "steps": self.steps,
+            "t_start": self.t_start,
+            "param_groups": groups,
+        }
+        return save_checkpoint(path, {"model": self.model}, config, tensors)
+
+    def load(self, path: str | Path) -> "AdjointMatching":
+        """Restore a checkpoint written by :meth:`save` into this trainer (same architecture);
+        training then continues exactly where it stopped."""
+        config, extra = load_checkpoint(path, {"model": self.model}, device=self.device)
+        if config.get("method") != "adjoint_matching":
+            raise ValueError(f"path: expected an adjoint matching checkpoint, got method={config.get('method')!r}")
+        self.generator.set_state(extra["generator_state"].cpu())
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, value in extra.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = value
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in config["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.iteration = int(config["iteration"])
+        self.history = {k: list(v) for k, v in config["history"].items()}
+        return self
+
+    def copy_model(self) -> nn.Module:
+        """A detached deep copy of the fine-tuned model (e.g. to keep a snapshot)."""
+        return copy.deepcopy(self.model)

@@ -1,0 +1,1 @@
+"""Training scripts that reproduce the shipped weights (``python -m diffusiongym.train.digits``)."""

@@ -1,0 +1,113 @@
+"""Exact Gaussian-mixture model and reward-tilt oracle, checked against quadrature and autograd."""
+
+import math
+
+import pytest
+import torch
+
+import diffusiongym as dg
+from diffusiongym.envs.environment import ENVIRONMENTS
+from diffusiongym.parameterization import PARAMETERIZATIONS
+
+SCHEDULERS = {"linear": dg.LinearScheduler(), "cosine": dg.CosineScheduler(), "vp": dg.DiscreteVPScheduler.linear_ddpm()}
+QUAD = torch.linspace(-8, 8, 40001, dtype=torch.float64)  # 1-D quadrature grid, spacing 4e-4
+
+
+def _trapz(y):
+    return torch.trapezoid(y, QUAD)
+
+
+@pytest.mark.parametrize("sched_name", SCHEDULERS)
+def test_four_environments_give_the_same_drift(sched_name):
+    sched = SCHEDULERS[sched_name]
+    mix = dg.gmm_preset("2d")
+    gen = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(256, 2, generator=gen)
+    t = torch.rand(256, generator=gen) * 0.9 + 0.05
+    drifts, finals = [], []
+    for p in PARAMETERIZATIONS:
+        env = ENVIRONMENTS[p](dg.GaussianMixtureModel(mix, sched, p), scheduler=sched, noise="memoryless")
+        # float64: in float32 the endpoint (1/beta^2 at t -> 1) and epsilon (1/alpha at t -> 0)
+        # conversions amplify rounding to ~1e-4, a property of those parameterisations.
+        drifts.append(env.drift(x.double(), t.double()))
+        finals.append(env.pred_final(x.double(), t.double()))
+    for d, f in zip(drifts[1:], finals[1:]):
+        torch.testing.assert_close(d, drifts[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(f, finals[0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sched_name", SCHEDULERS)
+def test_score_is_gradient_of_log_marginal(sched_name):
+    sched = SCHEDULERS[sched_name]
+    mix = dg.gmm_preset("2d")
+    model = dg.GaussianMixtureModel(mix, sched, "score")
+    for t in (0.1, 0.5, 0.9):
+        a, b = float(sched.alpha(torch.tensor(t, dtype=torch.float64))), float(sched.beta(torch.tensor(t, dtype=torch.float64)))
+        x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(mix.marginal(a, b).log_prob(x).sum(), x)
+        torch.testing.assert_close(model(x.detach(), torch.full((64,), t, dtype=torch.float64)), grad, rtol=1e-8, atol=1e-8)
+
+
+def test_posterior_mean_matches_quadrature_1d():
+    mix = dg.gmm_preset("1d")
+    sched = dg.CosineScheduler()
+    model = dg.GaussianMixtureModel(mix, sched, "endpoint")
+    for t in (0.2, 0.6, 0.95):
+        a, b = math.sin(math.pi * t / 2), math.cos(math.pi * t / 2)
+        for x in (-1.0, 0.3, 1.4):
+            # p(x1 | x_t = x) ∝ p1(x1) N(x; a x1, b^2)
+            w = torch.exp(mix.log_prob(QUAD[:, None]) - 0.5 * ((x - a * QUAD) / b) ** 2)
+            expected = _trapz(w * QUAD) / _trapz(w)
+            got = model(torch.tensor([[x]], dtype=torch.float64), torch.tensor([t], dtype=torch.float64))
+            assert abs(float(got) - float(expected)) < 1e-6
+
+
+@pytest.mark.parametrize("reward", [dg.QuadraticReward([1.5], 2.0), dg.LinearReward([0.7]), dg.ConstantReward(0.3)], ids=["quadratic", "linear", "constant"])
+def test_tilt_matches_quadrature_1d(reward):
+    mix = dg.gmm_preset("1d")
+    lam = 1.3
+    target, log_norm = mix.tilt(reward, lam)
+    r = reward(QUAD[:, None])[0]
+    unnorm = torch.exp(mix.log_prob(QUAD[:, None]) + lam * r)
+    assert abs(log_norm - math.log(float(_trapz(unnorm)))) < 1e-6
+    torch.testing.assert_close(target.log_prob(QUAD[:, None]).exp(), unnorm / _trapz(unnorm), atol=1e-6, rtol=1e-5)
+
+
+def test_value_function_matches_quadrature_1d():
+    mix = dg.gmm_preset("1d")
+    reward = dg.QuadraticReward([1.5], 1.0)
+    oracle = dg.TiltOracle(mix, reward, 1.0, scheduler="linear")
+    r = reward(QUAD[:, None])[0]
+    for t in (0.1, 0.5, 0.9):
+        xs = torch.tensor([[-1.0], [0.2], [1.2]], dtype=torch.float64)
+        v = oracle.value(xs, torch.full((3,), t, dtype=torch.float64))
+        for xv, vv in zip(xs[:, 0], v):
+            w = torch.exp(mix.log_prob(QUAD[:, None]) - 0.5 * ((xv - t * QUAD) / (1 - t)) ** 2)
+            expected = -math.log(float(_trapz(w * torch.exp(r)) / _trapz(w)))
+            assert abs(float(vv) - expected) < 1e-6
+    # At t = 0 the posterior is the prior: V*(x, 0) = -optimal objective.
+    v0 = oracle.value(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    assert abs(float(v0) + oracle.optimal_objective) < 1e-10
+
+
+def test_base_objective_is_exact_expectation():
+    mix = dg.gmm_preset("2d")
+    reward = dg.QuadraticReward(mix.means[-1], 1.0)
+    oracle = dg.TiltOracle(mix, reward, 2.0)
+    x = mix.sample(200000, generator=torch.Generator().manual_seed(0))
+    mc = 2.0 * reward(x)[0]
+    assert abs(float(mc.mean()) - oracle.base_objective) < 4 * float(mc.std()) / math.sqrt(len(mc))
+    assert oracle.gap_closed(oracle.optimal_objective) == pytest.approx(1.0)
+    assert oracle.gap_closed(oracle.base_objective) == pytest.approx(0.0)
+
+
+def test_mixture_validation():
+    with pytest.raises(ValueError, match="means"):
+        dg.GaussianMixture([0.5, 0.5], [[0.0, 1.0]], [1.0])
+    with pytest.raises(ValueError, match="covs"):
+        dg.GaussianMixture([1.0], [[0.0, 1.0]], [[[1.0, 0.0], [0.0, -1.0]]])
+    model = dg.GaussianMixtureModel(dg.gmm_preset("2d"))
+    with pytest.raises(ValueError, match=r"x: expected shape \(n, 2\)"):
+        model(torch.zeros(4, 3), torch.zeros(4))
+    with pytest.raises(ValueError, match="name"):
+        dg.gmm_preset("3d")
