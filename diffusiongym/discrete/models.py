@@ -75,24 +75,28 @@ class ExactPosterior(PosteriorModel):
         self.path = path
         self.register_buffer("log_probs", (probs / probs.sum()).double().log())
 
-    def joint_log_posterior(self, x: Tensor, t: Tensor) -> Tensor:
-        """``log p(x1 | x_t)`` over all ``x1``, shape ``(n, K, ..., K)`` (float64)."""
-        D, K = self.path.length, self.path.vocab_size
-        logL = self.path.likelihood(t.double()).clamp_min(1e-300).log()  # (n, S, K)
-        out = self.log_probs.expand(x.shape[0], *self.log_probs.shape)
-        for i in range(D):
-            rows = logL.gather(1, x[:, i].reshape(-1, 1, 1).expand(-1, 1, K)).reshape(-1, K)  # (n, K): log L(x_i | b)
-            view = [x.shape[0]] + [1] * D
-            view[i + 1] = K
-            out = out + rows.reshape(view)
-        return out - torch.logsumexp(out.reshape(x.shape[0], -1), dim=1).reshape([-1] + [1] * D)
-
     def logits(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        joint = self.joint_log_posterior(x, t)
-        D = self.path.length
-        dims = list(range(1, D + 1))
-        marg = [torch.logsumexp(joint, dim=[d for d in dims if d != i + 1]) if D > 1 else joint for i in range(D)]
-        return torch.stack(marg, dim=1).float()
+        # p(x1_i = b | x) ∝ L(x_i | b) * T_i[x_{-i}, b] with T_i = p contracted with L on every axis j != i;
+        # tables depend on t only, so the cost is O(D K^D S) per distinct t, independent of n.
+        D, K, S = self.path.length, self.path.vocab_size, self.path.num_states
+        probs = self.log_probs.exp()
+        out = torch.empty(x.shape[0], D, K, dtype=torch.float64, device=x.device)
+        for tv in t.unique():
+            rows = (t == tv).nonzero().flatten()
+            xr = x[rows]
+            L = self.path.posterior_likelihood(tv.double().reshape(()))  # (S, K)
+            for i in range(D):
+                table = probs
+                for j in range(D):
+                    if j != i:
+                        table = torch.movedim(torch.tensordot(L, table, dims=([1], [j])), 0, j)
+                table = torch.movedim(table, i, -1).reshape(-1, K)  # (S^(D-1), K)
+                flat = torch.zeros(len(rows), dtype=torch.long, device=x.device)
+                for j in range(D):
+                    if j != i:
+                        flat = flat * S + xr[:, j]
+                out[rows, i] = (L[xr[:, i]] * table[flat]).clamp_min(1e-300).log()
+        return out.float()
 
 
 class MLPPosterior(PosteriorModel):

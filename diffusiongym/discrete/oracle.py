@@ -87,7 +87,7 @@ class DiscreteTiltOracle:
 
     def log_h_table(self, t: float) -> Tensor:
         """``log h(x, t)`` for every state ``x``, shape ``(num_states,) * D`` (float64)."""
-        L = self.path.likelihood(torch.tensor(float(t), dtype=torch.float64))
+        L = self.path.posterior_likelihood(torch.tensor(float(t), dtype=torch.float64))
         shift = float(self.log_f.max())
         num = _contract(self.probs * torch.exp(self.log_f - shift), L)
         den = _contract(self.probs, L)

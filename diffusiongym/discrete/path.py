@@ -85,5 +85,15 @@ class MixturePath:
         eye = torch.eye(self.num_states, self.vocab_size, dtype=t.dtype, device=t.device)
         return k * eye + (1 - k) * p0
 
+    def posterior_likelihood(self, t: Tensor) -> Tensor:
+        """``L`` of :meth:`likelihood` up to a positive factor per row ``s`` (all that posteriors need),
+        non-degenerate on all of [0, 1]: with the mask source it is ``delta_{sb}`` for tokens and 1 for
+        the mask (the posterior does not depend on ``t``); shape ``(*t.shape, num_states, K)``."""
+        if self.source == "mask":
+            eye = torch.eye(self.num_states, self.vocab_size, dtype=t.dtype, device=t.device)
+            eye[-1] = 1.0
+            return eye.expand(*t.shape, *eye.shape)
+        return self.likelihood(t)
+
     def __repr__(self) -> str:
         return f"MixturePath(vocab_size={self.vocab_size}, length={self.length}, source={self.source!r}, scheduler={self.scheduler!r})"
