@@ -519,7 +519,8 @@ class AdjointMatching:
             "x1": traj.x1,
         }
         if self.oracle is not None:
-            out["gap_closed"] = float(self.oracle.gap_closed(out["objective"]))
+            gap = self.oracle.optimal_objective - self.oracle.base_objective
+            out["gap_closed"] = float(self.oracle.gap_closed(out["objective"])) if abs(gap) > 1e-12 else float("nan")
         return out
 
     # ------------------------------------------------------------------ checkpoints
