@@ -198,7 +198,7 @@ class EFMConfig:
     weight_decay: float = 0.0
     t_min: float | None = None
     t_max: float = 1.0
-    time_power: float = 1.0
+    time_power: float = 2.0
     ess_warn_fraction: float = 0.02
     seed: int = 0
 
