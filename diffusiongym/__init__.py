@@ -60,3 +60,27 @@ __all__ = [
     "make_time_grid",
     "energy_distance",
 ]
+
+from diffusiongym.envs.gym_env import DiffusionEnv  # noqa: E402
+from diffusiongym.envs.registry import NAMESPACE, make_env, register_env, register_envs  # noqa: E402
+from diffusiongym.envs.simulator import ACTION_MODES, DiffusionSimulator  # noqa: E402
+from diffusiongym.envs.vector_env import DiffusionVectorEnv, NumpyVectorEnv  # noqa: E402
+from diffusiongym.tasks import TASKS, Task, make_task, register_task  # noqa: E402
+
+register_envs()
+
+__all__ += [
+    "DiffusionEnv",
+    "DiffusionVectorEnv",
+    "NumpyVectorEnv",
+    "DiffusionSimulator",
+    "ACTION_MODES",
+    "NAMESPACE",
+    "make_env",
+    "register_env",
+    "register_envs",
+    "Task",
+    "TASKS",
+    "make_task",
+    "register_task",
+]

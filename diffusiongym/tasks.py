@@ -29,8 +29,10 @@ from typing import Any
 from diffusiongym.envs.environment import DiffusionEnvironment, make_environment
 from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, gmm_preset
 from diffusiongym.oracle import TiltOracle
-from diffusiongym.rewards.analytic import QuadraticReward
-from diffusiongym.rewards.base import Reward
+import torch
+
+from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
+from diffusiongym.rewards.base import ConstantReward, Reward
 from diffusiongym.timegrid import DEFAULT_T_START
 
 __all__ = ["Task", "make_task", "register_task", "TASKS", "gmm_task", "with_reward"]
@@ -119,15 +121,50 @@ def gmm_task(
     return Task(name, env, reward, float(reward_scale), steps, t_start, float(action_scale), oracle, {}, mixture)
 
 
-def _gmm1d(*, reward: Reward | None = None, reward_scale: float = 1.0, **kwargs: Any) -> Task:
-    reward = reward if reward is not None else QuadraticReward([1.5], 1.0)
-    return gmm_task("GMM1D-v0", gmm_preset("1d"), reward, reward_scale, **kwargs)
+def _gmm_reward(reward: str | Reward, target: Any) -> Reward:
+    """Named rewards of the GMM tasks: ``"bump"`` (default; quadratic on the target mode),
+    ``"linear"`` (towards the target mode) or ``"constant"`` (zero)."""
+    if isinstance(reward, Reward):
+        return reward
+    target = torch.as_tensor(target, dtype=torch.float64)
+    named = {
+        "bump": lambda: QuadraticReward(target, 1.0),
+        "linear": lambda: LinearReward(target / target.norm()),
+        "constant": lambda: ConstantReward(0.0),
+    }
+    if reward not in named:
+        from diffusiongym.utils.validation import unknown_name_error
+
+        raise unknown_name_error("reward", reward, named)
+    return named[reward]()
 
 
-def _gmm2d(*, reward: Reward | None = None, reward_scale: float = 2.0, **kwargs: Any) -> Task:
+def _gmm1d(
+    *,
+    reward: str | Reward = "bump",
+    reward_scale: float = 1.0,
+    parameterization: str = "velocity",
+    scheduler: str = "linear",
+    noise: Any = "memoryless",
+    t_start: float = DEFAULT_T_START,
+    steps: int = 100,
+) -> Task:
+    mixture = gmm_preset("1d")
+    return gmm_task("GMM1D-v0", mixture, _gmm_reward(reward, mixture.means[-1]), reward_scale, parameterization=parameterization, scheduler=scheduler, noise=noise, t_start=t_start, steps=steps)
+
+
+def _gmm2d(
+    *,
+    reward: str | Reward = "bump",
+    reward_scale: float = 2.0,
+    parameterization: str = "velocity",
+    scheduler: str = "linear",
+    noise: Any = "memoryless",
+    t_start: float = DEFAULT_T_START,
+    steps: int = 100,
+) -> Task:
     mixture = gmm_preset("2d")
-    reward = reward if reward is not None else QuadraticReward(mixture.means[-1], 1.0)
-    return gmm_task("GMM2D-v0", mixture, reward, reward_scale, **kwargs)
+    return gmm_task("GMM2D-v0", mixture, _gmm_reward(reward, mixture.means[-1]), reward_scale, parameterization=parameterization, scheduler=scheduler, noise=noise, t_start=t_start, steps=steps)
 
 
 register_task("GMM1D-v0", _gmm1d)
