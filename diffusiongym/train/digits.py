@@ -55,6 +55,7 @@ class DigitsTrainConfig:
     model_warmup: int = 200
     model_weight_decay: float = 0.0
     ema_decay: float = 0.999
+    log_every: int = 100  # flow-loss history: mean over this many steps
     label_dropout: float = 0.1
     channels: int = 32
     emb_dim: int = 128
@@ -106,7 +107,7 @@ def train_flow_model(
     config: DigitsTrainConfig, images: Tensor, labels: Tensor, progress: bool = False, callback: Callable[[dict[str, float]], None] | None = None
 ) -> tuple[DigitsUNet, dict[str, list[float]]]:
     """Conditional flow matching with label dropout. Returns the EMA model (eval mode) and
-    ``history["loss"]`` (mean of every 100 steps)."""
+    ``history["loss"]`` (mean of every ``log_every`` steps)."""
     gen = torch.Generator().manual_seed(config.seed + 1)
     torch.manual_seed(config.seed + 1)
     model = DigitsUNet(channels=config.channels, emb_dim=config.emb_dim)
@@ -134,8 +135,8 @@ def train_flow_model(
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1 - config.ema_decay)
         running += float(loss.detach())
-        if (step + 1) % 100 == 0:
-            history["loss"].append(running / 100)
+        if (step + 1) % config.log_every == 0:
+            history["loss"].append(running / config.log_every)
             running = 0.0
             if callback is not None:
                 callback({"step": step + 1, "flow_loss": history["loss"][-1]})
