@@ -1,0 +1,286 @@
+"""Value-function control and the Value Matching trainer, checked against closed forms and the
+exact GMM optimum (``TiltOracle``)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diffusiongym as dg
+from diffusiongym.policies.networks import TimeMLP
+from diffusiongym.policies.value import ControlPolicy, SignalScaled, TimeCNN, ValuePolicy
+from diffusiongym.policies.value_matching import ValueMatching, ValueMatchingConfig, load_value_policy, time_weights
+from diffusiongym.rewards.base import CallableReward
+from diffusiongym.tasks import make_task
+
+
+class OracleValue(nn.Module):
+    """The exact ``V*`` as a value network."""
+
+    def __init__(self, oracle):
+        super().__init__()
+        self.oracle = oracle
+
+    def forward(self, x, t, **cond):
+        return self.oracle.value(x, t)
+
+
+class Quadratic(nn.Module):
+    """``V(x, t) = c t |x|^2 / 2`` (one parameter ``c``): ``grad V = c t x``."""
+
+    def __init__(self, c=1.5):
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(c))
+
+    def forward(self, x, t, **cond):
+        return 0.5 * self.c * t * (x.reshape(x.shape[0], -1) ** 2).sum(1)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_flush_denormal(True)
+
+
+# --------------------------------------------------------------------------- ValuePolicy
+
+
+def test_value_policy_is_minus_sigma_grad_v_closed_form():
+    task = make_task("GMM2D-v0")
+    env = task.environment
+    policy = ValuePolicy(Quadratic(1.5), env, action_scale=5.0)
+    x = torch.randn(16, 2)
+    t = torch.linspace(0.05, 0.95, 16)
+    x_before = x.clone()
+    with torch.no_grad():  # the engine's context: the policy must still differentiate V
+        u = policy(x, t)
+    sigma = torch.sqrt(2 * (1 - t) / t)  # memoryless linear: sigma^2 = 2 eta = 2 (1 - t) / t
+    torch.testing.assert_close(u, -sigma[:, None] * 1.5 * t[:, None] * x, rtol=1e-5, atol=1e-6)
+    # no graph, caller's tensor untouched, no parameter gradients accumulated
+    assert not u.requires_grad and u.grad_fn is None
+    assert torch.equal(x, x_before) and x.grad is None
+    assert policy.value_net.c.grad is None
+
+
+def test_value_policy_with_exact_value_is_the_oracle_control():
+    task = make_task("GMM1D-v0")
+    policy = ValuePolicy(OracleValue(task.oracle), task.environment)
+    x = torch.randn(32, 1, dtype=torch.float64)
+    t = torch.rand(32, dtype=torch.float64) * 0.9 + 0.05
+    torch.testing.assert_close(policy(x, t), task.oracle.control()(x, t), rtol=1e-10, atol=1e-10)
+    # and its rollouts are the oracle's, bit for bit
+    a = dg.sample(task.environment, 64, steps=20, control=policy, seed=1)
+    b = dg.sample(task.environment, 64, steps=20, control=task.oracle.control(), seed=1)
+    assert torch.equal(a.x1, b.x1)
+
+
+def test_act_on_observations_tensor_and_numpy():
+    task = make_task("GMM2D-v0")
+    policy = ValuePolicy(Quadratic(1.0), task.environment, action_scale=task.action_scale)
+    x = torch.randn(8, 2)
+    t = torch.full((8, 1), 0.5)
+    a = policy.act({"x": x, "t": t})
+    torch.testing.assert_close(a, policy(x, t[:, 0]) / task.action_scale)
+    one = policy.act({"x": x[0].numpy(), "t": np.array([0.5], dtype=np.float32)})  # single (unbatched) env
+    assert isinstance(one, np.ndarray) and one.shape == (2,)
+    np.testing.assert_allclose(one, a[0].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="observation"):
+        policy.act({"x": x})
+
+
+def test_control_policy_and_errors():
+    net = TimeMLP(2, out_dim=2, hidden=16, layers=1)
+    policy = ControlPolicy(net, action_scale=2.0)
+    x, t = torch.randn(5, 2), torch.rand(5)
+    torch.testing.assert_close(policy(x, t), net(x, t))
+    torch.testing.assert_close(policy.act({"x": x, "t": t[:, None]}), net(x, t) / 2.0)
+    with pytest.raises(ValueError, match="net output"):
+        ControlPolicy(TimeMLP(2, out_dim=3, hidden=8, layers=1))(x, t)
+    with pytest.raises(TypeError, match="value_net"):
+        ValuePolicy(lambda x, t: x, make_task("GMM1D-v0").environment)
+    with pytest.raises(ValueError, match="sigma = 0"):
+        ValuePolicy(Quadratic(), make_task("GMM1D-v0", noise="ode").environment)
+    with pytest.raises(ValueError, match="action_scale"):
+        ControlPolicy(net, action_scale=0.0)
+    with pytest.raises(ValueError, match="value_net output"):
+        ValuePolicy(TimeMLP(2, out_dim=2), make_task("GMM2D-v0").environment)(x, t)
+
+
+def test_signal_scaled_gradient_carries_alpha():
+    sched = dg.LinearScheduler()
+    net = TimeMLP(2, out_dim=1, hidden=16, layers=2)
+    wrapped = SignalScaled(net, sched)
+    x, t = torch.randn(6, 2, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    net.double()
+    torch.testing.assert_close(wrapped(x, t), net(t[:, None] * x, t))  # alpha_t = t (linear)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(wrapped(xg, t).sum(), xg)
+    y = (t[:, None] * x).requires_grad_(True)
+    (gy,) = torch.autograd.grad(net(y, t).sum(), y)
+    torch.testing.assert_close(g, t[:, None] * gy)
+
+
+# --------------------------------------------------------------------------- image networks
+
+
+def test_time_cnn_shapes_conditioning_and_value_policy_on_images():
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 1, 8, 8), torch.rand(4)
+    labels = torch.tensor([0, 1, 2, 3])
+    value = TimeCNN(1, hidden=16, blocks=2, num_classes=10, zero_init=False)
+    assert value(x, t, label=labels).shape == (4, 1)
+    # class-conditional: changing the labels changes the output
+    assert not torch.allclose(value(x, t, label=labels), value(x, t, label=labels.flip(0)))
+    with pytest.raises(ValueError, match="label"):
+        value(x, t)
+    field = TimeCNN(1, hidden=16, blocks=2, output="field")
+    assert field(x, t).shape == x.shape and torch.equal(field(x, t), torch.zeros_like(x))  # zero-init head
+    env = dg.VelocityEnvironment(lambda x, t, **c: -x, scheduler="linear", noise="memoryless", sample_shape=(1, 8, 8))
+    u = ValuePolicy(SignalScaled(value, env.scheduler), env)(x, t, label=labels)
+    assert u.shape == x.shape and torch.isfinite(u).all() and not u.requires_grad
+    assert ControlPolicy(field, env)(x, t).shape == x.shape
+    with pytest.raises(ValueError, match="output"):
+        TimeCNN(1, output="logits")
+
+
+def test_time_cnn_learns_a_value_on_random_images():
+    """Regress V(x, t) = t mean(x) + (1 - t) mean(x^2) on random 8x8 images. Var(y) ~ 0.095; a
+    network that ignores t keeps a residual ~ Var(t) E[(mean x - mean x^2)^2] ~ 0.08, one that
+    ignores x ~ 0.05: beating Var(y) / 5 needs both inputs (measured: Var(y) / 7.4)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = TimeCNN(1, hidden=16, blocks=1, zero_init=False)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+
+    def batch(n):
+        x, t = torch.randn(n, 1, 8, 8, generator=gen), torch.rand(n, generator=gen)
+        return x, t, t * x.mean((1, 2, 3)) + (1 - t) * (x**2).mean((1, 2, 3))
+
+    for _ in range(150):
+        x, t, y = batch(64)
+        loss = ((net(x, t)[:, 0] - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, t, y = batch(1024)
+    with torch.no_grad():
+        mse = float(((net(x, t)[:, 0] - y) ** 2).mean())
+    assert mse < float(y.var()) / 5, (mse, float(y.var()))
+
+
+# --------------------------------------------------------------------------- trainer pieces
+
+
+def test_time_weights_memoryless_linear_closed_form():
+    env = make_task("GMM1D-v0").environment
+    times = dg.make_time_grid(50, 1e-3)
+    w = time_weights(env, times)
+    t, h = times[:-1], times[1:] - times[:-1]
+    tail = torch.cat([(2 * (1 - t) / t * h).flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+    expected = 1 / (1 + 0.5 * tail)
+    torch.testing.assert_close(w, expected / expected.mean())
+    assert torch.all(w[1:] >= w[:-1]) and math.isclose(float(w.mean()), 1.0)
+    assert torch.equal(time_weights(env, times, "uniform"), torch.ones(51, dtype=torch.float64))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="lr"):
+        ValueMatchingConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="optimizer.*adam"):
+        ValueMatchingConfig(optimizer="adm")
+    with pytest.raises(ValueError, match="replay"):
+        ValueMatchingConfig(replay=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        ValueMatchingConfig(batch_size=0)
+    with pytest.raises(ValueError, match="config: unknown keys"):
+        ValueMatchingConfig.from_dict({"lr": 1e-3, "learning_rate": 1.0})
+    task = make_task("GMM1D-v0")
+    with pytest.raises(TypeError, match="reward"):
+        ValueMatching(task.environment, lambda x: x, TimeMLP(1))
+    with pytest.raises(TypeError, match="config"):
+        ValueMatching(task.environment, task.reward, TimeMLP(1), config={"lr": 1.0})
+
+
+def test_save_load_resume_is_exact(tmp_path):
+    """2 + 2 iterations through a checkpoint equal 4 straight (net, optimiser, generator and
+    replay buffer restored); the saved policy reloads without the trainer."""
+    task = make_task("GMM2D-v0", steps=10)
+    cfg = ValueMatchingConfig(iterations=4, batch_size=32, updates_per_iteration=2, minibatch_size=64, replay=1, seed=3)
+
+    def fresh():
+        torch.manual_seed(0)
+        return ValueMatching.from_task(task, config=cfg)
+
+    straight = fresh()
+    straight.train()
+    first = fresh()
+    first.train(iterations=2)
+    first.save(tmp_path / "ckpt")
+    resumed = fresh().load(tmp_path / "ckpt")
+    assert resumed.iteration == 2 and resumed.history["loss"] == first.history["loss"]
+    resumed.train()
+    assert resumed.iteration == 4
+    for a, b in zip(straight.value_net.parameters(), resumed.value_net.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.history["objective"] == straight.history["objective"]
+    resumed.save(tmp_path / "final")
+    policy = load_value_policy(tmp_path / "final", task.environment)
+    x, t = torch.randn(8, 2), torch.full((8,), 0.4)
+    torch.testing.assert_close(policy(x, t), straight.policy(x, t))
+    assert policy.action_scale == task.action_scale
+
+
+def test_non_differentiable_reward_moves_mass():
+    """Indicator reward 1[x > 0.25] on GMM1D (lambda = 2): the base puts 0.2 of its mass there,
+    the optimum 0.2 e^2 / (0.8 + 0.2 e^2) = 0.65 (the modes' tails across 0.25 are below 1e-6).
+    A few iterations must lift the fraction well above the base (> 0.35, about 10 standard
+    errors at n = 2048); a sign error in the control would push it below 0.2."""
+    task = make_task("GMM1D-v0", steps=50)
+    reward = CallableReward(lambda x: (x[:, 0] > 0.25).float(), differentiable=False)
+    cfg = ValueMatchingConfig(iterations=12, batch_size=128, updates_per_iteration=16, minibatch_size=512, replay=3, lr=2e-3, seed=0)
+    trainer = ValueMatching(task.environment, reward, _default(task), cfg, reward_scale=2.0, steps=50, t_start=task.t_start)
+    history = trainer.train()
+    assert len(history["loss"]) == 12 and all(math.isfinite(v) for v in history["loss"])
+    traj = dg.sample(task.environment, 2048, steps=50, control=trainer.policy, reward=reward, seed=1)
+    assert float(traj.reward.mean()) > 0.35
+
+
+def _default(task):
+    torch.manual_seed(0)
+    from diffusiongym.policies.value_matching import default_value_net
+
+    return default_value_net(task.sample_shape, task.environment.scheduler)
+
+
+# --------------------------------------------------------------------------- against the optimum
+
+
+@pytest.mark.slow
+def test_gmm1d_gap_closed_and_value_close_to_oracle():
+    """Small budget (20 iterations on a 50-step grid, ~15 s): the learned control must close
+    > 60% of the gap between the base (-2.529) and the optimal objective (-1.439); measured 81%
+    and 80% on seeds 0 and 1 (u* itself closes 95% on this grid; the benchmark's full budget on
+    100 steps 97%). 4 standard errors of the 4096-sample mean are ~0.04 = 4% of the gap, so the
+    bound leaves room for seeds while rejecting a base-like policy (0%) or a diverging one (< 0).
+    The learned V must also track V* on its own states at t = 0.5: mse < 0.3 Var V* (measured
+    0.12 and 0.17 Var V*; a V that is right only up to its mean over x scores 1.0)."""
+    torch.manual_seed(0)
+    task = make_task("GMM1D-v0", steps=50)
+    cfg = ValueMatchingConfig(iterations=20, batch_size=128, updates_per_iteration=16, minibatch_size=1024, replay=3, lr=2e-3, seed=0)
+    records = []
+    trainer = ValueMatching.from_task(task, config=cfg)
+    trainer.train(callback=records.append, progress=False)
+    assert [r["iteration"] for r in records] == list(range(20))
+    assert set(trainer.history) >= {"loss", "reward", "kl", "objective"}
+    traj = dg.sample(task.environment, 4096, steps=task.steps, control=trainer.policy, reward=task.reward, reward_scale=task.reward_scale, seed=11, store="states")
+    gap = task.oracle.gap_closed(float(traj.objective.mean()))
+    assert gap > 0.6, gap
+    k = 25
+    x, t = traj.states[k], float(traj.times[k])
+    with torch.no_grad():
+        v = trainer.policy.value(x, torch.full((x.shape[0],), t)).double()
+    v_star = task.oracle.value(x.double(), t)
+    assert float(((v - v_star) ** 2).mean()) < 0.3 * float(v_star.var())
