@@ -46,14 +46,16 @@ def time_grid(steps: int, t_start: float = 0.0, t_end: float = 1.0, dtype: torch
     return torch.linspace(t_start, t_end, steps + 1, dtype=dtype)
 
 
-def base_rates(model: PosteriorModel, x: Tensor, t: Tensor, h: Tensor, last: bool, **cond: Any) -> Tensor:
+def base_rates(model: PosteriorModel, x: Tensor, t: Tensor, h: Tensor, last: bool | Tensor, **cond: Any) -> Tensor:
     """Base jump rates ``u_i(b)`` towards each data token, shape ``(n, D, K)``; zero at ``b = x_i``.
 
-    ``t`` and ``h`` have shape ``(n,)``; ``last`` marks the final step (rate ``1 / h``).
+    ``t`` and ``h`` have shape ``(n,)``; ``last`` (bool or (n,) bool) marks the final step (rate ``1 / h``).
     """
     path = model.path
     probs = torch.softmax(model(x, t.float(), **cond).double(), dim=-1)
-    lam = 1.0 / h if last else path.scheduler.jump_rate(t.double())
+    h = h.double()
+    last = torch.as_tensor(last, device=x.device).expand(x.shape[0])
+    lam = torch.where(last, 1.0 / h, path.scheduler.jump_rate(torch.where(last, torch.zeros_like(h), t.double())))
     rates = lam.reshape(-1, 1, 1) * probs
     K = path.vocab_size
     off = 1.0 - F.one_hot(x, path.num_states)[..., :K].double()  # b != x_i

@@ -77,12 +77,14 @@ class ExactPosterior(PosteriorModel):
 
     def logits(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         # p(x1_i = b | x) ∝ L(x_i | b) * T_i[x_{-i}, b] with T_i = p contracted with L on every axis j != i;
-        # tables depend on t only, so the cost is O(D K^D S) per distinct t, independent of n.
+        # tables depend on t only (not at all with the mask source), so the cost is O(D K^D S) per distinct t, independent of n.
         D, K, S = self.path.length, self.path.vocab_size, self.path.num_states
         probs = self.log_probs.exp()
         out = torch.empty(x.shape[0], D, K, dtype=torch.float64, device=x.device)
-        for tv in t.unique():
-            rows = (t == tv).nonzero().flatten()
+        # with the mask source the posterior does not depend on t: one group
+        groups = [t[:1]] if self.path.source == "mask" else t.unique()
+        for tv in groups:
+            rows = torch.arange(x.shape[0], device=x.device) if self.path.source == "mask" else (t == tv).nonzero().flatten()
             xr = x[rows]
             L = self.path.posterior_likelihood(tv.double().reshape(()))  # (S, K)
             for i in range(D):

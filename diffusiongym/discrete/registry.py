@@ -1,0 +1,31 @@
+"""Registration of the discrete environments under the ``diffusiongym/`` namespace.
+
+``register_discrete_envs()`` registers ``diffusiongym/DiscreteGrid-v0`` and ``diffusiongym/DiscreteDigits-v0``
+with both an ``entry_point`` (single :class:`~diffusiongym.discrete.env.DiscreteFlowEnv`) and a
+``vector_entry_point`` (:class:`~diffusiongym.discrete.env.DiscreteFlowVectorEnv`); then
+``gym.make("diffusiongym/DiscreteGrid-v0")`` and
+``gym.make_vec("diffusiongym/DiscreteGrid-v0", num_envs=n, vectorization_mode="vector_entry_point")`` work.
+Idempotent.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+__all__ = ["register_discrete_envs", "DISCRETE_ENV_IDS"]
+
+DISCRETE_ENV_IDS = {"diffusiongym/DiscreteGrid-v0": "DiscreteGrid-v0", "diffusiongym/DiscreteDigits-v0": "DiscreteDigits-v0"}
+
+
+def register_discrete_envs() -> list[str]:
+    """Register the discrete env ids (skipping those already registered); returns the ids."""
+    for env_id, task in DISCRETE_ENV_IDS.items():
+        if env_id in gym.registry:
+            continue
+        gym.register(
+            id=env_id,
+            entry_point="diffusiongym.discrete.env:DiscreteFlowEnv",
+            vector_entry_point="diffusiongym.discrete.env:DiscreteFlowVectorEnv",
+            kwargs={"task": task},
+        )
+    return list(DISCRETE_ENV_IDS)
