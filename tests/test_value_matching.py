@@ -91,6 +91,26 @@ def test_act_on_observations_tensor_and_numpy():
         policy.act({"x": x})
 
 
+def test_value_policy_acts_on_the_vector_env():
+    """The exact V* driven through the Gymnasium vector env (observation -> normalised action)
+    earns the optimal objective: mean return within 4 standard errors + 0.04 (the Euler bias
+    of the 100-step grid, measured 0.02-0.03 with the engine) of log E[exp(lambda r)]."""
+    from diffusiongym.envs.registry import make_vector_env
+
+    task = make_task("GMM1D-v0")
+    n = 1024
+    env = make_vector_env("GMM1D-v0", num_envs=n)
+    policy = ValuePolicy(OracleValue(task.oracle), task.environment, action_scale=task.action_scale)
+    obs, _ = env.reset(seed=0)
+    ret = torch.zeros(n, dtype=torch.float64)
+    for _ in range(task.steps):
+        obs, reward, terminated, truncated, _ = env.step(policy.act(obs))
+        ret += torch.as_tensor(reward, dtype=torch.float64)
+    assert bool(torch.as_tensor(terminated).all())
+    se = float(ret.std()) / math.sqrt(n)
+    assert abs(float(ret.mean()) - task.oracle.optimal_objective) < 4 * se + 0.04
+
+
 def test_control_policy_and_errors():
     net = TimeMLP(2, out_dim=2, hidden=16, layers=1)
     policy = ControlPolicy(net, action_scale=2.0)
