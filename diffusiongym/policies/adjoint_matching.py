@@ -77,6 +77,10 @@ class AdjointMatchingConfig:
         without replacement), as in the paper (the end of the path matters most).
     grad_clip : float or None
         Clip the parameter gradient norm.
+    updates_per_iteration : int
+        Gradient steps per sampled batch, each on a fresh subset of loss times. The
+        lean adjoint depends on the base model only, so the targets stay exact
+        regression data for the sampled states (they are only slightly off-policy).
     seed : int
         Seeds the trainer's generator (sampling and time subsets) and the default network.
     hidden, layers, num_frequencies : int
@@ -94,6 +98,7 @@ class AdjointMatchingConfig:
     loss_times: int | None = 20
     always_last: int = 5
     grad_clip: float | None = 10.0
+    updates_per_iteration: int = 1
     seed: int = 0
     hidden: int = 64
     layers: int = 2
@@ -102,7 +107,7 @@ class AdjointMatchingConfig:
     time_weight: str = "clip"
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size"):
+        for name in ("iterations", "batch_size", "updates_per_iteration"):
             check_positive_int(name, getattr(self, name))
         if self.loss_times is not None:
             check_positive_int("loss_times", self.loss_times)
@@ -447,16 +452,16 @@ class AdjointMatching:
         )
         adjoint, valid = lean_adjoint(self.env, traj.states, self.times, self.reward, self.reward_scale, cond)
         valid = valid & traj.valid
-        self.optimizer.zero_grad(set_to_none=True)
-        if bool(valid.any()):
+        losses = []
+        for _ in range(c.updates_per_iteration if bool(valid.any()) else 0):
+            self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss(traj.states, adjoint, valid, cond)
             loss.backward()
             if c.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             self.optimizer.step()
-            loss_value = float(loss.detach())
-        else:
-            loss_value = float("nan")
+            losses.append(float(loss.detach()))
+        loss_value = sum(losses) / len(losses) if losses else float("nan")
         self.iteration += 1
         r = traj.reward[valid] if bool(valid.any()) else traj.reward
         kl = traj.kl[valid] if bool(valid.any()) else traj.kl
