@@ -174,6 +174,8 @@ def test_errors_name_the_argument():
         dg.sample(env, x=torch.zeros(4, 3))
     with pytest.raises(ValueError, match="x: expected a floating-point"):
         dg.sample(env, x=torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="x: expected a tensor on meta"):
+        dg.sample(env, x=torch.zeros(4, 2), device="meta")
     with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
         dg.sample(env, x=[[0.0, 0.0]])
     with pytest.raises(ValueError, match="noises: expected shape"):

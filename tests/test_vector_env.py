@@ -111,6 +111,8 @@ def test_bad_actions_raise():
         env.step(torch.zeros(4, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="action: expected finite"):
         env.step(torch.full((4, 2), float("inf")))
+    with pytest.raises(ValueError, match="action: expected a tensor on cpu, got meta"):
+        env.step(torch.zeros(4, 2, device="meta"))
     with pytest.raises(TypeError, match="action: expected a torch.Tensor"):
         env.step(np.zeros((4, 2), np.float32))
     with pytest.raises(ValueError, match="options"):

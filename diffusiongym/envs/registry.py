@@ -46,12 +46,13 @@ def _split(task_name: str, kwargs: dict[str, Any], env_kwargs: tuple[str, ...]) 
     task_keys = _task_kwargs(task_name)
     task_kw, env_kw = {}, {}
     for key, value in kwargs.items():
+        if key not in env_kwargs and key not in task_keys:
+            raise unknown_name_error(f"{NAMESPACE}/{task_name} keyword argument", key, [*env_kwargs, *task_keys])
+        # a name both accept (e.g. device, steps) goes to both: the model then lives where the batch does
         if key in env_kwargs:
             env_kw[key] = value
-        elif key in task_keys:
+        if key in task_keys:
             task_kw[key] = value
-        else:
-            raise unknown_name_error(f"{NAMESPACE}/{task_name} keyword argument", key, [*env_kwargs, *task_keys])
     return task_kw, env_kw
 
 
