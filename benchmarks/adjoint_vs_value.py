@@ -9,7 +9,7 @@ Matching samples, solves the lean adjoint (``steps`` VJPs of the base drift) and
 ``updates_per_iteration`` gradient steps; Value Matching samples and takes its regression
 steps. Each measurement runs in a fresh process. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` during training; on the CPU the growth of the
-process's peak resident set size (``ru_maxrss``) from after set-up to after training
+process's peak resident set size (``ru_maxrss``) from before the trainer is built to after training
 (coarse: it includes allocator caching). Prints one line per method and task::
 
     METHOD TASK batch=<n> steps=<m> sec_per_iter=<median> peak_mem_mb=<MB>
@@ -36,6 +36,7 @@ def _measure(method: str, task_id: str, batch: int, steps: int, iterations: int,
     from diffusiongym.tasks import make_task
 
     task = make_task(task_id)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if method == "adjoint_matching":
         from diffusiongym.policies.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 
@@ -50,7 +51,6 @@ def _measure(method: str, task_id: str, batch: int, steps: int, iterations: int,
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(iterations):
         start = time.perf_counter()
