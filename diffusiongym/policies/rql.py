@@ -27,7 +27,7 @@ Value ``V(s, x^f, f)``
 Policy loss
     Stepwise pathwise gradient, one hop per flow step, no backpropagation through the
     chain: ``-V(s, x^f + v(s, x^f, t_f) h_f, f + 1)`` with ``x^f`` detached, plus
-    ``alpha |v(s, x^f, t_f) - (x^{f+1} - x^f) / h_f|^2``, behaviour cloning towards the
+    ``alpha |v(s, x^f, t_f) h_f - (x^{f+1} - x^f)|^2``, behaviour cloning towards the
     reversal's own step. ``bc_reversal`` picks which field reverses the data for that BC
     target: ``"current"`` (the same virtual trajectory; its step differs from the forward
     step only by the integrator's error, so the BC term is a weak, O(h) smoother) or
@@ -125,7 +125,7 @@ class OfflineDataset:
 
     def batch(self, size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         idx = torch.randint(len(self), (size,), generator=generator)
-        return {"s": self.states[idx], "a": self.actions[idx], "r": self.rewards[idx], "s2": self.next_states[idx], "done": self.dones[idx]}
+        return {"idx": idx, "s": self.states[idx], "a": self.actions[idx], "r": self.rewards[idx], "s2": self.next_states[idx], "done": self.dones[idx]}
 
 
 # ----------------------------------------------------------------------- networks
@@ -310,13 +310,14 @@ class RQLConfig:
     chain_discount: bool = False  # ablation: discount inside the flow chain (wrong)
     tau: float = 0.005  # Polyak rate of the target value network
     huber_delta: float = 1.0
-    normalize_q: bool = True  # divide the value term by mean |V| (TD3+BC)
+    normalize_q: bool = False  # divide the value term by mean |V| (TD3+BC; unstable when V -> 0)
     policy_lr: float = 3e-4
     value_lr: float = 3e-4
     batch_size: int = 256
     value_hidden: int = 256
     value_layers: int = 3
     policy_delay: int = 1  # policy update every this many value updates
+    flow_samples: int = 0  # flow indices per transition in each loss (0: all F + 1 / F; k: k random ones)
     grad_clip: float = 10.0
     seed: int = 0
 
@@ -383,11 +384,11 @@ class RQL:
             path = pol.reverse(s, a, iters=cfg.reversal_iters)  # (F + 1, n, d), virtual trajectory
         targets = self.td_targets(batch)
 
-        # Value: one network over all (s, x^f, f), f-free target (gamma only across real steps).
-        s_rep = s.repeat(fs + 1, 1)
-        f_idx = torch.arange(fs + 1, dtype=a.dtype).repeat_interleave(n)
-        v_pred = self.value(s_rep, path.reshape(-1, a.shape[1]), f_idx)
-        value_loss = F.huber_loss(v_pred, targets.reshape(-1), delta=cfg.huber_delta)
+        # Value: one network over (s, x^f, f), f-free target (gamma only across real steps).
+        f_val = self._flow_indices(n, fs + 1)  # (k, n) indices into 0..F
+        x_val = path.gather(0, f_val[..., None].expand(-1, -1, a.shape[1]))
+        v_pred = self.value(s.repeat(f_val.shape[0], 1), x_val.reshape(-1, a.shape[1]), f_val.reshape(-1).to(a.dtype))
+        value_loss = F.huber_loss(v_pred, targets.gather(0, f_val).reshape(-1), delta=cfg.huber_delta)
         self.value_opt.zero_grad(set_to_none=True)
         value_loss.backward()
         nn.utils.clip_grad_norm_(self.value.parameters(), cfg.grad_clip)
@@ -395,36 +396,50 @@ class RQL:
         with torch.no_grad():
             for p, pt in zip(self.value.parameters(), self.value_target.parameters()):
                 pt.lerp_(p, cfg.tau)
-        metrics = {"value_loss": float(value_loss), "v_mean": float(v_pred.mean()), "target_mean": float(targets.mean())}
+        metrics = {"value_loss": float(value_loss.detach()), "v_mean": float(v_pred.detach().mean()), "target_mean": float(targets.mean())}
 
         if self.num_updates % cfg.policy_delay == 0:
             if cfg.bc_reversal == "initial":
-                with torch.no_grad():
-                    bc_path = self.initial_policy.reverse(s, a, iters=cfg.reversal_iters)
+                bc_path = batch["bc_path"] if "bc_path" in batch else self._initial_reversal(s, a)
             else:
                 bc_path = path
-            hs = pol.step_sizes().to(a.dtype)
-            xf = path[:-1].reshape(-1, a.shape[1]).detach()  # x^f, f = 0..F-1, no gradient through the chain
-            h_rep = hs.repeat_interleave(n)[:, None]
-            t_rep = pol.times[:-1].to(a.dtype).repeat_interleave(n)
-            v = pol(s.repeat(fs, 1), xf, t_rep)
-            hop = xf + h_rep * v  # one Euler hop
-            q = self.value(s.repeat(fs, 1), hop, f_idx[n:])
-            bc_xf = bc_path[:-1].reshape(-1, a.shape[1])
-            bc_step = (bc_path[1:].reshape(-1, a.shape[1]) - bc_xf) / h_rep
-            # BC towards the reversal's own step, evaluated at the BC path's own x^f
-            v_bc = v if cfg.bc_reversal == "current" else pol(s.repeat(fs, 1), bc_xf, t_rep)
-            bc = (v_bc - bc_step).pow(2).sum(1).mean()
-            scale = q.abs().mean().detach().clamp_min(1e-6) if cfg.normalize_q else torch.tensor(1.0)
+            f_pol = self._flow_indices(n, fs)  # (k, n) indices into 0..F-1
+            k, d = f_pol.shape[0], a.shape[1]
+            idx = f_pol[..., None].expand(-1, -1, d)
+            h = pol.step_sizes().to(a.dtype)[f_pol].reshape(-1, 1)
+            t = pol.times.to(a.dtype)[f_pol].reshape(-1)
+            s_rep = s.repeat(k, 1)
+            xf = path.gather(0, idx).reshape(-1, d)  # x^f from the reversal, detached: no gradient through the chain
+            v = pol(s_rep, xf, t)
+            self.value.requires_grad_(False)
+            q = self.value(s_rep, xf + h * v, (f_pol.reshape(-1) + 1).to(a.dtype))  # one Euler hop, V at f + 1
+            self.value.requires_grad_(True)
+            bc_xf = bc_path.gather(0, idx).reshape(-1, d)
+            bc_step = bc_path.gather(0, idx + 1).reshape(-1, d) - bc_xf
+            # BC towards the reversal's own step x^{f+1} - x^f (displacement units), at that reversal's x^f
+            v_bc = v if cfg.bc_reversal == "current" else pol(s_rep, bc_xf, t)
+            bc = (h * v_bc - bc_step).pow(2).sum(1).mean()
+            scale = q.detach().abs().mean().clamp_min(1e-6) if cfg.normalize_q else torch.tensor(1.0)
             policy_loss = -q.mean() / scale + cfg.alpha * bc
             self.policy_opt.zero_grad(set_to_none=True)
             policy_loss.backward()
             nn.utils.clip_grad_norm_(pol.parameters(), cfg.grad_clip)
             self.policy_opt.step()
-            self.value.zero_grad(set_to_none=True)  # the policy loss also reached V's grads
-            metrics.update({"policy_loss": float(policy_loss), "q_hop": float(q.mean()), "bc": float(bc)})
+            metrics.update({"policy_loss": float(policy_loss.detach()), "q_hop": float(q.detach().mean()), "bc": float(bc.detach())})
         self.num_updates += 1
         return metrics
+
+    @torch.no_grad()
+    def _initial_reversal(self, s: Tensor, a: Tensor, chunk: int = 4096) -> Tensor:
+        """Reversal of ``a`` by the frozen initial flow, ``(F + 1, n, d)`` (fixed: cached per dataset)."""
+        parts = [self.initial_policy.reverse(s[i : i + chunk], a[i : i + chunk], iters=self.cfg.reversal_iters) for i in range(0, a.shape[0], chunk)]
+        return torch.cat(parts, dim=1)
+
+    def _flow_indices(self, n: int, count: int) -> Tensor:
+        """``(k, n)`` flow indices in ``0..count-1``: all of them, or ``flow_samples`` random ones."""
+        if self.cfg.flow_samples <= 0 or self.cfg.flow_samples >= count:
+            return torch.arange(count)[:, None].expand(-1, n)
+        return torch.randint(count, (self.cfg.flow_samples, n), generator=self.generator)
 
     # ---------------------------------------------------------------- training
     def train(self, dataset: OfflineDataset, updates: int, callback: Callable[[int, dict[str, float]], Any] | None = None, progress: bool = False, log_every: int = 1) -> dict[str, list[float]]:
@@ -439,8 +454,12 @@ class RQL:
             raise ValueError(f"dataset: expected states of dim {self.policy.state_dim} and actions of dim {self.policy.action_dim}, got {dataset.state_dim} and {dataset.action_dim}")
         check_positive_int("updates", updates)
         torch.set_flush_denormal(True)
+        bc_paths = self._initial_reversal(dataset.states, dataset.actions) if self.cfg.bc_reversal == "initial" else None
         for _ in tqdm(range(updates), disable=not progress, desc="rql", leave=False):
-            metrics = self.update(dataset.batch(self.cfg.batch_size, self.generator))
+            batch = dataset.batch(self.cfg.batch_size, self.generator)
+            if bc_paths is not None:
+                batch["bc_path"] = bc_paths[:, batch["idx"]]
+            metrics = self.update(batch)
             if self.num_updates % log_every == 0:
                 self.history.setdefault("step", []).append(float(self.num_updates))
                 for k, val in metrics.items():
@@ -505,7 +524,7 @@ def flow_matching_bc(policy: FlowPolicy, dataset: OfflineDataset, updates: int, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history["loss"].append(float(loss))
+        history["loss"].append(float(loss.detach()))
     return history
 
 
