@@ -58,8 +58,15 @@ class TiltOracle:
         return self.reward_scale * float(self.mixture.weights @ values)
 
     def gap_closed(self, objective: float) -> float:
-        """Fraction of the gap between the base and the optimal objective closed by ``objective``."""
-        return (objective - self.base_objective) / (self.optimal_objective - self.base_objective)
+        """Fraction of the gap between the base and the optimal objective closed by ``objective``.
+
+        Raises ``ValueError`` when the gap is (numerically) zero, e.g. for a constant reward:
+        then every policy with zero KL is optimal and the fraction is undefined.
+        """
+        gap = self.optimal_objective - self.base_objective
+        if abs(gap) < 1e-12:
+            raise ValueError("objective: the base model is already optimal (zero gap); gap_closed is undefined")
+        return (objective - self.base_objective) / gap
 
     def value(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``V*(x, t)`` for the memoryless schedule, shape ``(n,)``; differentiable in ``x``."""

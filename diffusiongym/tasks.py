@@ -139,36 +139,37 @@ def _gmm_reward(reward: str | Reward, target: Any) -> Reward:
     return named[reward]()
 
 
-def _gmm1d(
-    *,
-    reward: str | Reward = "bump",
-    reward_scale: float = 1.0,
-    parameterization: str = "velocity",
-    scheduler: str = "linear",
-    noise: Any = "memoryless",
-    t_start: float = DEFAULT_T_START,
-    steps: int = 100,
-) -> Task:
-    mixture = gmm_preset("1d")
-    return gmm_task("GMM1D-v0", mixture, _gmm_reward(reward, mixture.means[-1]), reward_scale, parameterization=parameterization, scheduler=scheduler, noise=noise, t_start=t_start, steps=steps)
+def _preset_factory(name: str, preset: str, default_scale: float) -> TaskFactory:
+    """Factory of a built-in GMM task: the preset mixture, its last (light) mode as target."""
+
+    def factory(
+        *,
+        reward: str | Reward = "bump",
+        reward_scale: float = default_scale,
+        parameterization: str = "velocity",
+        scheduler: str = "linear",
+        noise: Any = "memoryless",
+        t_start: float = DEFAULT_T_START,
+        steps: int = 100,
+    ) -> Task:
+        mixture = gmm_preset(preset)
+        return gmm_task(
+            name,
+            mixture,
+            _gmm_reward(reward, mixture.means[-1]),
+            reward_scale,
+            parameterization=parameterization,
+            scheduler=scheduler,
+            noise=noise,
+            t_start=t_start,
+            steps=steps,
+        )
+
+    return factory
 
 
-def _gmm2d(
-    *,
-    reward: str | Reward = "bump",
-    reward_scale: float = 2.0,
-    parameterization: str = "velocity",
-    scheduler: str = "linear",
-    noise: Any = "memoryless",
-    t_start: float = DEFAULT_T_START,
-    steps: int = 100,
-) -> Task:
-    mixture = gmm_preset("2d")
-    return gmm_task("GMM2D-v0", mixture, _gmm_reward(reward, mixture.means[-1]), reward_scale, parameterization=parameterization, scheduler=scheduler, noise=noise, t_start=t_start, steps=steps)
-
-
-register_task("GMM1D-v0", _gmm1d)
-register_task("GMM2D-v0", _gmm2d)
+register_task("GMM1D-v0", _preset_factory("GMM1D-v0", "1d", 1.0))
+register_task("GMM2D-v0", _preset_factory("GMM2D-v0", "2d", 2.0))
 
 
 def with_reward(task: Task, reward: Reward, reward_scale: float | None = None) -> Task:

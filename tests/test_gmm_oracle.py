@@ -99,6 +99,10 @@ def test_base_objective_is_exact_expectation():
     assert abs(float(mc.mean()) - oracle.base_objective) < 4 * float(mc.std()) / math.sqrt(len(mc))
     assert oracle.gap_closed(oracle.optimal_objective) == pytest.approx(1.0)
     assert oracle.gap_closed(oracle.base_objective) == pytest.approx(0.0)
+    flat = dg.TiltOracle(mix, dg.ConstantReward(1.0), 2.0)
+    assert flat.optimal_objective == pytest.approx(flat.base_objective)
+    with pytest.raises(ValueError, match="zero gap"):
+        flat.gap_closed(0.0)
 
 
 def test_mixture_validation():
