@@ -30,6 +30,7 @@ from diffusiongym.sampling import Trajectory
 
 __all__ = [
     "gaussian_log_prob",
+    "euler_step_log_prob",
     "transition_mean",
     "step_log_prob",
     "step_kl",
@@ -59,6 +60,41 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
     d = x[0].numel()
     z2 = (((x - mean) / s) ** 2).reshape(x.shape[0], -1).sum(1)
     return -0.5 * z2 - d * torch.log(s.reshape(-1)) - 0.5 * d * math.log(2 * math.pi)
+
+
+def euler_step_log_prob(
+    x_next: Tensor,
+    x: Tensor,
+    drift: Tensor,
+    h: Tensor | float,
+    sigma: Tensor | float,
+    control: Tensor | None = None,
+) -> Tensor:
+    """``log N(x_next; x + h (b + sigma u), h sigma^2 I)`` from a known base drift, shape ``(n,)``.
+
+    The form policy-gradient agents need: the base drift ``b`` of each visited state is
+    computed once (no grad) while collecting data, and only the control ``u`` carries
+    gradients when the ratio is recomputed. :func:`step_log_prob` is the same density with
+    the drift evaluated from the environment.
+
+    Parameters
+    ----------
+    x_next, x, drift : Tensor, (n, *sample_shape)
+        The next state, the state and the base drift ``b(x, t)``.
+    h, sigma : float or Tensor (n,)
+        Step size and diffusion coefficient ``sigma(t)`` (``sigma > 0``).
+    control : Tensor, (n, *sample_shape), optional
+        ``u(x, t)``; the base transition without it.
+    """
+    if drift.shape != x.shape or x_next.shape != x.shape:
+        raise ValueError(f"x_next, drift: expected shape {tuple(x.shape)} (same as x), got {tuple(x_next.shape)}, {tuple(drift.shape)}")
+    hh, ss = _per_sample(h, x), _per_sample(sigma, x)
+    if control is not None:
+        if control.shape != x.shape:
+            raise ValueError(f"control: expected shape {tuple(x.shape)} (same as x), got {tuple(control.shape)}")
+        drift = drift + ss * control
+    std = (hh * ss**2).sqrt().reshape(-1)
+    return gaussian_log_prob(x_next, x + hh * drift, std)
 
 
 def transition_mean(

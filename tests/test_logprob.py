@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffusiongym as dg
-from diffusiongym.logprob import gaussian_log_prob, path_log_ratio, step_kl, step_log_prob, trajectory_log_probs
+from diffusiongym.logprob import euler_step_log_prob, gaussian_log_prob, path_log_ratio, step_kl, step_log_prob, trajectory_log_probs
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.tasks import make_task
 
@@ -97,6 +97,25 @@ def test_policy_log_prob_is_differentiable_and_zero_residual_equals_base():
     torch.testing.assert_close(lp, step_log_prob(env, x, x_next, 0.5, 0.05), rtol=1e-12, atol=1e-12)
     lp.sum().backward()
     assert policy.net.head.weight.grad is not None and policy.net.head.weight.grad.abs().sum() > 0
+
+
+def test_euler_step_log_prob_from_stored_drift_equals_step_log_prob():
+    # the policy-gradient form (base drift given, control added) is the same density
+    task = _task("epsilon", "cosine")
+    env = task.environment
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, generator=g, dtype=torch.float64)
+    x_next = x + 0.2 * torch.randn(16, 2, generator=g, dtype=torch.float64)
+    t = 0.1 + 0.8 * torch.rand(16, generator=g, dtype=torch.float64)
+    h = 0.05 * torch.rand(16, generator=g, dtype=torch.float64) + 0.01
+    control = lambda x, t, **c: torch.cos(x) * t[:, None]  # noqa: E731
+    with torch.no_grad():
+        drift = env.drift(x, t)
+    sigma = env.sigma(t)
+    torch.testing.assert_close(euler_step_log_prob(x_next, x, drift, h, sigma, control(x, t)), step_log_prob(env, x, x_next, t, h, control=control), rtol=0, atol=1e-10)
+    torch.testing.assert_close(euler_step_log_prob(x_next, x, drift, h, sigma), step_log_prob(env, x, x_next, t, h), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="control"):
+        euler_step_log_prob(x_next, x, drift, h, sigma, torch.zeros(16, 3, dtype=torch.float64))
 
 
 def test_gaussian_log_prob_matches_torch_distributions():
