@@ -67,7 +67,10 @@ from diffusiongym.envs.simulator import ACTION_MODES, DiffusionSimulator  # noqa
 from diffusiongym.envs.vector_env import DiffusionVectorEnv, NumpyVectorEnv  # noqa: E402
 from diffusiongym.tasks import TASKS, Task, make_task, register_task  # noqa: E402
 
+from diffusiongym.discrete.registry import register_discrete_envs  # noqa: E402
+
 register_envs()
+register_discrete_envs()
 
 __all__ += [
     "DiffusionEnv",

@@ -182,3 +182,14 @@ def with_reward(task: Task, reward: Reward, reward_scale: float | None = None) -
         except NotImplementedError:
             oracle = None
     return replace(task, reward=reward, reward_scale=scale, oracle=oracle)
+
+
+def _register_shipped_tasks() -> None:
+    # The digits model ships inside the package (weights/digits_unet.safetensors); the import
+    # costs nothing until the factory runs (weights load then).
+    from diffusiongym.models.digits import digits_task
+
+    register_task("Digits-v0", digits_task)
+
+
+_register_shipped_tasks()

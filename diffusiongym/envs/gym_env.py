@@ -54,7 +54,10 @@ class DiffusionEnv(gym.Env):
         for key, value in obs.items():
             space = self.observation_space[key]
             arr = value[0].detach().cpu().numpy()
-            out[key] = arr.astype(space.dtype) if isinstance(space, gym.spaces.Box) else np.asarray(arr).astype(space.dtype).reshape(space.shape)
+            if isinstance(space, gym.spaces.Discrete):
+                out[key] = np.int64(arr)
+            else:
+                out[key] = np.asarray(arr).astype(space.dtype).reshape(space.shape)
         return out
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
