@@ -27,7 +27,7 @@ Value ``V(s, x^f, f)``
 Policy loss
     Stepwise pathwise gradient, one hop per flow step, no backpropagation through the
     chain: ``-V(s, x^f + v(s, x^f, t_f) h_f, f + 1)`` with ``x^f`` detached, plus
-    ``alpha |v(s, x^f, t_f) h_f - (x^{f+1} - x^f)|^2``, behaviour cloning towards the
+    ``alpha |v(s, x^f, t_f) - (x^{f+1} - x^f) / h_f|^2``, behaviour cloning towards the
     reversal's own step. ``bc_reversal`` picks which field reverses the data for that BC
     target: ``"current"`` (the same virtual trajectory; its step differs from the forward
     step only by the integrator's error, so the BC term is a weak, O(h) smoother) or
@@ -317,6 +317,7 @@ class RQLConfig:
     value_hidden: int = 256
     value_layers: int = 3
     policy_delay: int = 1  # policy update every this many value updates
+    warmup_updates: int = 0  # value-only updates before the policy starts moving
     flow_samples: int = 0  # flow indices per transition in each loss (0: all F + 1 / F; k: k random ones)
     grad_clip: float = 10.0
     seed: int = 0
@@ -398,7 +399,7 @@ class RQL:
                 pt.lerp_(p, cfg.tau)
         metrics = {"value_loss": float(value_loss.detach()), "v_mean": float(v_pred.detach().mean()), "target_mean": float(targets.mean())}
 
-        if self.num_updates % cfg.policy_delay == 0:
+        if self.num_updates >= cfg.warmup_updates and self.num_updates % cfg.policy_delay == 0:
             if cfg.bc_reversal == "initial":
                 bc_path = batch["bc_path"] if "bc_path" in batch else self._initial_reversal(s, a)
             else:
@@ -415,10 +416,10 @@ class RQL:
             q = self.value(s_rep, xf + h * v, (f_pol.reshape(-1) + 1).to(a.dtype))  # one Euler hop, V at f + 1
             self.value.requires_grad_(True)
             bc_xf = bc_path.gather(0, idx).reshape(-1, d)
-            bc_step = bc_path.gather(0, idx + 1).reshape(-1, d) - bc_xf
-            # BC towards the reversal's own step x^{f+1} - x^f (displacement units), at that reversal's x^f
+            bc_step = (bc_path.gather(0, idx + 1).reshape(-1, d) - bc_xf) / h
+            # BC towards the reversal's own step (x^{f+1} - x^f) / h (velocity units), at that reversal's x^f
             v_bc = v if cfg.bc_reversal == "current" else pol(s_rep, bc_xf, t)
-            bc = (h * v_bc - bc_step).pow(2).sum(1).mean()
+            bc = (v_bc - bc_step).pow(2).sum(1).mean()
             scale = q.detach().abs().mean().clamp_min(1e-6) if cfg.normalize_q else torch.tensor(1.0)
             policy_loss = -q.mean() / scale + cfg.alpha * bc
             self.policy_opt.zero_grad(set_to_none=True)
