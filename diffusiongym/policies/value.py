@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusiongym.envs.environment import DiffusionEnvironment
+from diffusiongym.policies.agent import control_action
 from diffusiongym.policies.networks import FourierTimeEmbedding
 from diffusiongym.schedulers import Scheduler, make_scheduler
 
@@ -62,6 +63,10 @@ class _Agent(nn.Module):
     def act(self, observation: dict[str, Any]) -> Tensor | np.ndarray:
         """Normalised Gymnasium action ``a = u(x, t) / action_scale``.
 
+        The conversion is :func:`diffusiongym.policies.agent.control_action` (the one
+        :class:`~diffusiongym.policies.agent.ControlAgent` uses), with numpy observations
+        moved to this network's device and dtype.
+
         Parameters
         ----------
         observation : dict
@@ -73,32 +78,19 @@ class _Agent(nn.Module):
         -------
         Tensor ``(n, *shape)`` on ``x``'s device, or a numpy array when ``x`` was numpy.
         """
-        if not isinstance(observation, dict) or "x" not in observation or "t" not in observation:
-            got = sorted(observation) if isinstance(observation, dict) else type(observation).__name__
-            raise ValueError(f"observation: expected a dict with keys 'x' and 't', got {got}")
-        x, t = observation["x"], observation["t"]
-        numpy_in = isinstance(x, np.ndarray)
-        cond = {k: v for k, v in observation.items() if k not in ("x", "t")}
-        unbatched = False
-        if numpy_in:
-            ref = self._reference()
-            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-            device = ref.device if ref is not None else torch.device("cpu")
-            shape = self.env.sample_shape if self.env is not None else None
-            unbatched = shape is not None and x.ndim == len(shape)
-            x = torch.as_tensor(x, dtype=dtype, device=device)
-            t = torch.as_tensor(np.asarray(t), dtype=dtype, device=device)
-            cond = {k: torch.as_tensor(np.asarray(v), device=device) for k, v in cond.items()}
-            if unbatched:
-                x, t = x.unsqueeze(0), t.reshape(1)
-                cond = {k: v.reshape(1, *v.shape) if v.ndim == 0 else v.unsqueeze(0) for k, v in cond.items()}
-        elif not isinstance(x, Tensor):
-            raise TypeError(f"observation['x']: expected a torch.Tensor or numpy array, got {type(x).__name__}")
-        a = self(x, _time_vector(t, x), **cond) / self.action_scale
-        if numpy_in:
-            a = a[0] if unbatched else a
-            return a.cpu().numpy()
-        return a
+        ref = self._reference()
+        numpy_in = isinstance(observation, dict) and isinstance(observation.get("x"), np.ndarray)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        device = ref.device if ref is not None else torch.device("cpu")
+        shape = self.env.sample_shape if self.env is not None else None
+        return control_action(
+            self,
+            observation,
+            self.action_scale,
+            device=device if numpy_in else None,
+            dtype=dtype if numpy_in else None,
+            sample_ndim=len(shape) if shape is not None else None,
+        )
 
 
 class ValuePolicy(_Agent):
