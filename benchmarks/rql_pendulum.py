@@ -53,7 +53,7 @@ class PendulumConfig:
     flow_steps: int = 5
     hidden: int = 128
     layers: int = 2
-    bc_updates: int = 2000
+    bc_updates: int = 1500
     rql_updates: int = 5000
     reward_scale: float = 0.1  # rewards scaled for the Huber loss; returns reported unscaled
     eval_episodes: int = 10
@@ -61,7 +61,7 @@ class PendulumConfig:
 
 
 def default_rql_config(seed: int) -> RQLConfig:
-    return RQLConfig(gamma=0.97, alpha=0.3, bc_reversal="initial", reversal_iters=1, batch_size=256, value_hidden=256, value_layers=2, policy_lr=3e-4, value_lr=1e-3, seed=seed)
+    return RQLConfig(gamma=0.97, alpha=0.3, bc_reversal="initial", reversal_iters=1, batch_size=128, value_hidden=128, value_layers=2, policy_lr=3e-4, value_lr=1e-3, flow_samples=2, warmup_updates=500, tau=0.01, seed=seed)
 
 
 def run_seed(seed: int, cfg: PendulumConfig) -> dict[str, float]:
