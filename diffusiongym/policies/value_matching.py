@@ -45,7 +45,19 @@ from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
 from diffusiongym.utils.io import load_checkpoint, save_checkpoint
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
-__all__ = ["ValueMatchingConfig", "ValueMatching", "load_value_policy", "time_weights", "default_value_net"]
+DIGITS_VALUE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "value_digits"
+
+__all__ = [
+    "ValueMatchingConfig",
+    "ValueMatching",
+    "load_value_policy",
+    "time_weights",
+    "default_value_net",
+    "digits_value_task",
+    "save_value_net",
+    "load_value_net",
+    "DIGITS_VALUE_WEIGHTS",
+]
 
 CondSampler = Callable[[int, torch.Generator, torch.device], dict[str, Tensor]]
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -460,3 +472,70 @@ def load_value_policy(path: str | Path, env: DiffusionEnvironment, value_net: nn
     load_checkpoint(path, {"value_net": value_net}, device=device)
     value_net.to(device).eval()
     return ValuePolicy(value_net, env, action_scale=float(meta.get("action_scale", 1.0)))
+
+
+# ----------------------------------------------------------------- digits recipe
+def digits_value_task(target: int = 3, reward_scale: float = 5.0, steps: int = 25, mode: str = "is_class", device: str | torch.device = "cpu") -> Any:
+    """The digits Value Matching setting: the shipped model *unconditional*, rewarded for class ``target``.
+
+    The shipped :class:`~diffusiongym.models.digits.DigitsUNet` with the null label
+    (:data:`~diffusiongym.models.digits.NULL_LABEL`: every class, about 10% each), the
+    memoryless SDE on ``steps`` Euler steps from ``t = 0.01``, reward
+    ``DigitClassifierReward(target, mode)`` (default the non-differentiable indicator
+    ``argmax == target``) and ``reward_scale = lambda``. With base rate ``p0`` of the
+    class, the tilted optimum ``p* ∝ p exp(lambda 1[class = target])`` puts
+    ``p0 e^lambda / (1 - p0 + p0 e^lambda)`` on it (0.93 for ``p0 = 0.09``, ``lambda = 5``)
+    at the optimal objective ``log(1 - p0 + p0 e^lambda)``.
+
+    Returns a :class:`~diffusiongym.tasks.Task` (``name = "Digits-v0"``) whose conditioning
+    sampler draws null labels, so :meth:`ValueMatching.from_task` and the Gymnasium envs
+    use the unconditional model.
+    """
+    from dataclasses import replace
+
+    import gymnasium
+
+    from diffusiongym.models.digits import NULL_LABEL, digits_task
+    from diffusiongym.rewards.images import DigitClassifierReward
+
+    def null_labels(n: int, generator: torch.Generator | None = None, device: Any = None) -> Tensor:
+        return torch.full((int(n),), NULL_LABEL, dtype=torch.long, device=device)
+
+    reward = DigitClassifierReward(target=target, mode=mode, device=device)
+    task = digits_task(reward=reward, reward_scale=reward_scale, steps=steps, device=device)
+    return replace(task, conditioning={"label": (gymnasium.spaces.Discrete(NULL_LABEL + 1), null_labels)})
+
+
+def save_value_net(value_net: nn.Module, stem: str | Path, info: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write a trained value network alone (no optimiser, no buffer): ``<stem>.safetensors``
+    (float32 state dict) and ``<stem>.json`` (``{"value_net": {"class", "config"}, **info}``);
+    :func:`load_value_net` reads it back. For shipping small pretrained value networks."""
+    from diffusiongym.models.digits import save_module
+
+    config = {"value_net": {"class": type(value_net).__name__, "config": getattr(value_net, "config", None)}, **(info or {})}
+    return save_module(value_net, stem, config)
+
+
+def load_value_net(stem: str | Path, scheduler: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a :class:`TimeMLP` / :class:`TimeCNN` (optionally in :class:`SignalScaled`
+    with ``scheduler``) saved by :func:`save_value_net`; returns ``(value_net, config)``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    stem = Path(stem)
+    weights, cfg_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.exists() or not cfg_path.exists():
+        raise FileNotFoundError(f"stem: expected {weights.name} and {cfg_path.name} in {stem.parent}")
+    config = json.loads(cfg_path.read_text())
+    spec = config.get("value_net", {})
+    builders = {"TimeMLP": TimeMLP, "TimeCNN": TimeCNN}
+    cls_name, net_cfg = spec.get("class"), spec.get("config") or {}
+    inner_name, inner_cfg = (net_cfg.get("net_class"), net_cfg.get("net")) if cls_name == "SignalScaled" else (cls_name, net_cfg)
+    if inner_name not in builders or inner_cfg is None:
+        raise ValueError(f"stem: cannot rebuild a value network of class {cls_name!r} (expected TimeMLP, TimeCNN or SignalScaled of one)")
+    net: nn.Module = builders[inner_name](**inner_cfg)
+    if cls_name == "SignalScaled":
+        net = SignalScaled(net, scheduler)
+    net.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
+    return net.to(device).eval(), config
