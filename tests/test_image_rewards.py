@@ -145,4 +145,4 @@ def test_shipped_classifier_accuracy_and_rewards():
     x = x[:8].clone().requires_grad_(True)
     lp, _ = DigitClassifierReward(target=None, mode="log_prob", classifier=reward.classifier)(x, label=y[:8])
     lp.sum().backward()
-    assert torch.isfinite(x.grad).all() and float(lp.mean()) > -0.5
+    assert torch.isfinite(x.grad).all() and float(lp.detach().mean()) > -0.5
