@@ -74,6 +74,7 @@ __all__ = [
     "flow_kl_to_density",
     "collect_dataset",
     "evaluate_policy",
+    "drift_agent",
 ]
 
 BaseVelocity = Callable[[Tensor, Tensor], Tensor]
@@ -573,6 +574,48 @@ def flow_kl_to_density(policy: FlowPolicy, log_density: Callable[[Tensor], Tenso
     x, logq = policy.sample_with_log_prob(n, generator=gen)
     logp = log_density(x.double())
     return float((logq - logp).mean()), x
+
+
+def drift_agent(policy: FlowPolicy, env: Any) -> Any:
+    """Make a diffusion :class:`FlowPolicy` act on a diffusiongym env with ``action_mode="drift"``.
+
+    In drift mode the agent gives the *whole* drift and the env's action is
+    ``a = drift / action_scale``; with ``noise="ode"`` (sigma = 0) the env step is exactly
+    the policy's Euler step ``x^{f+1} = x^f + h_f v(x^f, t_f)``, so the episode's ``x1``
+    is the policy's own sample from the same ``x^0`` (the env then reports no KL:
+    ``info["kl_defined"]`` is False). The policy reads ``t_f`` from ``obs["t"]``; its grid
+    must be the env's (``steps == F``, same ``t_start``).
+
+    Parameters
+    ----------
+    policy : FlowPolicy
+        Unconditional (``state_dim = 0``), e.g. from :func:`diffusion_policy`.
+    env : DiffusionEnv or DiffusionVectorEnv (or a wrapper of one)
+
+    Returns
+    -------
+    :class:`~diffusiongym.policies.agent.ControlAgent` mapping observations
+    ``{"x": (n, d), "t": (n, 1)}`` to actions ``(n, d)`` (torch for the vector env, numpy
+    for the single env).
+    """
+    from diffusiongym.policies.agent import ControlAgent
+
+    if not isinstance(policy, FlowPolicy):
+        raise TypeError(f"policy: expected a FlowPolicy, got {type(policy).__name__}")
+    if policy.state_dim != 0:
+        raise ValueError(f"policy: expected an unconditional policy (state_dim 0), got state_dim {policy.state_dim}")
+    sim = env.unwrapped.sim
+    if sim.action_mode != "drift":
+        raise ValueError(f"env: expected action_mode 'drift', got {sim.action_mode!r}")
+    times = sim.times.detach().cpu().double()
+    if times.shape != policy.times.shape or not torch.allclose(times, policy.times.double(), atol=1e-6):
+        raise ValueError(f"env: expected the policy's time grid ({policy.flow_steps} steps from {float(policy.times[0]):.4g} to 1), got {times.numel() - 1} steps from {float(times[0]):.4g}")
+
+    def drift(x: Tensor, t: Tensor) -> Tensor:
+        with torch.no_grad():
+            return policy(None, x.to(policy.times.dtype), t.to(policy.times.dtype)).to(x.dtype)
+
+    return ControlAgent(drift, env)
 
 
 # ---------------------------------------------------------- Gymnasium Box envs
