@@ -19,8 +19,8 @@ def run(task_id: str, quick: bool, seed: int) -> Result:
     d = task.sample_shape[0]
     model = ResidualModel(task.environment.model, TimeMLP(d, d, hidden=64, layers=3, zero_init=True))
     config = EFMConfig(
-        mode="online", weighting="importance", rounds=2 if quick else 4, samples_per_round=4096,
-        iterations_per_round=800 if quick else 1500, batch_size=512, lr=2e-3, seed=seed,
+        mode="online", weighting="importance", rounds=2 if quick else 4, samples_per_round=8192 if quick else 16384,
+        iterations_per_round=400 if quick else 1000, batch_size=256, lr=1e-2, lr_schedule="cosine", seed=seed,
     )
     EFMTrainer(task.environment, model, task.reward, task.reward_scale, config, steps=task.steps, t_start=task.t_start).train()
     n = 4096 if quick else 16384
