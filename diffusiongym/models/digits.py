@@ -274,7 +274,10 @@ def digits_task(
     Default reward: the shipped classifier's log-probability of the *requested* label
     (``DigitClassifierReward(target=None, mode="log_prob")``, read from ``label=``), so the
     adapted model draws digits the classifier recognises more surely. ``t_start = 0.01``:
-    the memoryless drift ``2 v - x / t`` is stiff near ``t = 0``.
+    the memoryless drift ``2 v - x / t`` is stiff near ``t = 0``. ``action_scale = 3``: a
+    one-point Tweedie estimate ``sigma grad_x lambda r(x1_hat)`` of ``u*`` along 100 base
+    trajectories has per-pixel 99.9th percentile 0.98 and maximum 7.5 (a rough guide only).
+    Shipped-model quality (1000 samples, these defaults): 99.5% recognised as the requested class.
 
     Returns
     -------
