@@ -17,7 +17,21 @@ from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, gmm_p
 from diffusiongym.noise import ODE, CallableNoise, Constant, Memoryless, Noise, make_noise
 from diffusiongym.oracle import TiltOracle
 from diffusiongym.parameterization import PARAMETERIZATIONS, conversion_coefficients, convert
-from diffusiongym.rewards import CallableReward, ConstantReward, LinearReward, QuadraticReward, Reward
+from diffusiongym.models.diffusers_bridge import diffusers_environment, load_diffusers_environment
+from diffusiongym.models.digits import digits_task, load_digits_model
+from diffusiongym.rewards import (
+    BrightnessReward,
+    CallableReward,
+    ConstantReward,
+    ContrastReward,
+    DigitClassifierReward,
+    ImageReward,
+    JPEGCompressibility,
+    JPEGIncompressibility,
+    LinearReward,
+    QuadraticReward,
+    Reward,
+)
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.schedulers import CosineScheduler, DiscreteVPScheduler, LinearScheduler, Scheduler, make_scheduler
 from diffusiongym.timegrid import make_time_grid
@@ -50,6 +64,16 @@ __all__ = [
     "ConstantReward",
     "LinearReward",
     "QuadraticReward",
+    "ImageReward",
+    "DigitClassifierReward",
+    "JPEGCompressibility",
+    "JPEGIncompressibility",
+    "BrightnessReward",
+    "ContrastReward",
+    "digits_task",
+    "load_digits_model",
+    "diffusers_environment",
+    "load_diffusers_environment",
     "Trajectory",
     "sample",
     "Scheduler",
