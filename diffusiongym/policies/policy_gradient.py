@@ -103,6 +103,16 @@ def group_advantages(returns: Tensor, group_size: int, normalize_std: bool = Tru
     return adv.reshape(-1)
 
 
+def _as_sample_shape(out: Tensor, x: Tensor) -> Tensor:
+    """The policy's output as ``x``'s shape; a flat ``(n, prod(sample_shape))`` output (e.g. a
+    :class:`~diffusiongym.policies.networks.TimeMLP` on images) is reshaped."""
+    if out.shape == x.shape:
+        return out
+    if out.ndim == 2 and out.shape[0] == x.shape[0] and out.shape[1] == x[0].numel():
+        return out.reshape(x.shape)
+    raise ValueError(f"policy output: expected shape {tuple(x.shape)} (same as x) or ({x.shape[0]}, {x[0].numel()}), got {tuple(out.shape)}")
+
+
 @dataclass
 class Rollout:
     """One batch of episodes collected from the vector env (``m`` steps, ``n`` envs).
@@ -148,8 +158,9 @@ class PolicyGradientAgent:
         reward, ``lambda`` and the conditioning. ``num_envs`` must be a multiple of
         ``config.group_size``.
     policy : nn.Module
-        Trainable; ``policy(x, t, **cond)`` with ``x`` (n, *shape) and ``t`` (n,). Starts at
-        the base (a zero-initialised residual or control).
+        Trainable; ``policy(x, t, **cond)`` with ``x`` (n, *shape) and ``t`` (n,), output of
+        shape ``(n, *shape)`` (or flat ``(n, prod(shape))``). Starts at the base (a
+        zero-initialised residual or control).
     config : PGConfig
     policy_type : {"model", "control"}
         ``"model"``: output in the base model's parameterisation; ``"control"``: the control ``u``.
@@ -196,9 +207,7 @@ class PolicyGradientAgent:
     # ------------------------------------------------------------------ the control
     def _control(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], base_out: Tensor, k: Tensor) -> Tensor:
         """``u_theta`` at ``(x, t)`` from the policy and the base output; ``k`` (n,) step indices."""
-        out = self.policy(x, t, **cond)
-        if out.shape != x.shape:
-            raise ValueError(f"policy output: expected shape {tuple(x.shape)} (same as x), got {tuple(out.shape)}")
+        out = _as_sample_shape(self.policy(x, t, **cond), x)
         if self.policy_type == "control":
             return out
         shape = (-1, *([1] * (x.ndim - 1)))
@@ -211,12 +220,12 @@ class PolicyGradientAgent:
 
         def control(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
             if kind == "control":
-                return policy(x, t, **cond)
+                return _as_sample_shape(policy(x, t, **cond), x)
             shape = (-1, *([1] * (x.ndim - 1)))
             tt = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
             _, coef_out = env.coefficients(tt, "drift")
             scale = (coef_out / env.sigma(tt)).to(x.dtype).reshape(shape)
-            return (policy(x, t, **cond) - env.model(x, t, **cond)) * scale
+            return (_as_sample_shape(policy(x, t, **cond), x) - env.model(x, t, **cond)) * scale
 
         return control
 
