@@ -89,6 +89,31 @@ class AdjointMatchingConfig:
         Default fine-tuned model: ``"control"`` (residual network scaled by
         ``sigma / coef_out(t)`` so that it outputs the control ``u`` itself; same
         conditioning in every parameterisation) or ``"plain"`` (``base + net``).
+    time_weight : str
+        Per-time loss weight, see :func:`time_weights`.
+    bootstrap : str
+        Regression target. ``"none"``: the paper's Monte-Carlo lean adjoint.
+        ``"adaptive"``: the lambda-return adjoint of :func:`lean_adjoint` bootstrapped on
+        the current model's own estimate ``a_hat = -u_theta / sigma`` wherever a step of the
+        base drift expands by more than ``growth_limit`` (``trace="adaptive"``).
+        ``"horizon"``: the same with a fixed ``lambda_k = exp(-h_k / bootstrap_horizon)``.
+        All have the fixed point ``u*``; the bootstrapped ones have far lower variance where
+        the base drift separates narrow modes (there the Monte-Carlo adjoint is a
+        near-delta whose sample mean grows like ``log n``: GMM1D-v0).
+    bootstrap_horizon : float
+        ``tau`` of ``bootstrap="horizon"``.
+    growth_limit : float
+        ``rho`` of ``bootstrap="adaptive"``.
+    target_ema : float or None
+        Bootstrap on a target network, an exponential moving average (this decay per
+        gradient step) of the fine-tuned model, instead of the model itself (as in DQN:
+        damps the oscillations of bootstrapped regression). ``None``: the model itself.
+    minibatch_size : int or None
+        Each gradient step uses this many random ``(k, i)`` pairs from the loss times of
+        the sampled batch (``None``: all of them).
+    lr_schedule : str
+        ``"constant"`` or ``"cosine"`` (decay to 0 over ``iterations``); set from the
+        iteration count, so resuming continues the schedule exactly.
     """
 
     iterations: int = 400
@@ -105,8 +130,26 @@ class AdjointMatchingConfig:
     num_frequencies: int = 4
     residual: str = "control"
     time_weight: str = "clip"
+    bootstrap: str = "none"
+    bootstrap_horizon: float = 0.05
+    growth_limit: float = 1.0
+    target_ema: float | None = None
+    minibatch_size: int | None = None
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.bootstrap not in ("none", "adaptive", "horizon"):
+            raise ValueError(f"bootstrap: expected 'none', 'adaptive' or 'horizon', got {self.bootstrap!r}")
+        if not (isinstance(self.bootstrap_horizon, (int, float)) and self.bootstrap_horizon > 0):
+            raise ValueError(f"bootstrap_horizon: expected a positive time, got {self.bootstrap_horizon!r}")
+        if not (isinstance(self.growth_limit, (int, float)) and self.growth_limit > 0):
+            raise ValueError(f"growth_limit: expected a positive number, got {self.growth_limit!r}")
+        if self.minibatch_size is not None:
+            check_positive_int("minibatch_size", self.minibatch_size)
+        if self.target_ema is not None and not (isinstance(self.target_ema, float) and 0.0 < self.target_ema < 1.0):
+            raise ValueError(f"target_ema: expected a decay in (0, 1) or None, got {self.target_ema!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
         for name in ("iterations", "batch_size", "updates_per_iteration"):
             check_positive_int(name, getattr(self, name))
         if self.loss_times is not None:
@@ -170,6 +213,9 @@ def lean_adjoint(
     reward: Reward,
     reward_scale: float,
     cond: dict[str, Any] | None = None,
+    bootstrap: Callable[..., Tensor] | None = None,
+    trace: Tensor | str | None = None,
+    growth_limit: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Lean adjoint along sampled states (DESIGN.md s. 7).
 
@@ -187,6 +233,34 @@ def lean_adjoint(
         ``lambda``; the terminal cost is ``g = -lambda r``.
     cond : dict, optional
         Conditioning passed to the model and the reward.
+    bootstrap : callable, optional
+        ``bootstrap(x, t, **cond) -> a_hat`` (shape of ``x``, no graph needed): an estimate
+        of ``E[a_k | x_k]``, e.g. ``-u_theta(x, t) / sigma(t)``. With ``trace`` it turns the
+        recursion into the lambda-return adjoint (see Notes).
+    trace : Tensor (m,) or "adaptive", optional
+        ``lambda_k`` in ``[0, 1]`` per grid step (1: the plain lean adjoint), or
+        ``"adaptive"``: per trajectory ``lambda_k = min(1, growth_limit / g_k)`` with
+        ``g_k = |(I + h_k db/dx)^T a_hat_{k+1}| / |a_hat_{k+1}|`` the growth of the bootstrap
+        direction over the step (plain Monte-Carlo where the base drift does not expand,
+        bootstrapping where it does). Needs ``bootstrap``.
+    growth_limit : float
+        ``rho`` of the adaptive trace.
+
+    Notes
+    -----
+    Bootstrapped recursion (``lambda_k < 1``)::
+
+        a_k = (I + h_k d b_base/dx (x_k, t_k))^T [lambda_k a_{k+1} + (1 - lambda_k) a_hat(x_{k+1}, t_{k+1})],
+
+    with no bootstrap from ``x_m`` (there ``a_m = grad g`` is exact). Since the plain lean
+    adjoint satisfies ``E[a_k | x_k] = E[(I + h_k db/dx)^T E[a_{k+1} | x_{k+1}] | x_k]``
+    (Markov property), replacing ``a_{k+1}`` by any mix with ``E[a_{k+1} | x_{k+1}]`` keeps
+    the conditional mean, so at the optimum (``a_hat = grad V*``) the fixed point is
+    unchanged; the Jacobian products, whose tails blow up where the base drift separates
+    modes, are damped by ``prod lambda``. This is the TD(lambda) analogue of the
+    Monte-Carlo lean adjoint (an extension of the paper's estimator). The weights may
+    depend on ``(x_0, .., x_{k+1})`` (never on later states) without changing this
+    argument, which is what allows the adaptive trace.
 
     Returns
     -------
@@ -203,6 +277,19 @@ def lean_adjoint(
     m = states.shape[0] - 1
     if times.shape != (m + 1,):
         raise ValueError(f"times: expected shape ({m + 1},) to match states, got {tuple(times.shape)}")
+    adaptive = isinstance(trace, str)
+    if trace is not None:
+        if bootstrap is None:
+            raise ValueError("trace: a bootstrapped adjoint needs bootstrap=a_hat(x, t, **cond) as well")
+        if adaptive:
+            if trace != "adaptive":
+                raise ValueError(f"trace: expected 'adaptive' or {m} values in [0, 1], got {trace!r}")
+        else:
+            trace = torch.as_tensor(trace, dtype=torch.float64).flatten()
+            if trace.shape != (m,) or bool(((trace < 0) | (trace > 1)).any()):
+                raise ValueError(f"trace: expected {m} values in [0, 1] (one per step), got shape {tuple(trace.shape)}")
+    if not growth_limit > 0:
+        raise ValueError(f"growth_limit: expected a positive number, got {growth_limit!r}")
     schedule = StepSchedule.build(env, times.to(torch.float64))
     n = states.shape[1]
     with torch.enable_grad():
@@ -217,17 +304,42 @@ def lean_adjoint(
     valid = valid & torch.isfinite(flat).all(1)
     a = torch.where(valid.reshape(n, *([1] * (x1.ndim - 1))), -float(reward_scale) * grad_r, torch.zeros_like(grad_r))
     out = [a.detach()]
-    for k in reversed(range(m)):
+    def transport(k: int, vectors: list[Tensor]) -> list[Tensor]:
+        """``(I + h_k d b_base / dx (x_k, t_k))^T v`` for each ``v`` (one model evaluation)."""
         xk = states[k].detach().requires_grad_(True)
         t_vec = torch.full((n,), schedule.t[k], dtype=xk.dtype, device=xk.device)
+        result = []
         with torch.enable_grad():
             model_out = env.model(xk, t_vec, **cond)
-            (vjp,) = torch.autograd.grad(model_out, xk, grad_outputs=a, allow_unused=True)
-        # b = coef_x x + coef_out model(x, t), so a^T db/dx = coef_x a + coef_out a^T d model/dx
-        step = schedule.coef_x[k] * a
-        if vjp is not None:
-            step = step + schedule.coef_out[k] * vjp
-        a = (a + schedule.h[k] * step).detach()
+            for i, v in enumerate(vectors):
+                (vjp,) = torch.autograd.grad(model_out, xk, grad_outputs=v, retain_graph=i + 1 < len(vectors), allow_unused=True)
+                # b = coef_x x + coef_out model(x, t), so v^T db/dx = coef_x v + coef_out v^T d model/dx
+                step = schedule.coef_x[k] * v
+                if vjp is not None:
+                    step = step + schedule.coef_out[k] * vjp
+                result.append((v + schedule.h[k] * step).detach())
+        return result
+
+    per_sample = (n,) + (1,) * (x1.ndim - 1)
+    for k in reversed(range(m)):
+        if trace is None or k + 1 == m or (not adaptive and float(trace[k]) >= 1.0):
+            (a,) = transport(k, [a])
+        else:
+            t_next = torch.full((n,), schedule.t[k + 1], dtype=states.dtype, device=states.device)
+            with torch.no_grad():
+                a_hat = bootstrap(states[k + 1].detach(), t_next, **cond).reshape(a.shape).to(a)
+            a_hat = torch.where(valid.reshape(per_sample), a_hat, torch.zeros_like(a_hat))
+            if adaptive:
+                # lambda_k from the growth of a_hat(x_{k+1}) under this step's Jacobian: a function
+                # of (x_k, x_{k+1}) only, never of the future, so the fixed point is kept (Notes).
+                ga, gh = transport(k, [a, a_hat])
+                norm = a_hat.reshape(n, -1).norm(dim=1)
+                growth = gh.reshape(n, -1).norm(dim=1) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+                lam = torch.where(norm > 0, (growth_limit / growth).clamp(max=1.0), torch.ones_like(norm)).reshape(per_sample)
+                a = lam * ga + (1.0 - lam) * gh
+            else:
+                lam_k = float(trace[k])
+                (a,) = transport(k, [lam_k * a + (1.0 - lam_k) * a_hat])
         out.append(a)
     adjoint = torch.stack(out[::-1])
     finite = torch.isfinite(adjoint.reshape(m + 1, n, -1)).all(-1).all(0)
@@ -366,6 +478,9 @@ class AdjointMatching:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module in the base parameterisation, got {type(model).__name__}")
         self.model = model.to(device=self.device)
+        self.target_model: nn.Module | None = None
+        if c.target_ema is not None:
+            self.target_model = copy.deepcopy(self.model).requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model: expected trainable parameters (requires_grad=True), found none")
@@ -385,8 +500,11 @@ class AdjointMatching:
         return cls(task.environment, task.reward, task.reward_scale, model, config, cond_samplers=samplers, oracle=task.oracle, **kwargs)
 
     # ------------------------------------------------------------------ control
-    def control(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        """``u = (b_finetuned - b_base) / sigma`` at ``(x, t)`` (memoryless sigma), shape of ``x``."""
+    def control(self, x: Tensor, t: Tensor, model: nn.Module | None = None, **cond: Any) -> Tensor:
+        """``u = (b_finetuned - b_base) / sigma`` at ``(x, t)`` (memoryless sigma), shape of ``x``.
+
+        ``model`` defaults to the fine-tuned model (the target network is the other use)."""
+        model = self.model if model is None else model
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -394,7 +512,7 @@ class AdjointMatching:
         factor = (coef_out / self.env.sigma(t.detach().to(torch.float64))).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         with torch.no_grad():
             base = self.env.model(x, t, **cond)
-        return (self.model(x, t, **cond) - base) * factor
+        return (model(x, t, **cond) - base) * factor
 
     def finetuned_env(self, noise: Any = None) -> DiffusionEnvironment:
         """``env.with_model(model)`` (optionally with another ``noise``, e.g. ``"ode"``)."""
@@ -433,12 +551,44 @@ class AdjointMatching:
         factor = factor.repeat_interleave(n).reshape(-1, *([1] * len(shape)))
         sig = sig.reshape(-1, *([1] * len(shape)))
         cond_rep = {k: v[valid].repeat(kk, *([1] * (v.ndim - 1))) for k, v in (cond or {}).items()}
+        target = -sig * adj_v[idx].reshape(kk * n, *shape)
+        mb = self.config.minibatch_size
+        if mb is not None and mb < kk * n:
+            pick = torch.randperm(kk * n, generator=self.generator, device=self.device)[:mb].to(x.device)
+            x, t, sig, factor, target = x[pick], t[pick], sig[pick], factor[pick], target[pick]
+            cond_rep = {k: v[pick] for k, v in cond_rep.items()}
         with torch.no_grad():
             base = self.env.model(x, t, **cond_rep)
         u = (self.model(x, t, **cond_rep) - base) * factor
-        target = -sig * adj_v[idx].reshape(kk * n, *shape)
         weight = time_weights(sig.reshape(-1), self.config.time_weight)
-        return (weight * ((u - target) ** 2).reshape(kk * n, -1).sum(1)).mean()
+        return (weight * ((u - target) ** 2).reshape(x.shape[0], -1).sum(1)).mean()
+
+    def adjoint(self, states: Tensor, cond: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+        """Regression targets' adjoint along ``states`` ``(m + 1, n, *shape)``: the plain lean
+        adjoint, or the lambda-return one bootstrapped on ``-u_theta / sigma`` when
+        ``config.bootstrap`` asks for it. Returns ``(adjoint, valid)`` as :func:`lean_adjoint`."""
+        c = self.config
+        if c.bootstrap == "none":
+            return lean_adjoint(self.env, states, self.times, self.reward, self.reward_scale, cond)
+        trace: Tensor | str = "adaptive"
+        if c.bootstrap == "horizon":
+            trace = torch.exp(-torch.as_tensor(self.schedule.h, dtype=torch.float64) / float(c.bootstrap_horizon))
+
+        def a_hat(x: Tensor, t: Tensor, **c: Any) -> Tensor:
+            sigma = self.env.sigma(t.detach().to(torch.float64)).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            return -self.control(x, t, model=self.target_model, **c) / sigma
+
+        return lean_adjoint(
+            self.env, states, self.times, self.reward, self.reward_scale, cond, bootstrap=a_hat, trace=trace, growth_limit=c.growth_limit
+        )
+
+    def _set_learning_rate(self) -> None:
+        c = self.config
+        factor = 1.0
+        if c.lr_schedule == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * min(self.iteration / c.iterations, 1.0)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.learning_rate * factor
 
     def step(self) -> dict[str, float]:
         """One iteration (sample, lean adjoint, one gradient step); returns its record."""
@@ -450,8 +600,9 @@ class AdjointMatching:
             self.env, c.batch_size, grid=self.times, policy=self.model, reward=self.reward, reward_scale=self.reward_scale,
             cond=cond, generator=self.generator, store="states", device=self.device, dtype=self.dtype,
         )
-        adjoint, valid = lean_adjoint(self.env, traj.states, self.times, self.reward, self.reward_scale, cond)
+        adjoint, valid = self.adjoint(traj.states, cond)
         valid = valid & traj.valid
+        self._set_learning_rate()
         losses = []
         for _ in range(c.updates_per_iteration if bool(valid.any()) else 0):
             self.optimizer.zero_grad(set_to_none=True)
@@ -460,6 +611,10 @@ class AdjointMatching:
             if c.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             self.optimizer.step()
+            if self.target_model is not None:
+                with torch.no_grad():
+                    for p_t, p in zip(self.target_model.parameters(), self.model.parameters()):
+                        p_t.lerp_(p, 1.0 - float(c.target_ema))
             losses.append(float(loss.detach()))
         loss_value = sum(losses) / len(losses) if losses else float("nan")
         self.iteration += 1
@@ -547,12 +702,12 @@ class AdjointMatching:
             "t_start": self.t_start,
             "param_groups": groups,
         }
-        return save_checkpoint(path, {"model": self.model}, config, tensors)
+        return save_checkpoint(path, self._modules(), config, tensors)
 
     def load(self, path: str | Path) -> "AdjointMatching":
         """Restore a checkpoint written by :meth:`save` into this trainer (same architecture);
         training then continues exactly where it stopped."""
-        config, extra = load_checkpoint(path, {"model": self.model}, device=self.device)
+        config, extra = load_checkpoint(path, self._modules(), device=self.device)
         if config.get("method") != "adjoint_matching":
             raise ValueError(f"path: expected an adjoint matching checkpoint, got method={config.get('method')!r}")
         self.generator.set_state(extra["generator_state"].cpu())
@@ -566,6 +721,12 @@ class AdjointMatching:
         self.iteration = int(config["iteration"])
         self.history = {k: list(v) for k, v in config["history"].items()}
         return self
+
+    def _modules(self) -> dict[str, nn.Module]:
+        mods = {"model": self.model}
+        if self.target_model is not None:
+            mods["target_model"] = self.target_model
+        return mods
 
     def copy_model(self) -> nn.Module:
         """A detached deep copy of the fine-tuned model (e.g. to keep a snapshot)."""
