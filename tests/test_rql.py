@@ -170,6 +170,9 @@ def test_bad_inputs_raise():
         pol(torch.zeros(4, 2), torch.zeros(4, 2), 0.5)
     with pytest.raises(ValueError, match="rewards"):
         OfflineDataset(torch.zeros(4, 1), torch.zeros(4, 2), torch.zeros(5), torch.zeros(4, 1), torch.zeros(4))
+    nan_data = OfflineDataset(torch.zeros(8, 3), torch.zeros(8, 2), torch.full((8,), float("nan")), torch.zeros(8, 3), torch.ones(8))
+    with pytest.raises(FloatingPointError, match="value_loss"):
+        RQL(pol, RQLConfig(batch_size=4, value_hidden=8, value_layers=1)).train(nan_data, 2)
     with pytest.raises(ValueError, match="dataset"):
         RQL(pol).train(_toy_dataset().__class__(torch.zeros(4, 1), torch.zeros(4, 2), torch.zeros(4), torch.zeros(4, 1), torch.zeros(4)), 1)
 

@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     for alpha in args.alphas:
         start = time.perf_counter()
         cfg = replace(config(args.seed, alpha), bc_reversal=args.bc_reversal, normalize_q=args.normalize_q, policy_lr=args.policy_lr, warmup_updates=args.warmup)
-        res, logp = train_and_measure(args.task, cfg, 4096, args.updates, 4096, args.seed)
+        try:
+            res, logp = train_and_measure(args.task, cfg, 4096, args.updates, 4096, args.seed)
+        except FloatingPointError as err:
+            print(f"alpha={alpha:g} bc_reversal={args.bc_reversal} normalize_q={args.normalize_q} diverged: {err}", flush=True)
+            continue
         print(f"alpha={alpha:g} bc_reversal={args.bc_reversal} normalize_q={args.normalize_q} reward={res.reward:.3f} kl={res.kl:.3f} "
               f"gap_closed={res.gap_closed:.3f} log_density={logp:.3f} seconds={time.perf_counter() - start:.0f}", flush=True)
 

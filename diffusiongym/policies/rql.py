@@ -459,7 +459,8 @@ class RQL:
         """Run ``updates`` gradient steps on batches of ``dataset``; returns the history dict.
 
         Calling again continues the run (optimiser, target network and step count kept).
-        ``callback(step, metrics)`` is called after every update.
+        ``callback(step, metrics)`` is called after every update. Raises ``FloatingPointError``
+        as soon as a loss is not finite (the policy ran away from the data: alpha too small).
         """
         if not isinstance(dataset, OfflineDataset):
             raise TypeError(f"dataset: expected an OfflineDataset, got {type(dataset).__name__}")
@@ -473,6 +474,9 @@ class RQL:
             if bc_paths is not None:
                 batch["bc_path"] = bc_paths[:, batch["idx"]]
             metrics = self.update(batch)
+            if not all(math.isfinite(v) for v in metrics.values()):
+                bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+                raise FloatingPointError(f"RQL diverged at update {self.num_updates}: non-finite {', '.join(bad)}; raise alpha (or normalize_q / lower policy_lr)")
             if self.num_updates % log_every == 0:
                 self.history.setdefault("step", []).append(float(self.num_updates))
                 for k, val in metrics.items():
