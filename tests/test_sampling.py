@@ -76,16 +76,16 @@ def test_intermediate_marginals(noise, null_threshold):
 
 def test_oracle_control_reaches_tilted_target(null_threshold):
     task = make_task("GMM2D-v0")
-    n = 4000
-    traj = dg.sample(task.environment, n, steps=400, control=task.oracle.control(), reward=task.reward, reward_scale=task.reward_scale, seed=5)
+    n = 2000
+    traj = dg.sample(task.environment, n, steps=200, control=task.oracle.control(), reward=task.reward, reward_scale=task.reward_scale, seed=5)
     target = task.oracle.target.sample(n, generator=torch.Generator().manual_seed(6), dtype=torch.float32)
     null = [dg.energy_distance(task.oracle.target.sample(n, generator=torch.Generator().manual_seed(2 * i)), task.oracle.target.sample(n, generator=torch.Generator().manual_seed(2 * i + 1))) for i in range(10)]
     assert dg.energy_distance(traj.x1, target) < 1.5 * max(null)
-    # Mean return = optimal objective within 4 Monte-Carlo standard errors + 0.02 (Euler bias at
-    # 400 steps, measured 0.015 on GMM1D with 16k samples).
+    # Mean return = optimal objective within 4 Monte-Carlo standard errors + 0.03 (Euler bias at
+    # 200 steps, measured 0.033 on GMM1D with 16k samples, 0.015 at 400 steps).
     ret = traj.objective.double()
     se = float(ret.std()) / math.sqrt(n)
-    assert abs(float(ret.mean()) - task.oracle.optimal_objective) < 4 * se + 0.02
+    assert abs(float(ret.mean()) - task.oracle.optimal_objective) < 4 * se + 0.03
     # and the base model is far from it
     base = dg.sample(task.environment, n, steps=100, reward=task.reward, reward_scale=task.reward_scale, seed=5)
     assert float(base.objective.mean()) < task.oracle.optimal_objective - 3
