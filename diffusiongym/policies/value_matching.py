@@ -21,6 +21,12 @@ callback. :meth:`ValueMatching.save` / :meth:`ValueMatching.load` write and read
 safetensors + JSON folder holding everything needed to resume bit-for-bit on the CPU
 (network, optimiser, random generator, replay buffer, history);
 :func:`load_value_policy` rebuilds just the trained policy.
+
+Digits: :func:`digits_value_task` is the shipped model made unconditional (null label) with
+the non-differentiable reward ``1[classifier argmax = target]``; :func:`save_value_net` /
+:func:`load_value_net` store a bare value network (safetensors + JSON), e.g. the shipped
+``weights/value_digits.*`` (:data:`DIGITS_VALUE_WEIGHTS`, from
+``benchmarks/value_matching_digits.py``).
 """
 
 from __future__ import annotations
