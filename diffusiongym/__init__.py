@@ -93,6 +93,11 @@ from diffusiongym.tasks import TASKS, Task, make_task, register_task  # noqa: E4
 
 from diffusiongym.discrete.registry import register_discrete_envs  # noqa: E402
 
+from diffusiongym import discrete  # noqa: E402
+from diffusiongym.logprob import euler_step_log_prob, path_log_ratio, step_kl, step_log_prob  # noqa: E402
+from diffusiongym.policies import *  # noqa: E402,F403
+from diffusiongym.policies import __all__ as _policy_names  # noqa: E402
+
 register_envs()
 register_discrete_envs()
 
@@ -110,4 +115,10 @@ __all__ += [
     "TASKS",
     "make_task",
     "register_task",
+    "discrete",
+    "step_log_prob",
+    "euler_step_log_prob",
+    "step_kl",
+    "path_log_ratio",
+    *_policy_names,
 ]
