@@ -8,7 +8,21 @@ plus a PD balancer, but half of its actions are uniformly random and the rest ca
 noise). Both agents use the same flow policy (``F`` Euler steps): behaviour cloning is conditional
 flow matching on the dataset; RQL starts from that BC flow and trains with flow reversal, the
 shared value ``V(s, x^f, f)`` and the stepwise pathwise loss + BC towards the initial flow's
-reversal of the data. Prints one line per seed and the mean returns (undiscounted, 200 steps).
+reversal of the data. Prints one line per seed (with the RQL learning curve, evaluated every
+1000 updates on 10 episodes) and the mean returns (undiscounted, 200 steps); saves the curves.
+
+Measured (seeds 0, 1, 2; each seed run as its own process, 2 loaded CPU cores, ~15 min per seed):
+
+    seed  behaviour    BC      RQL (6000 updates)
+    0     -598.3     -559.2   -161.5
+    1     -606.4     -745.3   -366.4
+    2     -577.2     -584.0   -244.7
+    mean  -594.0     -629.5   -257.5   (s.e. 8.7, 58.3, 59.5); RQL beats BC on 3/3 seeds
+
+The BC flow (256 x 3, 6000 flow-matching updates) matches the behaviour's return within the
+evaluation noise on seeds 0 and 2 (10 episodes: s.e. ~50-80) and is worse on seed 1. RQL
+improves monotonically after the 1000 value-only warm-up updates; the noise-free energy
+controller itself scores about -143.
 """
 
 from __future__ import annotations
@@ -102,7 +116,7 @@ def plot(rows: list[dict[str, Any]], seeds: list[int], path: str) -> None:
         ax.axhline(row["behaviour"], color=f"C{i}", ls=":", lw=0.8)
     ax.set_xlabel("RQL updates (0 = the BC flow)")
     ax.set_ylabel("return (200 steps)")
-    ax.set_title("Pendulum-v1 offline: RQL (solid) vs BC (dashed), behaviour (dotted)")
+    ax.set_title("Pendulum-v1 offline: RQL (solid), BC (dashed), data (dotted)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
