@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = [("digits.ipynb", 180)]
+NOTEBOOKS = [("digits.ipynb", 180), ("value_matching.ipynb", 180)]
 
 
 def execute_notebook(path: Path, timeout: int = 120) -> object:
