@@ -203,8 +203,9 @@ def _chain_return(policy: FlowPolicy, n: int = 2048) -> float:
 def chain_bc():
     """Uniform-behaviour chain data and its flow-matching clone (300 updates)."""
     data = _chain_dataset(256, 0)
-    torch.manual_seed(0)
-    policy = FlowPolicy(1, 2, 4, hidden=32, layers=2)
+    with torch.random.fork_rng():  # module fixture: seed its init without leaking the global RNG
+        torch.manual_seed(0)
+        policy = FlowPolicy(1, 2, 4, hidden=32, layers=2)
     flow_matching_bc(policy, data, 300, lr=3e-3, batch_size=64, seed=0)
     return data, policy
 
@@ -250,16 +251,20 @@ def test_bc_towards_the_current_reversal_is_only_an_integrator_error():
 def trained_gmm2d(gmm2d):
     """RQL trained offline on 2048 base ODE samples of GMM2D-v0, 300 updates (shared by two tests)."""
     data = diffusion_dataset(gmm2d, 2048, seed=1)
-    policy = diffusion_policy(gmm2d, flow_steps=10, hidden=64, layers=2)
+    with torch.random.fork_rng():  # the residual's init must not depend on which tests ran before
+        torch.manual_seed(0)
+        policy = diffusion_policy(gmm2d, flow_steps=10, hidden=64, layers=2)
     cfg = RQLConfig(alpha=0.3, bc_reversal="initial", reversal_iters=1, gamma=1.0, batch_size=128, value_hidden=128, value_layers=2, policy_lr=1e-3, value_lr=1e-3, flow_samples=2, warmup_updates=50, seed=0)
     RQL(policy, cfg).train(data, 300)
     return policy, data
 
 
 def test_rql_gmm2d_raises_reward_within_base_support(gmm2d, trained_gmm2d):
-    # Base flow mean reward is -4.50; the margin 0.3 is ~2 standard errors of a 1024-sample mean
-    # (reward std ~4.5 -> s.e. 0.14) and well below the measured gain; the base log-density of the
-    # samples must stay within 0.5 nats of the base's own samples (a collapse outside the modes drops it by > 10).
+    # Base flow mean reward is -4.57 on this dataset; the margin 0.3 is ~2 standard errors of a
+    # 1024-sample mean (reward std ~4.5 -> s.e. 0.14), far below the measured gain (-2.98, -3.03, -2.94
+    # for residual inits 0, 1, 2). The base log-density of the samples must stay within 1 nat of the
+    # base's own samples (-2.05): moving mass to the low-density rewarded mode costs 0.34-0.53 nats
+    # (inits 0-2), leaving the support costs > 10 (the "current" BC at alpha 0.03: ~1700).
     policy, data = trained_gmm2d
     with torch.no_grad():
         x = policy.sample(n=1024, generator=torch.Generator().manual_seed(5))
@@ -267,7 +272,7 @@ def test_rql_gmm2d_raises_reward_within_base_support(gmm2d, trained_gmm2d):
     base_reward = float(data.rewards.mean()) / gmm2d.reward_scale
     assert reward > base_reward + 0.3
     logp, logp_data = gmm2d.mixture.log_prob(x.double()).mean(), gmm2d.mixture.log_prob(data.actions.double()).mean()
-    assert float(logp) > float(logp_data) - 0.5
+    assert float(logp) > float(logp_data) - 1.0
 
 
 def test_trained_flow_acts_on_the_gym_env_in_drift_mode(trained_gmm2d):
