@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,7 +20,6 @@ from diffusiongym.policies.rql import (
     diffusion_dataset,
     diffusion_policy,
     drift_agent,
-    flow_kl_to_density,
     flow_matching_bc,
     reversal_error,
 )
