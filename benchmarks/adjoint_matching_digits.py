@@ -17,6 +17,10 @@ Every ``--eval-every`` iterations (and before training) prints, on fresh samples
 
 ``target_fraction`` and ``kl`` are computed from the same ``--eval-samples`` trajectories;
 ``kl`` is the Girsanov running cost ``E sum 1/2 |u|^2 h`` of the fine-tuned model.
+
+Measured (defaults, target 3, 128 evaluation samples, one core of a shared 2-core machine):
+fraction 0.109 (base) -> 0.523, 0.758, 0.727, 0.805, 0.789, 0.805 after 25..150 iterations,
+KL 3.8-4.1 nats, 816 s of training (~5 s per iteration of batch 32).
 """
 
 from __future__ import annotations
