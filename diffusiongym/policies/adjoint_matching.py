@@ -13,6 +13,13 @@ model outputs in the *base model's own parameterisation*; its control is
 3. regress the control onto ``-sigma a``: loss ``mean over a subset of k of
    |u_theta(x_k, t_k) + sigma(t_k) a_k|^2``.
 
+Variance: where the base drift separates narrow modes, the Monte-Carlo lean adjoint is a
+near-delta (noise-fixed flows jump between modes), and its sample mean misses the
+inter-mode part of ``u*`` at any affordable batch (GMM1D-v0: it grows like ``log n``).
+``AdjointMatchingConfig(bootstrap="horizon")`` regresses instead on a lambda-return adjoint
+bootstrapped on the model's own ``-u_theta / sigma`` (same fixed point; see
+:func:`lean_adjoint`), the TD(lambda) analogue of the paper's target.
+
 At the fixed point ``u = u* = -sigma grad V*`` and the fine-tuned model's memoryless SDE
 samples ``p* ∝ p_base exp(lambda r)``; its running cost ``1/2 |u|^2 h`` is the KL to the base.
 The fine-tuned model is used like the base: ``sample(env, policy=model)`` or
