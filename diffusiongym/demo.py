@@ -14,7 +14,6 @@ import time
 import gymnasium as gym
 import torch
 
-import diffusiongym as dg
 from diffusiongym.policies.agent import ControlAgent
 
 

@@ -173,7 +173,7 @@ def test_train_posterior_learns_and_resumes(tmp_path):
 
     model = MLPPosterior(target.path, hidden=32, layers=2)
     cfg = CrossEntropyConfig(steps=150, batch_size=128, lr=1e-2)
-    h1 = train_posterior(model, data, cfg, checkpoint=tmp_path / "ck")
+    train_posterior(model, data, cfg, checkpoint=tmp_path / "ck")
     cfg2 = CrossEntropyConfig(steps=300, batch_size=128, lr=1e-2)
     h2 = train_posterior(model, data, cfg2, checkpoint=tmp_path / "ck", resume=True)
     assert h2["step"][0] > 150  # continued, not restarted

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import pytest
 import torch
 
 from diffusiongym.discrete import sample_chain
@@ -24,12 +22,3 @@ def test_digits_samples_look_like_data():
     assert conf > 0.7, conf
     # several classes appear (mode coverage)
     assert len(torch.unique(task.reward.class_log_probs(traj.x1).argmax(1))) >= 8
-
-
-@pytest.mark.slow
-def test_discrete_notebook_runs():
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    path = Path(__file__).resolve().parent.parent / "notebooks" / "discrete.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute()  # its last cell asserts the reward rose

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -295,12 +294,3 @@ def test_trained_flow_acts_on_the_gym_env_in_drift_mode(trained_gmm2d):
     with pytest.raises(ValueError, match="action_mode"):
         drift_agent(policy, gym.make_vec("diffusiongym/GMM2D-v0", num_envs=2, vectorization_mode="vector_entry_point", action_mode="control", steps=steps))
     env.close()
-
-
-@pytest.mark.slow
-def test_notebook_executes():
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    path = Path(__file__).resolve().parents[1] / "notebooks" / "rql.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
