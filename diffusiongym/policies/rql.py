@@ -359,10 +359,11 @@ class RQL:
         if not isinstance(policy, FlowPolicy):
             raise TypeError(f"policy: expected a FlowPolicy, got {type(policy).__name__}")
         self.cfg = config if config is not None else RQLConfig()
-        torch.manual_seed(self.cfg.seed)
         self.policy = policy
         self.initial_policy = copy.deepcopy(policy).requires_grad_(False)
-        self.value = FlowValue(policy.action_dim, policy.state_dim, policy.flow_steps, self.cfg.value_hidden, self.cfg.value_layers)
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+            torch.manual_seed(self.cfg.seed)
+            self.value = FlowValue(policy.action_dim, policy.state_dim, policy.flow_steps, self.cfg.value_hidden, self.cfg.value_layers)
         self.value_target = copy.deepcopy(self.value).requires_grad_(False)
         self.policy_opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=self.cfg.policy_lr)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=self.cfg.value_lr)
