@@ -101,8 +101,10 @@ def test_out_of_box_actions_are_applied_not_clipped():
 
 
 def test_unknown_ids_and_kwargs_are_clear():
-    with pytest.raises(gym.error.Error):
+    with pytest.raises(gym.error.NameNotFound, match="Did you mean: `GMM2D`"):
         gym.make("diffusiongym/GMM3D-v0")
+    with pytest.raises(ValueError, match="Did you mean 'GMM2D-v0'"):
+        dg.make_task("GMM2d-v0")
     with pytest.raises(ValueError, match="Did you mean 'steps'"):
         gym.make("diffusiongym/GMM1D-v0", stpes=3)
     with pytest.raises(ValueError, match="parameterization"):
