@@ -55,7 +55,7 @@ from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import sample
 from diffusiongym.schedulers import Scheduler
 from diffusiongym.timegrid import DEFAULT_T_START
-from diffusiongym.utils.io import load_checkpoint, save_checkpoint
+from diffusiongym.utils.io import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["EFMConfig", "EFMTrainer", "efm_weights", "flow_matching_target", "weighted_flow_matching_loss"]
@@ -408,30 +408,3 @@ class EFMTrainer:
         trainer.round = int(meta["round"])
         trainer.history = {k: list(v) for k, v in meta["history"].items()}
         return trainer
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split an optimiser's state dict into tensors (for safetensors) and JSON metadata."""
-    state = optimizer.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, pstate in state["state"].items():
-        for key, value in pstate.items():
-            if isinstance(value, Tensor):
-                tensors[f"optimizer.{pid}.{key}"] = value
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_tensors`."""
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if not name.startswith("optimizer."):
-            continue
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, scalars in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(scalars)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

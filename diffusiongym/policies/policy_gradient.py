@@ -54,8 +54,7 @@ from tqdm.auto import tqdm
 
 from diffusiongym.envs.vector_env import DiffusionVectorEnv
 from diffusiongym.logprob import euler_step_log_prob
-from diffusiongym.policies.efm import load_optimizer_tensors, optimizer_tensors
-from diffusiongym.utils.io import load_checkpoint, save_checkpoint
+from diffusiongym.utils.io import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["PGConfig", "PolicyGradientAgent", "Rollout", "group_advantages"]

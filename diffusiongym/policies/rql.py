@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffusiongym.policies.networks import FourierTimeEmbedding
-from diffusiongym.utils.io import load_checkpoint, save_checkpoint
+from diffusiongym.utils.io import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from diffusiongym.utils.validation import check_positive_int, check_tensor
 
 __all__ = [
@@ -495,11 +495,11 @@ class RQL:
     def save(self, path: str | Path) -> Path:
         """safetensors weights (networks and Adam moments) + JSON config; :meth:`load` resumes."""
         tensors: dict[str, Tensor] = {"generator_state": self.generator.get_state()}
+        optimizers: dict[str, Any] = {}
         for name, opt in (("policy_opt", self.policy_opt), ("value_opt", self.value_opt)):
-            for i, state in opt.state_dict()["state"].items():
-                for key, val in state.items():
-                    tensors[f"{name}.{i}.{key}"] = torch.as_tensor(val)
-        config = {"rql": asdict(self.cfg), "policy": self.policy.config, "num_updates": self.num_updates, "history": self.history}
+            opt_tensors, optimizers[name] = optimizer_tensors(opt, prefix=name)
+            tensors.update(opt_tensors)
+        config = {"rql": asdict(self.cfg), "policy": self.policy.config, "num_updates": self.num_updates, "history": self.history, "optimizers": optimizers}
         return save_checkpoint(path, {"policy": self.policy, "initial_policy": self.initial_policy, "value": self.value, "value_target": self.value_target}, config, tensors)
 
     def load(self, path: str | Path) -> "RQL":
@@ -510,14 +510,7 @@ class RQL:
         self.history = {k: list(v) for k, v in config["history"].items()}
         self.generator.set_state(extra.pop("generator_state"))
         for name, opt in (("policy_opt", self.policy_opt), ("value_opt", self.value_opt)):
-            sd = opt.state_dict()
-            state: dict[int, dict[str, Tensor]] = {}
-            for key, val in extra.items():
-                if key.startswith(name + "."):
-                    _, i, k = key.split(".", 2)
-                    state.setdefault(int(i), {})[k] = val
-            sd["state"] = state
-            opt.load_state_dict(sd)
+            load_optimizer_tensors(opt, extra, config["optimizers"][name], prefix=name)
         return self
 
 

@@ -48,7 +48,7 @@ from diffusiongym.policies.value import SignalScaled, TimeCNN, ValuePolicy
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
-from diffusiongym.utils.io import load_checkpoint, save_checkpoint
+from diffusiongym.utils.io import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
 DIGITS_VALUE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "value_digits"
@@ -394,15 +394,8 @@ class ValueMatching:
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint folder (``weights.safetensors`` + ``config.json``) from which
         :meth:`load` resumes exactly and :func:`load_value_policy` rebuilds the policy."""
-        opt_state = self.optimizer.state_dict()
-        tensors: dict[str, Tensor] = {"generator_state": self.generator.get_state()}
-        scalars: dict[str, Any] = {}
-        for idx, state in opt_state["state"].items():
-            for key, value in state.items():
-                if isinstance(value, Tensor):
-                    tensors[f"optimizer.{idx}.{key}"] = value
-                else:
-                    scalars[f"{idx}.{key}"] = value
+        tensors, opt_meta = optimizer_tensors(self.optimizer)
+        tensors["generator_state"] = self.generator.get_state()
         for j, entry in enumerate(self.buffer):
             tensors[f"buffer.{j}.states"] = entry["states"]
             tensors[f"buffer.{j}.cost_to_go"] = entry["cost_to_go"]
@@ -418,7 +411,7 @@ class ValueMatching:
             "t_start": self.t_start,
             "action_scale": self.policy.action_scale,
             "value_net": {"class": type(self.value_net).__name__, "config": getattr(self.value_net, "config", None)},
-            "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
+            "optimizer": opt_meta,
             "buffer_size": len(self.buffer),
             "buffer_cond_keys": sorted(self.buffer[0]["cond"]) if self.buffer else [],
         }
@@ -439,16 +432,8 @@ class ValueMatching:
         self.iteration = int(meta["iteration"])
         self.history = {k: list(v) for k, v in meta["history"].items()}
         self.generator.set_state(extra["generator_state"].cpu())
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in extra.items():
-            if key.startswith("optimizer."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value
-        for key, value in meta["optimizer"]["scalars"].items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = value
         self.optimizer = _make_optimizer(self.config, [p for p in self.value_net.parameters() if p.requires_grad])
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        load_optimizer_tensors(self.optimizer, extra, meta["optimizer"])
         self.buffer = []
         for j in range(int(meta["buffer_size"])):
             cond = {k: extra[f"buffer.{j}.cond.{k}"] for k in meta["buffer_cond_keys"]}

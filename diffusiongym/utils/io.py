@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "optimizer_tensors", "load_optimizer_tensors"]
 
 
 def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], config: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -45,3 +45,31 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module] | None = Non
         module.load_state_dict(state, strict=True)
     extra = {k[len("extra."):]: v for k, v in flat.items() if k.startswith("extra.")}
     return config, extra
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optimizer") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser's state dict into tensors (for safetensors, keys ``prefix.<param>.<key>``)
+    and JSON metadata (param groups and non-tensor entries)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "optimizer") -> None:
+    """Inverse of :func:`optimizer_tensors`: restore ``optimizer`` from ``tensors`` and ``meta``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith(prefix + "."):
+            continue
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, scalars in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(scalars)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
