@@ -26,14 +26,14 @@ The weights (``diffusiongym/weights/digits_unet.safetensors`` + ``.json``) are p
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from diffusiongym.utils.io import load_module, save_module
 
 __all__ = [
     "DigitsUNet",
@@ -200,33 +200,8 @@ class DigitsUNet(nn.Module):
 
 
 # ------------------------------------------------------------------ weights on disk
-def save_module(module: nn.Module, stem: str | Path, config: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``<stem>.safetensors`` (state dict) and ``<stem>.json`` (``config``)."""
-    from safetensors.torch import save_file
-
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    save_file(state, str(weights))
-    cfg.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return weights, cfg
-
-
-def load_module(factory: Callable[..., nn.Module], stem: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Build ``factory(**config["architecture"])`` and load ``<stem>.safetensors`` (strict)."""
-    from safetensors.torch import load_file
-
-    stem = Path(stem)
-    weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    if not weights.exists() or not cfg.exists():
-        raise FileNotFoundError(
-            f"weights: expected {weights.name} and {cfg.name} in {stem.parent}; regenerate them with `python -m diffusiongym.train.digits`"
-        )
-    config = json.loads(cfg.read_text())
-    module = factory(**config.get("architecture", {}))
-    module.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
-    return module.to(device).eval(), config
+# save_module / load_module (flat ``<stem>.safetensors`` + ``<stem>.json`` files, the layout of the
+# shipped weights) live in diffusiongym.utils.io and are re-exported here.
 
 
 def load_digits_model(device: torch.device | str = "cpu", guidance_scale: float = 1.0, path: str | Path | None = None) -> DigitsUNet:

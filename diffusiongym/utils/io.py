@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "optimizer_tensors", "load_optimizer_tensors"]
+__all__ = ["save_checkpoint", "load_checkpoint", "save_module", "load_module", "optimizer_tensors", "load_optimizer_tensors"]
 
 
 def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], config: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -73,3 +74,29 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for pid, scalars in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(scalars)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_module(module: nn.Module, stem: str | Path, config: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``<stem>.safetensors`` (state dict) and ``<stem>.json`` (``config``)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    save_file(state, str(weights))
+    cfg.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return weights, cfg
+
+
+def load_module(factory: Callable[..., nn.Module], stem: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``factory(**config["architecture"])`` and load ``<stem>.safetensors`` (strict)."""
+    stem = Path(stem)
+    weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.exists() or not cfg.exists():
+        raise FileNotFoundError(
+            f"weights: expected {weights.name} and {cfg.name} in {stem.parent}; regenerate them with the training script "
+            "that wrote them (e.g. `python -m diffusiongym.train.digits` for the shipped digits weights)"
+        )
+    config = json.loads(cfg.read_text())
+    module = factory(**config.get("architecture", {}))
+    module.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
+    return module.to(device).eval(), config
