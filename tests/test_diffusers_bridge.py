@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,6 @@ from diffusiongym import GaussianMixture, energy_distance, gmm_preset, sample
 from diffusiongym.envs.environment import EndpointEnvironment, EpsilonEnvironment, VelocityEnvironment
 from diffusiongym.models.diffusers_bridge import DiffusersModel, diffusers_environment, load_diffusers_environment, scheduler_from_diffusers
 
-diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(autouse=True)

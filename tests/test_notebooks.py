@@ -27,9 +27,10 @@ def execute_notebook(path: Path, timeout: int = 120) -> object:
     The kernel inherits ``MPLBACKEND=Agg`` (no display) and ``OMP_NUM_THREADS=1``.
     Raises ``nbclient.exceptions.CellExecutionError`` on the first failing cell.
     """
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
+    import ipykernel  # noqa: F401 - the python3 kernel (dev extra); missing means a broken set-up, not a skip
+    import nbclient
+    import nbformat
+
     nb = nbformat.read(str(path), as_version=4)
     old = {k: os.environ.get(k) for k in ("MPLBACKEND", "OMP_NUM_THREADS")}
     os.environ.update(MPLBACKEND="Agg", OMP_NUM_THREADS="1")

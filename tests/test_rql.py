@@ -275,7 +275,7 @@ def test_trained_flow_acts_on_the_gym_env_in_drift_mode(trained_gmm2d):
     # noise="ode", action_mode="drift": the env's Euler step with drift = action_scale * a is the
     # policy's own Euler step, so from the same x0 the episode ends at the policy's sample
     # (float32 rounding of the division/multiplication by action_scale only: 1e-5).
-    gym = pytest.importorskip("gymnasium")
+    import gymnasium as gym
     policy, _ = trained_gmm2d
     steps, n = policy.flow_steps, 64
     env = gym.make_vec("diffusiongym/GMM2D-v0", num_envs=n, vectorization_mode="vector_entry_point", noise="ode", action_mode="drift", steps=steps)
