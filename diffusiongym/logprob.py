@@ -128,12 +128,7 @@ def transition_mean(
     sigma = env.sigma(tt.to(torch.float64)).to(x.dtype)
     std = (hh.reshape(-1) * sigma**2).sqrt()
     if policy is not None:
-        coef_x, coef_out = env.coefficients(tt, "drift")
-        shape = (-1, *([1] * (x.ndim - 1)))
-        out = policy(x, tt, **cond)
-        if out.shape != x.shape:
-            raise ValueError(f"policy output: expected shape {tuple(x.shape)} (same as x), got {tuple(out.shape)}")
-        drift = coef_x.to(x.dtype).reshape(shape) * x + coef_out.to(x.dtype).reshape(shape) * out
+        drift = env.with_model(policy).drift(x, tt, **cond)  # same scheduler and noise as the base
     else:
         drift = env.drift(x, tt, **cond)
         if control is not None:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1) if torch.get_num_threads() > 2 else None
+# pytest-xdist runs one worker per core: one intra-op thread each avoids oversubscription.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -25,13 +25,6 @@ from diffusiongym.rewards.images import DigitClassifierReward
 from diffusiongym.tasks import Task
 
 
-@pytest.fixture(autouse=True)
-def _rng_guard():
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
-
-
 @pytest.fixture(scope="module")
 def model():
     return load_digits_model()

@@ -32,7 +32,6 @@ from diffusiongym.discrete.registry import register_discrete_envs
 from diffusiongym.discrete.tasks import grid_task
 from diffusiongym.discrete.train import CrossEntropyConfig, reward_weighted_finetune, train_posterior
 
-torch.set_num_threads(1)
 
 
 def tiny(source: str = "mask", K: int = 3, D: int = 2, seed: int = 0):

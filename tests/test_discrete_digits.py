@@ -8,7 +8,6 @@ import torch
 from diffusiongym.discrete import sample_chain
 from diffusiongym.discrete.tasks import make_discrete_task
 
-torch.set_num_threads(1)
 
 
 def test_digits_samples_look_like_data():

@@ -24,16 +24,6 @@ from diffusiongym.policies.rql import (
 )
 from diffusiongym.tasks import make_task
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _rng_guard():
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
-
-
 @pytest.fixture(scope="module")
 def gmm2d():
     return make_task("GMM2D-v0")

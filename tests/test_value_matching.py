@@ -361,7 +361,6 @@ def test_shipped_digits_value_net_raises_the_target_class():
     grows, e.g. with a sign error or a blow-up near t = 0, fails here or on validity)."""
     from diffusiongym.policies.value_matching import DIGITS_VALUE_WEIGHTS, digits_value_task, load_value_net
 
-    torch.set_num_threads(1)
     net, info = load_value_net(DIGITS_VALUE_WEIGHTS, "linear")
     task = digits_value_task(**info["recipe"])
     assert info["recipe"] == {"target": 3, "reward_scale": 10.0, "steps": 25, "mode": "is_class"}

@@ -173,3 +173,25 @@ def test_oracle_control_through_vector_env_matches_engine():
     traj = dg.sample(task.environment, 2000, steps=50, control=task.oracle.control(), reward=task.reward, reward_scale=task.reward_scale, seed=1)
     se = float(total.std() + traj.objective.std()) / np.sqrt(2000)
     assert abs(float(total.mean()) - float(traj.objective.mean())) < 4 * se
+
+
+def test_one_model_call_per_step_and_no_autograd_graph():
+    """An agent reading ``sim.base_output()`` shares the env's model call; a trainable model's
+    graph never reaches the observations (the env's dynamics are not differentiated through)."""
+    task = dg.make_task("GMM2D-v0")
+    calls = []
+    model = dg.ResidualModel(task.environment.model, TimeMLP(2, 2, hidden=8, layers=1))
+
+    def counted(x, t, **cond):
+        calls.append(1)
+        return model(x, t, **cond)
+
+    counted.sample_shape = (2,)
+    env = dg.make_env(dg.VelocityEnvironment(counted), task.reward, steps=3, num_envs=4)
+    env.reset(seed=0)
+    for _ in range(3):
+        first = env.sim.base_output()
+        assert env.sim.base_output() is first
+        obs, reward, *_ = env.step(torch.zeros(4, 2))
+        assert obs["x"].grad_fn is None and reward.grad_fn is None
+    assert len(calls) == 3

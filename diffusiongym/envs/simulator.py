@@ -102,6 +102,7 @@ class DiffusionSimulator:
         self.k = 0
         self.cond: dict[str, Tensor] = {}
         self._noises: Tensor | None = None
+        self._base_out: Tensor | None = None
 
     # ------------------------------------------------------------------ spaces
     def single_observation_space(self) -> spaces.Dict:
@@ -145,12 +146,26 @@ class DiffusionSimulator:
             else:
                 self.cond[name] = sampler(n, self.generator, self.device)
         self.k = 0
+        self._base_out = None
         return self.observation()
 
     def observation(self) -> dict[str, Tensor]:
         assert self.x is not None
         t = self.times[self.k].expand(self.num_envs, 1).clone()
         return {"x": self.x.clone(), "t": t, **{k: v.clone() for k, v in self.cond.items()}}
+
+    def base_output(self) -> Tensor:
+        """The base model's output at the current states and time, ``(n, *sample_shape)``.
+
+        Computed once per step (without autograd) and shared with :meth:`step`, so an agent
+        that needs it to act (e.g. a fine-tuned-copy policy) costs no second model call.
+        """
+        if self.x is None:
+            raise RuntimeError("base_output: call reset() first")
+        if self._base_out is None:
+            with torch.no_grad():
+                self._base_out = self.task.environment.model(self.x, self.times[self.k].expand(self.num_envs), **self.cond)
+        return self._base_out
 
     @property
     def done(self) -> bool:
@@ -179,15 +194,19 @@ class DiffusionSimulator:
             raise RuntimeError("step: call reset() before step()")
         if self.done:
             raise RuntimeError("step: the episode has terminated; call reset() first")
-        n, k, s = self.num_envs, self.k, self.schedule
+        n = self.num_envs
         if self.check_actions:
             a = self._check("action", action, (n, *self.sample_shape))
         else:
             a = action
+        with torch.no_grad():  # the env's dynamics are not differentiated through
+            return self._step(a)
+
+    def _step(self, a: Tensor) -> tuple[dict[str, Tensor], Tensor, bool, dict[str, Any]]:
+        n, k, s = self.num_envs, self.k, self.schedule
         x = self.x
         h, sig = s.h[k], s.sigma[k]
-        t_vec = self.times[k].expand(n)
-        out_base = self.task.environment.model(x, t_vec, **self.cond)
+        out_base = self.base_output()
         sum_dims = tuple(range(1, x.ndim))
         if self.action_mode == "control":
             u = a * self.action_scale
@@ -206,6 +225,7 @@ class DiffusionSimulator:
             x_next.add_(z, alpha=s.step_sigma[k])
         self.x = x_next
         self.k += 1
+        self._base_out = None
         info: dict[str, Any] = {}
         terminated = self.done
         if terminated:

@@ -50,7 +50,7 @@ from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import StepSchedule, sample
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
-from diffusiongym.utils.io import load_checkpoint, save_checkpoint
+from diffusiongym.utils.io import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from diffusiongym.utils.validation import check_positive_int
 
 __all__ = [
@@ -693,12 +693,8 @@ class AdjointMatching:
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> Path:
         """Save model, optimiser, generator state, iteration and history (safetensors + JSON)."""
-        opt = self.optimizer.state_dict()
-        tensors: dict[str, Tensor] = {"generator_state": self.generator.get_state()}
-        for pid, state in opt["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value)
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+        tensors, opt_meta = optimizer_tensors(self.optimizer)
+        tensors["generator_state"] = self.generator.get_state()
         config = {
             "method": "adjoint_matching",
             "config": dataclasses.asdict(self.config),
@@ -707,7 +703,7 @@ class AdjointMatching:
             "reward_scale": self.reward_scale,
             "steps": self.steps,
             "t_start": self.t_start,
-            "param_groups": groups,
+            "optimizer": opt_meta,
         }
         return save_checkpoint(path, self._modules(), config, tensors)
 
@@ -718,13 +714,7 @@ class AdjointMatching:
         if config.get("method") != "adjoint_matching":
             raise ValueError(f"path: expected an adjoint matching checkpoint, got method={config.get('method')!r}")
         self.generator.set_state(extra["generator_state"].cpu())
-        state: dict[int, dict[str, Tensor]] = {}
-        for key, value in extra.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = value
-        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in config["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        load_optimizer_tensors(self.optimizer, extra, config["optimizer"])
         self.iteration = int(config["iteration"])
         self.history = {k: list(v) for k, v in config["history"].items()}
         return self

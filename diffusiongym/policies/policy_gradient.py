@@ -243,14 +243,13 @@ class PolicyGradientAgent:
             cond = {name: sampler(groups, gen, self.sim.device).repeat_interleave(self.config.group_size, dim=0) for name, (_, sampler) in self.task.conditioning.items()}
         obs, _ = self.envs.reset(seed=int(seed), options=dict(cond))
         cond = {name: obs[name] for name in self.task.conditioning}
-        base = self.task.environment.model
         x = obs["x"]
         states, base_outs, log_probs, rewards = [x], [], [], []
         info: dict[str, Any] = {}
         for k in range(m):
             t = obs["t"].reshape(-1)
             kk = torch.full((n,), k, dtype=torch.long, device=x.device)
-            base_out = base(x, t, **cond)
+            base_out = self.sim.base_output()  # shared with the env's own step: one model call
             u = self._control(x, t, cond, base_out, kk)
             obs, reward, terminated, _truncated, info = self.envs.step(self.vec.control_to_action(u))
             x_next = obs["x"]
