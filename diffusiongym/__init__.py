@@ -19,6 +19,7 @@ from diffusiongym.oracle import TiltOracle
 from diffusiongym.parameterization import PARAMETERIZATIONS, conversion_coefficients, convert
 from diffusiongym.models.diffusers_bridge import diffusers_environment, load_diffusers_environment
 from diffusiongym.models.digits import digits_task, load_digits_model
+from diffusiongym.models.lora import add_lora, load_lora, save_lora
 from diffusiongym.rewards import (
     BrightnessReward,
     CallableReward,
@@ -74,6 +75,9 @@ __all__ = [
     "load_digits_model",
     "diffusers_environment",
     "load_diffusers_environment",
+    "add_lora",
+    "save_lora",
+    "load_lora",
     "Trajectory",
     "sample",
     "Scheduler",
