@@ -13,7 +13,7 @@ from diffusiongym.envs.environment import (
     VelocityEnvironment,
     make_environment,
 )
-from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, gmm_preset
+from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, TrainableGaussianMixtureModel, gmm_preset
 from diffusiongym.noise import ODE, CallableNoise, Constant, Memoryless, Noise, make_noise
 from diffusiongym.oracle import TiltOracle
 from diffusiongym.parameterization import PARAMETERIZATIONS, conversion_coefficients, convert
@@ -49,6 +49,7 @@ __all__ = [
     "make_environment",
     "GaussianMixture",
     "GaussianMixtureModel",
+    "TrainableGaussianMixtureModel",
     "gmm_preset",
     "Noise",
     "ODE",

@@ -7,6 +7,7 @@ import torch
 
 import diffusiongym as dg
 from diffusiongym.envs.environment import ENVIRONMENTS
+from diffusiongym.models.gmm import GaussianMixtureModel, gmm_preset
 from diffusiongym.parameterization import PARAMETERIZATIONS
 
 SCHEDULERS = {"linear": dg.LinearScheduler(), "cosine": dg.CosineScheduler(), "vp": dg.DiscreteVPScheduler.linear_ddpm()}
@@ -115,3 +116,36 @@ def test_mixture_validation():
         model(torch.zeros(4, 3), torch.zeros(4))
     with pytest.raises(ValueError, match="name"):
         dg.gmm_preset("3d")
+
+
+@pytest.mark.parametrize("preset", ["1d", "2d"])
+@pytest.mark.parametrize("parameterization", ["velocity", "epsilon", "endpoint", "score"])
+def test_trainable_copy_equals_the_exact_model(preset, parameterization):
+    # Cholesky route (trainable copy) vs eigenbasis route (exact model): same predictor.
+    base = GaussianMixtureModel(gmm_preset(preset), "cosine", parameterization)
+    copy = base.trainable_copy()
+    assert all(p.requires_grad and p.dtype == torch.float64 for p in copy.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(256, base.sample_shape[0], dtype=torch.float64, generator=gen)
+    t = 1e-3 + 0.998 * torch.rand(256, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(copy(x, t), base(x, t), rtol=1e-10, atol=1e-10)
+    mix = copy.mixture()
+    torch.testing.assert_close(mix.weights, base.mixture.weights)
+    torch.testing.assert_close(mix.covs, base.mixture.covs)
+
+
+def test_trainable_copy_is_differentiable_and_tracks_its_parameters():
+    # Isotropic components (repeated eigenvalues) still give finite gradients, and after a
+    # parameter change the copy is the exact model of its own mixture().
+    base = GaussianMixtureModel(gmm_preset("2d"), "linear", "velocity")
+    copy = base.trainable_copy()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 2, dtype=torch.float64, generator=gen)
+    t = torch.rand(128, dtype=torch.float64, generator=gen).clamp(1e-3, 1.0)
+    copy(x, t).pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in copy.parameters())
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=gen))
+    exact = GaussianMixtureModel(copy.mixture(), "linear", "velocity")
+    torch.testing.assert_close(copy(x, t), exact(x, t), rtol=1e-9, atol=1e-9)

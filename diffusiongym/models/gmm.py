@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from diffusiongym.parameterization import check_parameterization
 from diffusiongym.schedulers import Scheduler, make_scheduler
 
-__all__ = ["GaussianMixture", "GaussianMixtureModel", "Posterior", "gmm_preset", "GMM_PRESETS"]
+__all__ = ["GaussianMixture", "GaussianMixtureModel", "TrainableGaussianMixtureModel", "Posterior", "gmm_preset", "GMM_PRESETS"]
 
 
 @dataclass
@@ -191,15 +191,86 @@ class GaussianMixtureModel(nn.Module):
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         alpha, beta, d_alpha, d_beta = self.scheduler(tt)
         post = self.mixture.posterior(x, alpha, beta)
-        if self.parameterization == "score":
-            return post.score
-        if self.parameterization == "endpoint":
-            return post.x1_hat
-        shape = (-1, 1) if tt.ndim == 1 else ()
-        eps_hat = -beta.reshape(shape) * post.score
-        if self.parameterization == "epsilon":
-            return eps_hat
-        return d_alpha.reshape(shape) * post.x1_hat + d_beta.reshape(shape) * eps_hat
+        return _prediction(self.parameterization, post.score, post.x1_hat, tt, beta, d_alpha, d_beta)
+
+    def trainable_copy(self) -> "TrainableGaussianMixtureModel":
+        """A copy whose mixture parameters are trainable (:class:`TrainableGaussianMixtureModel`)."""
+        return TrainableGaussianMixtureModel(self.mixture, self.scheduler, self.parameterization)
+
+
+def _prediction(parameterization: str, score: Tensor, x1_hat: Tensor, t: Tensor, beta: Tensor, d_alpha: Tensor, d_beta: Tensor) -> Tensor:
+    """The model output in ``parameterization`` from the exact score and ``E[x1 | x]``."""
+    if parameterization == "score":
+        return score
+    if parameterization == "endpoint":
+        return x1_hat
+    shape = (-1, 1) if t.ndim == 1 else ()
+    eps_hat = -beta.reshape(shape) * score
+    if parameterization == "epsilon":
+        return eps_hat
+    return d_alpha.reshape(shape) * x1_hat + d_beta.reshape(shape) * eps_hat
+
+
+class TrainableGaussianMixtureModel(nn.Module):
+    """A Gaussian-mixture predictor whose weights, means and covariances are parameters.
+
+    The same exact predictor as :class:`GaussianMixtureModel` (it starts equal to it), with
+    ``logits`` ``(K,)`` (weights ``softmax(logits)``), ``means`` ``(K, d)`` and the Cholesky
+    factors ``L_k`` of ``S_k = L_k L_k^T`` (strictly lower part ``chol_lower`` ``(K, d, d)``
+    and ``log_diag`` ``(K, d)``), all float64 and trainable. The posterior is computed with
+    batched Cholesky solves of ``C_k = alpha^2 S_k + beta^2 I`` (differentiable also where
+    eigenvalues repeat, e.g. isotropic components), in ``x``'s dtype.
+
+    It is the natural "copy of the base model" to fine-tune for the Gaussian-mixture tasks:
+    with a quadratic (or linear) reward the tilted target ``p*`` is again a mixture of the
+    same size, so the optimal fine-tune lies in this family, and :meth:`mixture` returns
+    the learnt distribution for comparison with the oracle's ``p*``.
+    """
+
+    def __init__(self, mixture: GaussianMixture, scheduler: str | Scheduler = "linear", parameterization: str = "velocity"):
+        super().__init__()
+        self.scheduler = make_scheduler(scheduler)
+        self.parameterization = check_parameterization(parameterization)
+        self.sample_shape = (mixture.dim,)
+        chol = torch.linalg.cholesky(mixture.covs)
+        self.logits = nn.Parameter(torch.log(mixture.weights).clone())
+        self.means = nn.Parameter(mixture.means.clone())
+        self.chol_lower = nn.Parameter(torch.tril(chol, -1).clone())
+        self.log_diag = nn.Parameter(torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).clone())
+
+    def cholesky(self) -> Tensor:
+        """``L_k``, shape ``(K, d, d)``, lower triangular with a positive diagonal."""
+        return torch.tril(self.chol_lower, -1) + torch.diag_embed(self.log_diag.exp())
+
+    def mixture(self) -> GaussianMixture:
+        """The current distribution as a (detached) :class:`GaussianMixture`."""
+        with torch.no_grad():
+            chol = self.cholesky().cpu()
+            return GaussianMixture(torch.softmax(self.logits, 0).cpu(), self.means.cpu(), chol @ chol.mT)
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        d = self.sample_shape[0]
+        if x.ndim != 2 or x.shape[1] != d:
+            raise ValueError(f"x: expected shape (n, {d}), got {tuple(x.shape)}")
+        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        alpha, beta, d_alpha, d_beta = self.scheduler(tt)
+        a = alpha.reshape(-1, 1, 1, 1)
+        b = beta.reshape(-1, 1, 1, 1)
+        chol = self.cholesky().to(x)
+        cov = chol @ chol.mT  # (K, d, d)
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        c_chol = torch.linalg.cholesky(a**2 * cov + b**2 * eye)  # (n or 1, K, d, d)
+        resid = (x[:, None, :] - alpha.reshape(-1, 1, 1) * self.means.to(x)).unsqueeze(-1)  # (n, K, d, 1)
+        c_chol = c_chol.expand(resid.shape[0], -1, -1, -1)
+        white = torch.linalg.solve_triangular(c_chol, resid, upper=False)
+        c_inv_r = torch.linalg.solve_triangular(c_chol.mT, white, upper=True).squeeze(-1)  # C_k^{-1} (x - alpha mu_k)
+        log_det = torch.log(torch.diagonal(c_chol, dim1=-2, dim2=-1)).sum(-1)
+        log_rho = torch.log_softmax(self.logits.to(x), 0) - 0.5 * white.squeeze(-1).pow(2).sum(-1) - log_det
+        rho = torch.softmax(log_rho, dim=1)  # (n, K)
+        score = -torch.einsum("nk,nki->ni", rho, c_inv_r)
+        comp_means = self.means.to(x) + alpha.reshape(-1, 1, 1) * torch.einsum("kij,nkj->nki", cov, c_inv_r)
+        x1_hat = torch.einsum("nk,nki->ni", rho, comp_means)
+        return _prediction(self.parameterization, score, x1_hat, tt, beta, d_alpha, d_beta)
 
 
 def _ring(n: int, radius: float, std: float, weights: list[float]) -> GaussianMixture:
