@@ -4,25 +4,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "save_module", "load_module", "optimizer_tensors", "load_optimizer_tensors"]
+__all__ = ["save_checkpoint", "load_checkpoint", "frozen_parameter_names", "save_module", "load_module", "optimizer_tensors", "load_optimizer_tensors"]
 
 
-def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], config: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    modules: dict[str, nn.Module],
+    config: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    exclude: dict[str, Collection[str]] | None = None,
+) -> Path:
     """Save ``modules``' state dicts (and extra ``tensors``) to ``path/weights.safetensors``
-    and ``config`` to ``path/config.json``. Returns the folder."""
+    and ``config`` to ``path/config.json``. Returns the folder.
+
+    ``exclude`` maps a module name to state-dict keys left out (e.g. the frozen base
+    weights of a LoRA or residual fine-tune, which the user already has); pass the same
+    mapping as ``allow_missing`` to :func:`load_checkpoint`.
+    """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     flat: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
+        skip = set((exclude or {}).get(name, ()))
         for key, value in module.state_dict().items():
-            flat[f"{name}.{key}"] = value.detach().cpu().contiguous()
+            if key not in skip:
+                flat[f"{name}.{key}"] = value.detach().cpu().contiguous()
     for key, value in (tensors or {}).items():
         flat[f"extra.{key}"] = value.detach().cpu().contiguous()
     save_file(flat, str(folder / "weights.safetensors"))
@@ -30,10 +43,21 @@ def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], config: dic
     return folder
 
 
-def load_checkpoint(path: str | Path, modules: dict[str, nn.Module] | None = None, device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load a folder written by :func:`save_checkpoint` into ``modules`` (strict).
+def frozen_parameter_names(module: nn.Module) -> set[str]:
+    """State-dict keys of ``module``'s parameters with ``requires_grad=False``."""
+    return {name for name, p in module.named_parameters() if not p.requires_grad}
 
-    Returns ``(config, extra_tensors)``.
+
+def load_checkpoint(
+    path: str | Path,
+    modules: dict[str, nn.Module] | None = None,
+    device: str | torch.device = "cpu",
+    allow_missing: dict[str, Collection[str]] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load a folder written by :func:`save_checkpoint` into ``modules``.
+
+    Strict, except that the keys in ``allow_missing[name]`` may be absent from the file
+    (they keep the module's current values). Returns ``(config, extra_tensors)``.
     """
     folder = Path(path)
     if not (folder / "weights.safetensors").exists():
@@ -43,7 +67,17 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module] | None = Non
     for name, module in (modules or {}).items():
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-        module.load_state_dict(state, strict=True)
+        optional = set((allow_missing or {}).get(name, ()))
+        if not optional:
+            module.load_state_dict(state, strict=True)
+            continue
+        result = module.load_state_dict(state, strict=False)
+        missing = sorted(set(result.missing_keys) - optional)
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"path: checkpoint does not match module {name!r}: missing keys {missing[:5]}, "
+                f"unexpected keys {sorted(result.unexpected_keys)[:5]}"
+            )
     extra = {k[len("extra."):]: v for k, v in flat.items() if k.startswith("extra.")}
     return config, extra
 
