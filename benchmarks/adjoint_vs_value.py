@@ -5,10 +5,11 @@
 
 Both trainers use the same batch of trajectories and the same grid; each keeps the
 per-iteration settings of its benchmark row (``benchmarks/adaptation_methods/``): Adjoint
-Matching samples, solves the bootstrapped lean adjoint (``steps`` VJPs of the base drift and
-one pass of the fine-tuned model over all states) and takes ``updates_per_iteration`` gradient
-steps on minibatches of 4096 ``(k, i)`` pairs; Value Matching samples and takes its regression
-steps. Each measurement runs in a fresh process. Peak memory: on CUDA
+Matching samples, solves the lean adjoint (``steps`` VJPs of the base drift), runs its restart
+paths (4 x batch, from ``t >= 0.7``, with their adjoints) and takes ``updates_per_iteration``
+gradient steps on minibatches of 8192 ``(k, i)`` pairs (float64: the trainable mixture copy);
+``adjoint_matching_mlp`` is the same trainer with a residual MLP (float32, no restarts, 4096
+pairs); Value Matching samples and takes its regression steps. Each measurement runs in a fresh process. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` during training; on the CPU the growth of the
 process's peak resident set size (``ru_maxrss``) from before the trainer is built to after training
 (coarse: it includes allocator caching). Prints one line per method and task::
@@ -38,15 +39,20 @@ def _measure(method: str, task_id: str, batch: int, steps: int, iterations: int,
 
     task = make_task(task_id)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if method == "adjoint_matching":
-        from diffusiongym.policies.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+    if method.startswith("adjoint_matching"):
+        from adaptation_methods.adjoint_matching import config as am_config
 
-        # the benchmark row's settings (bootstrapped adjoint, 8 minibatch updates over all times), at this batch
-        cfg = AdjointMatchingConfig(
-            batch_size=batch, loss_times=None, minibatch_size=4096, updates_per_iteration=8, bootstrap="horizon",
-            bootstrap_horizon=0.05, learning_rate=3e-3, grad_clip=None,
-        )
-        trainer = AdjointMatching.from_task(task, config=cfg, steps=steps, device=device)
+        from diffusiongym.policies.adjoint_matching import AdjointMatching
+
+        # the benchmark row's settings at this batch: the trainable mixture copy with restarts
+        # (4 x batch extra paths from t >= 0.7); "_mlp": a residual MLP, no restarts
+        if method == "adjoint_matching":
+            cfg = am_config(task_id, True, 0, batch_size=batch)
+            dtype = torch.float64
+        else:
+            cfg = am_config(task_id, True, 0, batch_size=batch, residual="control", restarts=0.0, learning_rate=3e-3, minibatch_size=4096)
+            dtype = torch.float32
+        trainer = AdjointMatching.from_task(task, config=cfg, steps=steps, device=device, dtype=dtype)
     else:
         from diffusiongym.policies.value_matching import ValueMatching, ValueMatchingConfig
 
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations (after one warm-up)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    methods = ["adjoint_matching"]
+    methods = ["adjoint_matching", "adjoint_matching_mlp"]
     if importlib.util.find_spec("diffusiongym.policies.value_matching") is not None:
         methods.append("value_matching")
     else:

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from diffusiongym.models.gmm import TrainableGaussianMixtureModel
 from diffusiongym.parameterization import PARAMETERIZATIONS
 from diffusiongym.policies.adjoint_matching import (
     AdjointMatching,
@@ -22,6 +23,9 @@ from diffusiongym.tasks import make_task, with_reward
 from diffusiongym.timegrid import make_time_grid
 
 torch.set_flush_denormal(True)
+
+# Budgets of the mixture-copy test (the benchmark rows run 60 / 60 iterations); see the test.
+ITER_1D, ITER_2D = 60, 30
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +72,7 @@ def test_lean_adjoint_is_base_pathwise_gradient_along_controlled_states():
     # same states): only base-drift Jacobians enter, no control terms.
     task = make_task("GMM2D-v0", parameterization="epsilon")
     env, times = task.environment, make_time_grid(10, 0.05)
-    model = make_finetune_model(env, hidden=16, layers=1, seed=3).double()
+    model = make_finetune_model(env, hidden=16, layers=1, residual="control", seed=3).double()
     with torch.no_grad():
         for p in model.net.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -90,7 +94,7 @@ def test_lean_adjoint_is_base_pathwise_gradient_along_controlled_states():
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 def test_finetune_model_starts_at_base_and_control_is_net_output(parameterization):
     task = make_task("GMM2D-v0", parameterization=parameterization)
-    trainer = AdjointMatching.from_task(task, config=AdjointMatchingConfig(hidden=16, layers=1))
+    trainer = AdjointMatching.from_task(task, config=AdjointMatchingConfig(hidden=16, layers=1, residual="control"))
     x = torch.randn(7, 2, generator=torch.Generator().manual_seed(0))
     t = torch.linspace(0.05, 0.95, 7)
     torch.testing.assert_close(trainer.model(x, t), task.environment.model(x, t))
@@ -110,7 +114,8 @@ def test_constant_reward_keeps_control_near_zero():
     # grad r = 0, so every adjoint is 0, the target is 0, and the zero-initialised residual
     # is already the minimiser: after training the control is still (numerically) zero.
     task = with_reward(make_task("GMM1D-v0"), ConstantReward(1.0))
-    trainer = AdjointMatching.from_task(task, config=AdjointMatchingConfig(batch_size=32, hidden=16, layers=1), steps=20)
+    cfg = AdjointMatchingConfig(batch_size=32, hidden=16, layers=1, residual="control")
+    trainer = AdjointMatching.from_task(task, config=cfg, steps=20)
     history = trainer.train(5)
     assert history["loss"] == pytest.approx([0.0] * 5, abs=1e-12)
     x = torch.linspace(-3, 3, 50).reshape(-1, 1)
@@ -120,12 +125,29 @@ def test_constant_reward_keeps_control_near_zero():
     assert ev["kl"] < 1e-10
 
 
+def test_constant_reward_keeps_the_mixture_copy_near_the_base():
+    # Same with the trainable mixture copy (the default for GMM tasks) at the benchmark's
+    # learning rate. The copy (Cholesky route) and the base (eigenbasis route) agree only to
+    # rounding (|u| ~ 1e-14 in float64, 6e-6 in float32), and Adam rescales even such tiny
+    # gradients to steps of order lr, so the parameters jitter around the base instead of
+    # staying bit-identical; the restoring target u = 0 keeps that jitter small. Measured
+    # after 40 iterations: KL to the base 6e-5 nats, largest weight change 5e-4 (bounds 1e-3
+    # and 0.01; the quadratic reward's optimum has KL 0.97).
+    task = with_reward(make_task("GMM1D-v0"), ConstantReward(1.0))
+    cfg = AdjointMatchingConfig(batch_size=256, learning_rate=3e-2, loss_times=None, residual="copy")
+    trainer = AdjointMatching.from_task(task, config=cfg, steps=20, dtype=torch.float64)
+    trainer.train(40)
+    ev = trainer.evaluate(2048, seed=0)
+    dw = float((trainer.model.mixture().weights - task.mixture.weights).abs().max())
+    assert ev["kl"] < 1e-3 and dw < 0.01, (ev["kl"], dw)
+
+
 def test_quadratic_reward_improves_objective_quickly():
     # A short run must already move the objective up from the base (-2.529) towards the
-    # optimum (-1.439): 30 iterations reach a gap_closed of about 0.3-0.5 (see benchmark);
+    # optimum (-1.439): 30 iterations of the residual MLP reach a gap_closed of about 0.3-0.5;
     # 0.15 leaves room for seed noise while a broken sign or adjoint gives <= 0.
     task = make_task("GMM1D-v0")
-    cfg = AdjointMatchingConfig(batch_size=128, learning_rate=3e-3, hidden=32, layers=2)
+    cfg = AdjointMatchingConfig(batch_size=128, learning_rate=3e-3, hidden=32, layers=2, residual="control")
     trainer = AdjointMatching.from_task(task, config=cfg, steps=25)
     trainer.train(30)
     ev = trainer.evaluate(2048, seed=1, steps=50)
@@ -150,6 +172,12 @@ def test_bad_arguments():
         AdjointMatchingConfig(batch_size=0)
     with pytest.raises(ValueError, match="time_weight"):
         AdjointMatchingConfig(time_weight="nope")
+    with pytest.raises(ValueError, match="restarts"):
+        AdjointMatchingConfig(restarts=-1.0)
+    with pytest.raises(ValueError, match="restart_after"):
+        AdjointMatchingConfig(restart_after=1.0)
+    with pytest.raises(ValueError, match="residual"):
+        AdjointMatchingConfig(residual="lora")
     task = make_task("GMM1D-v0")
     with pytest.raises(TypeError, match="env"):
         AdjointMatching("GMM1D-v0", task.reward)
@@ -158,6 +186,37 @@ def test_bad_arguments():
         AdjointMatching(task.environment, task.reward, model=frozen)
     with pytest.raises(ValueError, match="times"):
         lean_adjoint(task.environment, torch.zeros(3, 2, 1), make_time_grid(5, 0.1), task.reward, 1.0)
+
+
+def test_residual_copy_needs_a_base_with_a_trainable_copy():
+    task = make_task("GMM1D-v0")
+    assert isinstance(make_finetune_model(task.environment), TrainableGaussianMixtureModel)  # "auto"
+    assert isinstance(make_finetune_model(task.environment, residual="control"), ResidualModel)
+    env = task.environment.with_model(ResidualModel(task.environment.model, TimeMLP(1, 1)))
+    with pytest.raises(ValueError, match="trainable_copy"):
+        make_finetune_model(env, residual="copy")
+    assert isinstance(make_finetune_model(env), ResidualModel)  # "auto" falls back to the MLP
+
+
+def test_restart_segment_is_on_policy_and_its_adjoint_is_the_lean_adjoint():
+    # A restart segment starts at one grid index k >= restart_after from points between two
+    # batch states, runs with the fine-tuned model to t = 1, and carries the lean adjoint of
+    # that segment (the same recursion on the grid's tail), so its pairs have the same
+    # conditional-mean target as on-policy ones.
+    task = make_task("GMM1D-v0")
+    cfg = _copy_config(batch_size=64, restarts=0.5, restart_after=0.6)
+    trainer = AdjointMatching.from_task(task, config=cfg, steps=20, dtype=torch.float64)
+    traj = sample(trainer.env, 64, grid=trainer.times, policy=trainer.model, store="states", seed=0, dtype=torch.float64)
+    ((states, adjoint, valid, cond, k),) = trainer._restart(traj.states, {})
+    assert states.shape == (21 - k, 32, 1) and trainer.times[k] >= 0.6 and bool(valid.all()) and cond == {}
+    lo = traj.states[k].min() - 1e-12
+    hi = traj.states[k].max() + 1e-12
+    assert bool(((states[0] >= lo) & (states[0] <= hi)).all())  # mixup stays within the batch's span
+    expected, _ = lean_adjoint(trainer.env, states, trainer.times[k:], task.reward, task.reward_scale)
+    torch.testing.assert_close(adjoint, expected, rtol=0, atol=0)
+    # the loss uses the segment's pairs at the loss times >= k (here all of them)
+    pairs = trainer._pairs(states, adjoint, valid, {}, torch.arange(20), start=k)
+    assert pairs[0].shape[0] == (20 - k) * 32
 
 
 def test_training_uses_memoryless_noise_even_for_an_ode_env():
@@ -171,7 +230,7 @@ def test_save_load_resume_is_exact(tmp_path):
     # 4 iterations straight == 2 iterations, save, load into a fresh trainer, 2 more
     # (same sampling noise, time subsets and Adam moments): bit-identical weights.
     task = make_task("GMM2D-v0", parameterization="score")
-    cfg = AdjointMatchingConfig(batch_size=32, hidden=16, layers=1, loss_times=5, always_last=2, seed=7)
+    cfg = AdjointMatchingConfig(batch_size=32, hidden=16, layers=1, loss_times=5, always_last=2, seed=7, restarts=0.5, minibatch_size=64)
     straight = AdjointMatching.from_task(task, config=cfg, steps=15)
     straight.train(4)
     first = AdjointMatching.from_task(task, config=cfg, steps=15)
@@ -286,30 +345,39 @@ def _bootstrapped_config(**kw):
     return AdjointMatchingConfig(**base)
 
 
-@pytest.mark.slow
-def test_gmm2d_closes_the_gap_and_moves_towards_p_star():
-    # GMM2D-v0, velocity base, bootstrapped adjoint, 16 iterations on a 50-step grid (~18 s on one
-    # core); judged on fresh samples on the task's 100-step grid. Gap closed: 0.941 measured
-    # (benchmarks/adaptation_methods: 0.98 after 80 iterations at batch 1024); bound 0.90 (the
-    # issue's). Two-sample: energy distance to exact p* draws at n = 1000, calibrated on 20
-    # exact-vs-exact pairs (max 0.0063). Measured: this model 0.058, the base ~1.6. This is NOT
-    # the strict test (the model is not yet indistinguishable from p*: 0.0086 at n = 2000 after
-    # the 80-iteration run, against an exact-vs-exact max of 0.0046); the bound below, 20x the
-    # calibrated null maximum (~0.13), still fails the base by a factor > 10.
-    from diffusiongym.utils.stats import energy_distance
+def _copy_config(**kw):
+    # the benchmark row's settings (benchmarks/adaptation_methods/adjoint_matching.py)
+    base = dict(batch_size=1024, loss_times=None, minibatch_size=8192, updates_per_iteration=8, learning_rate=3e-2,
+                lr_schedule="cosine", grad_clip=None, time_weight="inverse", restarts=4.0, restart_after=0.7, residual="copy", seed=0)
+    base.update(kw)
+    return AdjointMatchingConfig(**base)
 
-    task = make_task("GMM2D-v0")
-    trainer = AdjointMatching.from_task(task, config=_bootstrapped_config(), steps=50)
-    trainer.train(16)
-    ev = trainer.evaluate(4096, seed=1, steps=100)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_id", ["GMM1D-v0", "GMM2D-v0"])
+def test_mixture_copy_closes_the_gap_and_learns_p_star(task_id):
+    # The trainable mixture copy with the Monte-Carlo lean adjoint and restarts, judged on
+    # fresh samples on the task's 100-step grid, and through its parameters, which have
+    # exact targets: p* is again a mixture of the same components (quadratic reward).
+    iterations = {"GMM1D-v0": ITER_1D, "GMM2D-v0": ITER_2D}[task_id]
+    task = make_task(task_id)
+    trainer = AdjointMatching.from_task(task, config=_copy_config(iterations=iterations), steps=50, dtype=torch.float64)
+    trainer.train()
+    ev = trainer.evaluate(8192, seed=1, steps=100)
     assert ev["gap_closed"] > 0.90, ev["gap_closed"]
-    gen = torch.Generator().manual_seed(0)
-    null = max(energy_distance(task.oracle.target.sample(1000, generator=gen), task.oracle.target.sample(1000, generator=gen)) for _ in range(20))
-    target = task.oracle.target.sample(1000, generator=gen)
-    x1 = sample(task.environment, 1000, steps=100, t_start=task.t_start, policy=trainer.model, seed=2).x1
-    base = sample(task.environment, 1000, steps=100, t_start=task.t_start, seed=2).x1
-    assert energy_distance(x1, target) < 20 * null, (energy_distance(x1, target), null)
-    assert energy_distance(base, target) > 200 * null
+    learnt, target = trainer.model.mixture(), task.oracle.target
+    # Mode weights: the lean adjoint's estimate of them is biased low (rare-event spikes; see
+    # benchmarks/adaptation_methods/adjoint_matching.py), so they are only required to cover
+    # most of the way from the base: TV(learnt, p*) <= 0.3 TV(base, p*). Measured with this
+    # seed: 0.2 (GMM1D), 0.12 (GMM2D). Within-mode parameters are learnt accurately.
+    tv = 0.5 * float((learnt.weights - target.weights).abs().sum())
+    tv_base = 0.5 * float((task.mixture.weights - target.weights).abs().sum())
+    assert tv <= 0.3 * tv_base, (tv, tv_base, learnt.weights)
+    heavy = target.weights > 0.05
+    assert float((learnt.means - target.means)[heavy].abs().max()) < 0.05
+    # covariances to 15% of the component variance (0.04-0.06 here), off-diagonal terms included
+    scale = float(target.covs[heavy].diagonal(dim1=-2, dim2=-1).max())
+    torch.testing.assert_close(learnt.covs[heavy], target.covs[heavy], rtol=0.0, atol=0.15 * scale)
 
 
 def test_bootstrapped_training_resumes_exactly(tmp_path):
@@ -317,7 +385,7 @@ def test_bootstrapped_training_resumes_exactly(tmp_path):
     # all of their state (EMA weights, generator, iteration count) is in the checkpoint.
     task = make_task("GMM1D-v0")
     cfg = _bootstrapped_config(batch_size=32, minibatch_size=64, updates_per_iteration=2, hidden=16, layers=1,
-                               iterations=4, lr_schedule="cosine", target_ema=0.9, seed=3)
+                               iterations=4, lr_schedule="cosine", target_ema=0.9, seed=3, residual="control")
     straight = AdjointMatching.from_task(task, config=cfg, steps=10)
     straight.train(4)
     first = AdjointMatching.from_task(task, config=cfg, steps=10)

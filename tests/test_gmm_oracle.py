@@ -147,5 +147,9 @@ def test_trainable_copy_is_differentiable_and_tracks_its_parameters():
     with torch.no_grad():
         for p in copy.parameters():
             p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=gen))
-    exact = GaussianMixtureModel(copy.mixture(), "linear", "velocity")
+    snapshot = copy.mixture()
+    exact = GaussianMixtureModel(snapshot, "linear", "velocity")
     torch.testing.assert_close(copy(x, t), exact(x, t), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        copy.means.add_(1.0)  # mixture() is a detached snapshot, not a view of the parameters
+    assert not snapshot.means.requires_grad and not torch.equal(snapshot.means, copy.means)

@@ -149,6 +149,33 @@ def test_adjoint_matching_trains_only_the_adapters(unet_dir):
     assert end["objective"] > start["objective"] + MIN_GAIN, (start["objective"], end["objective"])
 
 
+def test_adjoint_matching_checkpoint_holds_only_the_adapters_and_resumes_exactly(unet_dir, tmp_path):
+    # The trainer's checkpoint leaves out frozen parameters (the base UNet the user already
+    # has): only LoRA weights, optimiser state and counters; resuming is bit-identical.
+    from safetensors.torch import load_file
+
+    env = load_diffusers_environment(unet_dir)
+    reward = BrightnessReward(tolerance=float("inf"))
+    config = AdjointMatchingConfig(batch_size=4, learning_rate=1e-2, loss_times=3, always_last=1, seed=0)
+
+    def trainer():
+        return AdjointMatching(env, reward, 50.0, model=add_lora(env.model), config=config, steps=6, t_start=0.05)
+
+    straight = trainer()
+    straight.train(3)
+    first = trainer()
+    first.train(2)
+    first.save(tmp_path / "ckpt")
+    keys = [k for k in load_file(str(tmp_path / "ckpt" / "weights.safetensors")) if k.startswith("model.")]
+    assert keys and all(".lora_" in k for k in keys), keys[:5]
+    full = sum(v.numel() for v in first.model.state_dict().values())
+    assert sum(load_file(str(tmp_path / "ckpt" / "weights.safetensors"))[k].numel() for k in keys) < 0.05 * full
+    resumed = trainer().load(tmp_path / "ckpt")
+    resumed.train(1)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 # ------------------------------------------------------------------ save / load
 def test_save_load_round_trip_is_exact(unet_dir, tmp_path):
     env = load_diffusers_environment(unet_dir)

@@ -245,8 +245,8 @@ class TrainableGaussianMixtureModel(nn.Module):
     def mixture(self) -> GaussianMixture:
         """The current distribution as a (detached) :class:`GaussianMixture`."""
         with torch.no_grad():
-            chol = self.cholesky().cpu()
-            return GaussianMixture(torch.softmax(self.logits, 0).cpu(), self.means.cpu(), chol @ chol.mT)
+            chol = self.cholesky().detach().cpu()
+            return GaussianMixture(torch.softmax(self.logits, 0).detach().cpu(), self.means.detach().cpu().clone(), chol @ chol.mT)
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         d = self.sample_shape[0]

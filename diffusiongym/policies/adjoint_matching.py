@@ -14,11 +14,18 @@ model outputs in the *base model's own parameterisation*; its control is
    |u_theta(x_k, t_k) + sigma(t_k) a_k|^2``.
 
 Variance: where the base drift separates narrow modes, the Monte-Carlo lean adjoint is a
-near-delta (noise-fixed flows jump between modes), and its sample mean misses the
-inter-mode part of ``u*`` at any affordable batch (GMM1D-v0: it grows like ``log n``).
-``AdjointMatchingConfig(bootstrap="horizon")`` regresses instead on a lambda-return adjoint
-bootstrapped on the model's own ``-u_theta / sigma`` (same fixed point; see
-:func:`lean_adjoint`), the TD(lambda) analogue of the paper's target.
+near-delta (noise-fixed flows jump between modes): the information on how much mass each
+mode should get is carried only by the rare paths that cross the low-density region between
+modes, with huge adjoints (GMM1D-v0: along ``u*`` paths the sample mean of ``-sigma a`` at
+``t = 0.1`` grows like ``log n``, far below ``E u*``). Two tools address it:
+
+- ``AdjointMatchingConfig(restarts=...)`` adds paths restarted late in the path from mixup
+  states between the batch's states, so that region is sampled densely (same minimiser);
+  with the base model's own trainable copy (``residual="copy"``, e.g. a mixture whose weights
+  are parameters) this makes the weights' estimate robust (``benchmarks/adjoint_matching_gmm.py``);
+- ``bootstrap="horizon"`` regresses on a lambda-return adjoint bootstrapped on the model's
+  own ``-u_theta / sigma`` (same fixed point; see :func:`lean_adjoint`), the TD(lambda)
+  analogue of the paper's target, for free-form networks.
 
 At the fixed point ``u = u* = -sigma grad V*`` and the fine-tuned model's memoryless SDE
 samples ``p* ∝ p_base exp(lambda r)``; its running cost ``1/2 |u|^2 h`` is the KL to the base.
@@ -50,7 +57,7 @@ from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import StepSchedule, sample
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
-from diffusiongym.utils.io import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from diffusiongym.utils.io import frozen_parameter_names, load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from diffusiongym.utils.validation import check_positive_int
 
 __all__ = [
@@ -93,9 +100,12 @@ class AdjointMatchingConfig:
     hidden, layers, num_frequencies : int
         Width, depth and time features of the default residual :class:`TimeMLP`.
     residual : str
-        Default fine-tuned model: ``"control"`` (residual network scaled by
+        Default fine-tuned model: ``"copy"`` (the base model's own ``trainable_copy()``, e.g.
+        a :class:`~diffusiongym.models.gmm.TrainableGaussianMixtureModel`: full fine-tuning
+        of a copy, as in the paper), ``"control"`` (residual network scaled by
         ``sigma / coef_out(t)`` so that it outputs the control ``u`` itself; same
-        conditioning in every parameterisation) or ``"plain"`` (``base + net``).
+        conditioning in every parameterisation), ``"plain"`` (``base + net``) or ``"auto"``
+        (``"copy"`` where the base model has ``trainable_copy``, else ``"control"``).
     time_weight : str
         Per-time loss weight, see :func:`time_weights`.
     bootstrap : str
@@ -121,6 +131,19 @@ class AdjointMatchingConfig:
     lr_schedule : str
         ``"constant"`` or ``"cosine"`` (decay to 0 over ``iterations``); set from the
         iteration count, so resuming continues the schedule exactly.
+    restarts : float
+        Extra trajectories per iteration, as a fraction of ``batch_size``, restarted at one
+        random grid time ``t_k >= restart_after`` from *mixup* states
+        ``x_i + c (x_j - x_i)`` (``c ~ U(0, 1)``, ``i, j`` random trajectories of the batch)
+        and run to ``t = 1`` with the fine-tuned model; their pairs join the regression.
+        The minimiser is unchanged (the target's conditional mean given ``x_k`` involves only
+        the on-policy dynamics after ``t_k``; any state distribution with enough support
+        will do), but the regression now sees the low-density region *between* modes,
+        which is where the lean adjoint carries the information on how much mass each mode
+        should get (on-policy, that region is almost never visited late in the path and the
+        pathwise estimate of the mode weights is a rare-event one). ``0``: off.
+    restart_after : float
+        Earliest restart time.
     """
 
     iterations: int = 400
@@ -135,7 +158,7 @@ class AdjointMatchingConfig:
     hidden: int = 64
     layers: int = 2
     num_frequencies: int = 4
-    residual: str = "control"
+    residual: str = "auto"
     time_weight: str = "clip"
     bootstrap: str = "none"
     bootstrap_horizon: float = 0.05
@@ -143,6 +166,8 @@ class AdjointMatchingConfig:
     target_ema: float | None = None
     minibatch_size: int | None = None
     lr_schedule: str = "constant"
+    restarts: float = 0.0
+    restart_after: float = 0.5
 
     def __post_init__(self) -> None:
         if self.bootstrap not in ("none", "adaptive", "horizon"):
@@ -155,6 +180,10 @@ class AdjointMatchingConfig:
             check_positive_int("minibatch_size", self.minibatch_size)
         if self.target_ema is not None and not (isinstance(self.target_ema, float) and 0.0 < self.target_ema < 1.0):
             raise ValueError(f"target_ema: expected a decay in (0, 1) or None, got {self.target_ema!r}")
+        if isinstance(self.restarts, bool) or not isinstance(self.restarts, (int, float)) or not self.restarts >= 0:
+            raise ValueError(f"restarts: expected a non-negative fraction of batch_size, got {self.restarts!r}")
+        if isinstance(self.restart_after, bool) or not isinstance(self.restart_after, (int, float)) or not 0.0 <= self.restart_after < 1.0:
+            raise ValueError(f"restart_after: expected a time in [0, 1), got {self.restart_after!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
         for name in ("iterations", "batch_size", "updates_per_iteration"):
@@ -169,11 +198,12 @@ class AdjointMatchingConfig:
             raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip!r}")
         if self.time_weight not in TIME_WEIGHTS:
             raise ValueError(f"time_weight: expected one of {list(TIME_WEIGHTS)}, got {self.time_weight!r}")
-        if self.residual not in ("control", "plain"):
-            raise ValueError(f"residual: expected 'control' or 'plain', got {self.residual!r}")
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"residual: expected one of {list(RESIDUALS)}, got {self.residual!r}")
 
 
 TIME_WEIGHTS = ("uniform", "clip", "inverse")
+RESIDUALS = ("auto", "copy", "control", "plain")
 
 
 def time_weights(sigma: Tensor, kind: str) -> Tensor:
@@ -390,34 +420,38 @@ def make_finetune_model(
     hidden: int = 64,
     layers: int = 2,
     num_frequencies: int = 4,
-    residual: str = "control",
+    residual: str = "auto",
     seed: int = 0,
-) -> ResidualModel:
-    """The default fine-tuned copy of a vector-valued base model (starts equal to it).
+) -> nn.Module:
+    """The default fine-tuned copy of a base model (starts equal to it).
 
-    ``ResidualModel(env.model, net)`` with ``net`` a zero-initialised :class:`TimeMLP`
-    (``residual="plain"``) or that network wrapped in :class:`ControlScaledNet`
-    (``residual="control"``). Needs ``env.sample_shape = (d,)``; image models should be
-    fine-tuned as ``copy.deepcopy(base)`` instead. The network's random init uses ``seed``
-    and leaves the global RNG untouched.
+    ``residual="copy"``: ``env.model.trainable_copy()`` (models that provide one, e.g. the
+    exact Gaussian mixtures). ``"control"`` / ``"plain"``: ``ResidualModel(env.model, net)``
+    with ``net`` a zero-initialised :class:`TimeMLP` wrapped in :class:`ControlScaledNet`
+    (or bare); needs ``env.sample_shape = (d,)``. ``"auto"``: ``"copy"`` where available,
+    else ``"control"``. Image models should be fine-tuned as ``copy.deepcopy(base)`` or
+    ``diffusiongym.add_lora(base)`` instead. The network's random init uses ``seed`` and
+    leaves the global RNG untouched.
     """
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual: expected one of {list(RESIDUALS)}, got {residual!r}")
+    copier = getattr(env.model, "trainable_copy", None)
+    if residual == "copy" and copier is None:
+        raise ValueError(f"residual: 'copy' needs a base model with trainable_copy(), got {type(env.model).__name__}")
+    if residual in ("copy", "auto") and copier is not None:
+        return copier()
     shape = env.sample_shape
     if shape is None or len(shape) != 1:
         raise ValueError(
             f"env: the default residual MLP needs vector samples of shape (d,), got sample_shape={shape}; "
-            "pass model=copy.deepcopy(base_model) (a trainable copy) instead"
+            "pass model=copy.deepcopy(base_model) (a trainable copy) or diffusiongym.add_lora(base_model) instead"
         )
     if not isinstance(env.model, nn.Module):
         raise TypeError(f"env.model: expected a torch.nn.Module to wrap, got {type(env.model).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mlp = TimeMLP(shape[0], shape[0], hidden=hidden, layers=layers, num_frequencies=num_frequencies, zero_init=True)
-    if residual == "control":
-        net: nn.Module = ControlScaledNet(mlp, env)
-    elif residual == "plain":
-        net = mlp
-    else:
-        raise ValueError(f"residual: expected 'control' or 'plain', got {residual!r}")
+    net: nn.Module = mlp if residual == "plain" else ControlScaledNet(mlp, env)
     return ResidualModel(env.model, net)
 
 
@@ -436,7 +470,7 @@ class AdjointMatching:
     model : nn.Module, optional
         The fine-tuned copy, in the base parameterisation, e.g.
         ``ResidualModel(base, TimeMLP(d, d, zero_init=True))`` or
-        ``copy.deepcopy(base)``; default :func:`make_finetune_model`. Its trainable
+        ``copy.deepcopy(base)`` or ``diffusiongym.add_lora(base)``; default :func:`make_finetune_model`. Its trainable
         parameters are optimised.
     config : AdjointMatchingConfig, optional
     steps, t_start : int, float
@@ -482,6 +516,8 @@ class AdjointMatching:
         c = self.config
         if model is None:
             model = make_finetune_model(self.env, c.hidden, c.layers, c.num_frequencies, c.residual, c.seed)
+            if isinstance(model, ResidualModel):
+                model.net.to(dtype=dtype)  # the residual network in the trainer's precision
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module in the base parameterisation, got {type(model).__name__}")
         self.model = model.to(device=self.device)
@@ -540,28 +576,49 @@ class AdjointMatching:
         rest = torch.randperm(m - last, generator=self.generator, device=self.device).cpu()[: c.loss_times - last]
         return torch.cat([rest.sort().values, fixed])
 
-    def loss(self, states: Tensor, adjoint: Tensor, valid: Tensor, cond: dict[str, Any] | None = None) -> Tensor:
-        """Adjoint-matching loss ``mean_{k, i} |u_theta(x_k^i, t_k) + sigma(t_k) a_k^i|^2``.
-
-        ``states`` and ``adjoint`` have shape ``(m + 1, n, *sample_shape)``; the mean runs
-        over the loss times of :meth:`loss_times` and the ``valid`` trajectories.
-        """
-        idx = self.loss_times()
+    def _pairs(self, states: Tensor, adjoint: Tensor, valid: Tensor, cond: dict[str, Any] | None, idx: Tensor, start: int = 0) -> list[Any]:
+        """Regression pairs ``[x, t, sigma, factor, target, cond]`` (flattened over loss times
+        ``idx`` and valid trajectories) from a path segment starting at grid index ``start``."""
+        idx = idx[idx >= start]
         states_v, adj_v = states[:, valid], adjoint[:, valid]
         n = states_v.shape[1]
         shape = states_v.shape[2:]
         kk = idx.numel()
-        x = states_v[idx].reshape(kk * n, *shape)
-        t = torch.tensor([self.schedule.t[k] for k in idx.tolist()], dtype=x.dtype, device=x.device).repeat_interleave(n)
-        sig = torch.tensor([self.schedule.sigma[k] for k in idx.tolist()], dtype=x.dtype, device=x.device).repeat_interleave(n)
-        factor = torch.tensor([self.schedule.coef_out[k] / self.schedule.sigma[k] for k in idx.tolist()], dtype=x.dtype, device=x.device)
+        rows = idx - start
+        x = states_v[rows].reshape(kk * n, *shape)
+        grid = idx.tolist()
+        t = torch.tensor([self.schedule.t[k] for k in grid], dtype=x.dtype, device=x.device).repeat_interleave(n)
+        sig = torch.tensor([self.schedule.sigma[k] for k in grid], dtype=x.dtype, device=x.device).repeat_interleave(n)
+        factor = torch.tensor([self.schedule.coef_out[k] / self.schedule.sigma[k] for k in grid], dtype=x.dtype, device=x.device)
         factor = factor.repeat_interleave(n).reshape(-1, *([1] * len(shape)))
         sig = sig.reshape(-1, *([1] * len(shape)))
         cond_rep = {k: v[valid].repeat(kk, *([1] * (v.ndim - 1))) for k, v in (cond or {}).items()}
-        target = -sig * adj_v[idx].reshape(kk * n, *shape)
+        target = -sig * adj_v[rows].reshape(kk * n, *shape)
+        return [x, t, sig, factor, target, cond_rep]
+
+    def loss(
+        self,
+        states: Tensor,
+        adjoint: Tensor,
+        valid: Tensor,
+        cond: dict[str, Any] | None = None,
+        extra: list[tuple[Tensor, Tensor, Tensor, dict[str, Any], int]] = (),
+    ) -> Tensor:
+        """Adjoint-matching loss ``mean_{k, i} w(t_k) |u_theta(x_k^i, t_k) + sigma(t_k) a_k^i|^2``.
+
+        ``states`` and ``adjoint`` have shape ``(m + 1, n, *sample_shape)``; the mean runs
+        over the loss times of :meth:`loss_times` and the ``valid`` trajectories, plus the
+        path segments ``extra`` = ``(states, adjoint, valid, cond, start)`` that begin at grid
+        index ``start`` (restarts), then over a random minibatch of those pairs.
+        """
+        idx = self.loss_times()
+        parts = [self._pairs(states, adjoint, valid, cond, idx)]
+        parts += [self._pairs(s_, a_, v_, c_, idx, start) for s_, a_, v_, c_, start in extra]
+        x, t, sig, factor, target = (torch.cat([p[i] for p in parts]) for i in range(5))
+        cond_rep = {k: torch.cat([p[5][k] for p in parts]) for k in parts[0][5]}
         mb = self.config.minibatch_size
-        if mb is not None and mb < kk * n:
-            pick = torch.randperm(kk * n, generator=self.generator, device=self.device)[:mb].to(x.device)
+        if mb is not None and mb < x.shape[0]:
+            pick = torch.randperm(x.shape[0], generator=self.generator, device=self.device)[:mb].to(x.device)
             x, t, sig, factor, target = x[pick], t[pick], sig[pick], factor[pick], target[pick]
             cond_rep = {k: v[pick] for k, v in cond_rep.items()}
         with torch.no_grad():
@@ -570,24 +627,47 @@ class AdjointMatching:
         weight = time_weights(sig.reshape(-1), self.config.time_weight)
         return (weight * ((u - target) ** 2).reshape(x.shape[0], -1).sum(1)).mean()
 
-    def adjoint(self, states: Tensor, cond: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
-        """Regression targets' adjoint along ``states`` ``(m + 1, n, *shape)``: the plain lean
-        adjoint, or the lambda-return one bootstrapped on ``-u_theta / sigma`` when
-        ``config.bootstrap`` asks for it. Returns ``(adjoint, valid)`` as :func:`lean_adjoint`."""
+    def adjoint(self, states: Tensor, cond: dict[str, Any] | None = None, start: int = 0) -> tuple[Tensor, Tensor]:
+        """Regression targets' adjoint along ``states`` ``(m + 1 - start, n, *shape)`` on the
+        grid from index ``start``: the plain lean adjoint, or the lambda-return one
+        bootstrapped on ``-u_theta / sigma`` when ``config.bootstrap`` asks for it.
+        Returns ``(adjoint, valid)`` as :func:`lean_adjoint`."""
         c = self.config
+        times = self.times[start:]
         if c.bootstrap == "none":
-            return lean_adjoint(self.env, states, self.times, self.reward, self.reward_scale, cond)
+            return lean_adjoint(self.env, states, times, self.reward, self.reward_scale, cond)
         trace: Tensor | str = "adaptive"
         if c.bootstrap == "horizon":
-            trace = torch.exp(-torch.as_tensor(self.schedule.h, dtype=torch.float64) / float(c.bootstrap_horizon))
+            trace = torch.exp(-torch.as_tensor(self.schedule.h[start:], dtype=torch.float64) / float(c.bootstrap_horizon))
 
         def a_hat(x: Tensor, t: Tensor, **c: Any) -> Tensor:
             sigma = self.env.sigma(t.detach().to(torch.float64)).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
             return -self.control(x, t, model=self.target_model, **c) / sigma
 
         return lean_adjoint(
-            self.env, states, self.times, self.reward, self.reward_scale, cond, bootstrap=a_hat, trace=trace, growth_limit=c.growth_limit
+            self.env, states, times, self.reward, self.reward_scale, cond, bootstrap=a_hat, trace=trace, growth_limit=c.growth_limit
         )
+
+    def _restart(self, states: Tensor, cond: dict[str, Any]) -> list[tuple[Tensor, Tensor, Tensor, dict[str, Any], int]]:
+        """Restart segment (see ``AdjointMatchingConfig.restarts``): mixup states at one random
+        grid index ``k >= restart_after``, run to ``t = 1`` with the fine-tuned model, lean
+        adjoint along it. Returns ``[(states, adjoint, valid, cond, k)]`` for :meth:`loss`."""
+        c, m = self.config, self.steps
+        first = next((k for k, t in enumerate(self.schedule.t) if t >= c.restart_after), m - 1)
+        count = max(1, round(c.restarts * c.batch_size))
+        n = states.shape[1]
+        k = first + int(torch.randint(0, m - first, (1,), generator=self.generator, device=self.device))
+        i = torch.randint(0, n, (count,), generator=self.generator, device=self.device)
+        j = torch.randint(0, n, (count,), generator=self.generator, device=self.device)
+        mix = torch.rand((count,) + (1,) * (states.ndim - 2), generator=self.generator, device=self.device, dtype=states.dtype)
+        x = states[k, i] + mix * (states[k, j] - states[k, i])
+        sub = {name: v[i] for name, v in cond.items()}
+        seg = sample(
+            self.env, x=x, grid=self.times[k:], policy=self.model, reward=self.reward, reward_scale=self.reward_scale,
+            cond=sub, generator=self.generator, store="states",
+        )
+        adjoint, valid = self.adjoint(seg.states, sub, start=k)
+        return [(seg.states, adjoint, valid & seg.valid, sub, k)]
 
     def _set_learning_rate(self) -> None:
         c = self.config
@@ -598,7 +678,8 @@ class AdjointMatching:
             group["lr"] = c.learning_rate * factor
 
     def step(self) -> dict[str, float]:
-        """One iteration (sample, lean adjoint, one gradient step); returns its record."""
+        """One iteration (sample, lean adjoint, restarts if configured, ``updates_per_iteration``
+        gradient steps); returns its record (reward, KL and objective of the sampled batch)."""
         start = time.perf_counter()
         c = self.config
         cond = self._cond(c.batch_size)
@@ -609,11 +690,12 @@ class AdjointMatching:
         )
         adjoint, valid = self.adjoint(traj.states, cond)
         valid = valid & traj.valid
+        extra = self._restart(traj.states, cond) if c.restarts > 0 else []
         self._set_learning_rate()
         losses = []
         for _ in range(c.updates_per_iteration if bool(valid.any()) else 0):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(traj.states, adjoint, valid, cond)
+            loss = self.loss(traj.states, adjoint, valid, cond, extra)
             loss.backward()
             if c.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -692,7 +774,8 @@ class AdjointMatching:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> Path:
-        """Save model, optimiser, generator state, iteration and history (safetensors + JSON)."""
+        """Save the model's trainable weights (frozen base parameters are left out), the
+        optimiser, generator state, iteration and history (safetensors + JSON)."""
         tensors, opt_meta = optimizer_tensors(self.optimizer)
         tensors["generator_state"] = self.generator.get_state()
         config = {
@@ -705,12 +788,12 @@ class AdjointMatching:
             "t_start": self.t_start,
             "optimizer": opt_meta,
         }
-        return save_checkpoint(path, self._modules(), config, tensors)
+        return save_checkpoint(path, self._modules(), config, tensors, exclude=self._frozen())
 
     def load(self, path: str | Path) -> "AdjointMatching":
         """Restore a checkpoint written by :meth:`save` into this trainer (same architecture);
         training then continues exactly where it stopped."""
-        config, extra = load_checkpoint(path, self._modules(), device=self.device)
+        config, extra = load_checkpoint(path, self._modules(), device=self.device, allow_missing=self._frozen())
         if config.get("method") != "adjoint_matching":
             raise ValueError(f"path: expected an adjoint matching checkpoint, got method={config.get('method')!r}")
         self.generator.set_state(extra["generator_state"].cpu())
@@ -718,6 +801,12 @@ class AdjointMatching:
         self.iteration = int(config["iteration"])
         self.history = {k: list(v) for k, v in config["history"].items()}
         return self
+
+    def _frozen(self) -> dict[str, set[str]]:
+        """Frozen parameters (e.g. the base weights under a LoRA or residual fine-tune) are not
+        saved: the checkpoint holds what training changes; the base comes from the user."""
+        frozen = frozen_parameter_names(self.model)
+        return {name: frozen for name in self._modules()}
 
     def _modules(self) -> dict[str, nn.Module]:
         mods = {"model": self.model}
