@@ -361,7 +361,7 @@ def test_mixture_copy_closes_the_gap_and_learns_p_star(task_id):
     # exact targets: p* is again a mixture of the same components (quadratic reward).
     iterations = {"GMM1D-v0": ITER_1D, "GMM2D-v0": ITER_2D}[task_id]
     task = make_task(task_id)
-    trainer = AdjointMatching.from_task(task, config=_copy_config(iterations=iterations), steps=50, dtype=torch.float64)
+    trainer = AdjointMatching.from_task(task, config=_copy_config(iterations=iterations), steps=50)
     trainer.train()
     ev = trainer.evaluate(8192, seed=1, steps=100)
     assert ev["gap_closed"] > 0.90, ev["gap_closed"]
