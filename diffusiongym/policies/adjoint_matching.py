@@ -22,7 +22,9 @@ modes, with huge adjoints (GMM1D-v0: along ``u*`` paths the sample mean of ``-si
 - ``AdjointMatchingConfig(restarts=...)`` adds paths restarted late in the path from mixup
   states between the batch's states, so that region is sampled densely (same minimiser);
   with the base model's own trainable copy (``residual="copy"``, e.g. a mixture whose weights
-  are parameters) this makes the weights' estimate robust (``benchmarks/adjoint_matching_gmm.py``);
+  are parameters) this makes the gap closed robust, though the weights stay biased low: the
+  sample mean of the target at such states is still far below its expectation at 1e5 paths,
+  and Euler's ``I + h db/dx`` underestimates the expansion there (``benchmarks/adjoint_matching_gmm.py``);
 - ``bootstrap="horizon"`` regresses on a lambda-return adjoint bootstrapped on the model's
   own ``-u_theta / sigma`` (same fixed point; see :func:`lean_adjoint`), the TD(lambda)
   analogue of the paper's target, for free-form networks.
