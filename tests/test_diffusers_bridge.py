@@ -9,12 +9,17 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from tiny_unets import tiny_unet
 from torch import nn
 
 from diffusiongym import GaussianMixture, energy_distance, gmm_preset, sample
 from diffusiongym.envs.environment import EndpointEnvironment, EpsilonEnvironment, VelocityEnvironment
-from diffusiongym.models.diffusers_bridge import DiffusersModel, diffusers_environment, load_diffusers_environment, scheduler_from_diffusers
-
+from diffusiongym.models.diffusers_bridge import (
+    DiffusersModel,
+    diffusers_environment,
+    load_diffusers_environment,
+    scheduler_from_diffusers,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -166,24 +171,9 @@ def test_scheduler_mapping_values():
 
 
 # ------------------------------------------------------------------ tiny real UNets, offline
-def _tiny_unet(num_class_embeds=None, seed=0):
-    torch.manual_seed(seed)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_class_embeds,
-    ).eval()
-
-
 @pytest.mark.parametrize("layout", ["pipeline", "flat"])
 def test_load_tiny_unet_from_folder(tmp_path, layout):
-    unet = _tiny_unet()
+    unet = tiny_unet()
     sched = diffusers.DDIMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
     if layout == "pipeline":
         unet.save_pretrained(tmp_path / "unet")
@@ -205,7 +195,7 @@ def test_load_tiny_unet_from_folder(tmp_path, layout):
 
 
 def test_class_conditional_unet_and_guidance(tmp_path):
-    unet = _tiny_unet(num_class_embeds=11)
+    unet = tiny_unet(num_class_embeds=11)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
     unet.save_pretrained(tmp_path / "unet")
     sched.save_pretrained(tmp_path / "scheduler")
@@ -232,7 +222,7 @@ def test_load_from_hub_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo = tmp_path / "models--tiny-org--tiny-ddpm"
     snap = repo / "snapshots" / ("0" * 40)
-    _tiny_unet().save_pretrained(snap / "unet")
+    tiny_unet().save_pretrained(snap / "unet")
     diffusers.DDPMScheduler(num_train_timesteps=50, prediction_type="sample").save_pretrained(snap / "scheduler")
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
@@ -246,7 +236,7 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="unet"):
         DiffusersModel(42, diffusers.DDPMScheduler())
     with pytest.raises(ValueError, match="prediction_type"):
-        diffusers_environment(_tiny_unet(), diffusers.DDPMScheduler(), prediction_type="eps")
+        diffusers_environment(tiny_unet(), diffusers.DDPMScheduler(), prediction_type="eps")
     with pytest.raises(FileNotFoundError, match="source"):
         load_diffusers_environment("/nonexistent/folder/for/sure")
     assert math.isfinite(THRESHOLD)

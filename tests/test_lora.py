@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import diffusers
+import peft  # noqa: F401  (a dev dependency: fail, never skip, when it is missing)
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_unets import tiny_unet
 from torch import nn
-
-import peft  # noqa: F401  (a dev dependency: fail, never skip, when it is missing)
 
 from diffusiongym import AdjointMatching, AdjointMatchingConfig, BrightnessReward, add_lora, load_lora, save_lora
 from diffusiongym.models.diffusers_bridge import load_diffusers_environment
@@ -23,26 +23,10 @@ from diffusiongym.models.lora import lora_settings, lora_state_dict, lora_target
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def _tiny_unet(seed: int = 0, attention: bool = True) -> diffusers.UNet2DModel:
-    # As in test_diffusers_bridge.py; UNet2DModel's mid block has one attention layer by default.
-    torch.manual_seed(seed)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        add_attention=attention,
-    ).eval()
-
-
 @pytest.fixture
 def unet_dir(tmp_path):
     """A tiny flow-matching UNet saved in the pipeline layout (unet/, scheduler/)."""
-    _tiny_unet().save_pretrained(tmp_path / "unet")
+    tiny_unet().save_pretrained(tmp_path / "unet")
     diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "scheduler")
     return tmp_path
 
@@ -94,7 +78,7 @@ def test_diffusers_unet_lora_starts_equal_and_trains_only_adapters(unet_dir):
 def test_default_targets_without_attention_and_copy_modes():
     from diffusiongym.models.diffusers_bridge import diffusers_environment
 
-    env = diffusers_environment(_tiny_unet(attention=False), diffusers.FlowMatchEulerDiscreteScheduler())
+    env = diffusers_environment(tiny_unet(attention=False), diffusers.FlowMatchEulerDiscreteScheduler())
     names = lora_targets(env.model)
     modules = dict(env.model.named_modules())
     # no attention: every Linear / Conv layer (time embedding, resnets, samplers, conv_in, conv_out)
