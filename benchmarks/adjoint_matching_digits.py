@@ -6,7 +6,7 @@
 Base: the shipped flow UNet (``diffusiongym.models.digits``), *unconditional* (null label),
 memoryless SDE, 50 steps from ``t_start = 0.01`` (the ``Digits-v0`` grid). Reward: the shipped
 classifier's ``log p(target | x)`` (``DigitClassifierReward(target, "log_prob")``, differentiable),
-``reward_scale = 1``. Under ``p* ∝ p_base p(target | x)^lambda`` nearly all mass is on the
+``reward_scale = 2`` (default; 1 also reaches 80%, just). Under ``p* ∝ p_base p(target | x)^lambda`` nearly all mass is on the
 target class already at ``lambda = 1`` (the classifier gives other digits ``log p ~ -20``), with
 ``KL >= -log p_base(target) ~ 2.4`` nats. The fine-tuned model is a trainable
 ``copy.deepcopy`` of the UNet (full fine-tuning; the base stays frozen).
@@ -18,9 +18,12 @@ Every ``--eval-every`` iterations (and before training) prints, on fresh samples
 ``target_fraction`` and ``kl`` are computed from the same ``--eval-samples`` trajectories;
 ``kl`` is the Girsanov running cost ``E sum 1/2 |u|^2 h`` of the fine-tuned model.
 
-Measured (defaults, target 3, 128 evaluation samples, one core of a shared 2-core machine):
-fraction 0.109 (base) -> 0.523, 0.758, 0.727, 0.805, 0.789, 0.805 after 25..150 iterations,
-KL 3.8-4.1 nats, 816 s of training (~5 s per iteration of batch 32).
+Measured (target 3, one core of a shared 2-core machine):
+
+- ``--reward-scale 2`` (default), 512 evaluation samples: fraction 0.105 (base) -> 0.891, 0.928,
+  0.930 after 50, 100, 150 iterations (s.e. ~0.011), KL 4.9, 4.4, 4.2 nats, 328 s of training;
+- ``--reward-scale 1``, 128 evaluation samples: 0.109 -> 0.523, 0.758, 0.727, 0.805, 0.789, 0.805
+  after 25..150 iterations, KL 3.8-4.1 nats (816 s on a busier machine).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from diffusiongym.rewards.images import DigitClassifierReward
 STEPS, T_START = 50, 1e-2
 
 
-def make_trainer(target: int = 3, reward_scale: float = 1.0, config: AdjointMatchingConfig | None = None) -> AdjointMatching:
+def make_trainer(target: int = 3, reward_scale: float = 2.0, config: AdjointMatchingConfig | None = None) -> AdjointMatching:
     """Trainer fine-tuning a deepcopy of the unconditional digits UNet towards class ``target``."""
     env = digits_environment(noise="memoryless")
     reward = DigitClassifierReward(target=target, mode="log_prob")
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--reward-scale", type=float, default=1.0)
+    parser.add_argument("--reward-scale", type=float, default=2.0)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
