@@ -44,7 +44,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -604,7 +604,7 @@ class AdjointMatching:
         adjoint: Tensor,
         valid: Tensor,
         cond: dict[str, Any] | None = None,
-        extra: list[tuple[Tensor, Tensor, Tensor, dict[str, Any], int]] = (),
+        extra: Sequence[tuple[Tensor, Tensor, Tensor, dict[str, Any], int]] = (),
     ) -> Tensor:
         """Adjoint-matching loss ``mean_{k, i} w(t_k) |u_theta(x_k^i, t_k) + sigma(t_k) a_k^i|^2``.
 
