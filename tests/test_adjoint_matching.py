@@ -226,24 +226,48 @@ def test_training_uses_memoryless_noise_even_for_an_ode_env():
     assert trainer.finetuned_env(noise="ode").noise.is_deterministic
 
 
-def test_save_load_resume_is_exact(tmp_path):
-    # 4 iterations straight == 2 iterations, save, load into a fresh trainer, 2 more
-    # (same sampling noise, time subsets and Adam moments): bit-identical weights.
-    task = make_task("GMM2D-v0", parameterization="score")
-    cfg = AdjointMatchingConfig(batch_size=32, hidden=16, layers=1, loss_times=5, always_last=2, seed=7, restarts=0.5, minibatch_size=64)
-    straight = AdjointMatching.from_task(task, config=cfg, steps=15)
+RESUME_CASES = {
+    # the mixture copy (GMM2D, score model) with time subsets, minibatches and restarts
+    "copy": ("GMM2D-v0", "score", 15, dict(batch_size=32, loss_times=5, always_last=2, seed=7, restarts=0.5, minibatch_size=64)),
+    # the residual MLP with the bootstrapped target, its EMA target network and the cosine schedule
+    "bootstrap": ("GMM1D-v0", "velocity", 10, dict(batch_size=32, loss_times=None, minibatch_size=64, updates_per_iteration=2,
+                  bootstrap="horizon", grad_clip=None, hidden=16, layers=1, iterations=4, lr_schedule="cosine", target_ema=0.9,
+                  seed=3, residual="control")),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_save_load_resume_is_exact(tmp_path, case):
+    # 4 iterations straight == 2 iterations, save, load into a fresh trainer, 2 more: all state
+    # (sampling generator, time subsets, restarts, Adam moments, EMA weights, schedule) is in the
+    # checkpoint, so the weights are bit-identical.
+    task_id, parameterization, steps, options = RESUME_CASES[case]
+    task = make_task(task_id, parameterization=parameterization)
+    cfg = AdjointMatchingConfig(**options)
+
+    def trainer():
+        return AdjointMatching.from_task(task, config=cfg, steps=steps)
+
+    straight = trainer()
     straight.train(4)
-    first = AdjointMatching.from_task(task, config=cfg, steps=15)
+    first = trainer()
     first.train(2)
     first.save(tmp_path / "ckpt")
-    resumed = AdjointMatching.from_task(task, config=cfg, steps=15).load(tmp_path / "ckpt")
+    resumed = trainer().load(tmp_path / "ckpt")
     assert resumed.iteration == 2 and len(resumed.history["loss"]) == 2
     calls = []
     resumed.train(2, callback=calls.append)
     assert [c["iteration"] for c in calls] == [3.0, 4.0]
-    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    pairs = [(straight.model, resumed.model)]
+    if cfg.target_ema is not None:
+        pairs.append((straight.target_model, resumed.target_model))
+    for left, right in pairs:
+        for a, b in zip(left.state_dict().values(), right.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert resumed.history["loss"] == pytest.approx(straight.history["loss"], rel=1e-6)
+    assert straight.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
+    if cfg.lr_schedule == "cosine":
+        assert resumed.optimizer.param_groups[0]["lr"] < cfg.learning_rate
     assert not (tmp_path / "ckpt" / "weights.safetensors").with_suffix(".pt").exists()
 
 
@@ -338,13 +362,6 @@ def test_bootstrap_arguments():
             AdjointMatchingConfig(**bad)
 
 
-def _bootstrapped_config(**kw):
-    base = dict(batch_size=512, loss_times=None, minibatch_size=2048, updates_per_iteration=8, bootstrap="horizon",
-                bootstrap_horizon=0.05, learning_rate=3e-3, grad_clip=None, seed=0)
-    base.update(kw)
-    return AdjointMatchingConfig(**base)
-
-
 def _copy_config(**kw):
     # the benchmark row's settings (benchmarks/adaptation_methods/adjoint_matching.py)
     base = dict(batch_size=1024, loss_times=None, minibatch_size=8192, updates_per_iteration=8, learning_rate=3e-2,
@@ -378,23 +395,3 @@ def test_mixture_copy_closes_the_gap_and_learns_p_star(task_id):
     # covariances to 15% of the component variance (0.04-0.06 here), off-diagonal terms included
     scale = float(target.covs[heavy].diagonal(dim1=-2, dim2=-1).max())
     torch.testing.assert_close(learnt.covs[heavy], target.covs[heavy], rtol=0.0, atol=0.15 * scale)
-
-
-def test_bootstrapped_training_resumes_exactly(tmp_path):
-    # Same as the plain resume test, with the target network, minibatches and the cosine schedule:
-    # all of their state (EMA weights, generator, iteration count) is in the checkpoint.
-    task = make_task("GMM1D-v0")
-    cfg = _bootstrapped_config(batch_size=32, minibatch_size=64, updates_per_iteration=2, hidden=16, layers=1,
-                               iterations=4, lr_schedule="cosine", target_ema=0.9, seed=3, residual="control")
-    straight = AdjointMatching.from_task(task, config=cfg, steps=10)
-    straight.train(4)
-    first = AdjointMatching.from_task(task, config=cfg, steps=10)
-    first.train(2)
-    first.save(tmp_path / "ckpt")
-    resumed = AdjointMatching.from_task(task, config=cfg, steps=10).load(tmp_path / "ckpt")
-    resumed.train(2)
-    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(straight.target_model.state_dict().values(), resumed.target_model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert straight.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"] < cfg.learning_rate
