@@ -578,55 +578,61 @@ class AdjointMatching:
         rest = torch.randperm(m - last, generator=self.generator, device=self.device).cpu()[: c.loss_times - last]
         return torch.cat([rest.sort().values, fixed])
 
-    def _pairs(self, states: Tensor, adjoint: Tensor, valid: Tensor, cond: dict[str, Any] | None, idx: Tensor, start: int = 0) -> list[Any]:
-        """Regression pairs ``[x, t, sigma, factor, target, cond]`` (flattened over loss times
-        ``idx`` and valid trajectories) from a path segment starting at grid index ``start``."""
-        idx = idx[idx >= start]
-        states_v, adj_v = states[:, valid], adjoint[:, valid]
-        n = states_v.shape[1]
-        shape = states_v.shape[2:]
-        kk = idx.numel()
-        rows = idx - start
-        x = states_v[rows].reshape(kk * n, *shape)
-        grid = idx.tolist()
-        t = torch.tensor([self.schedule.t[k] for k in grid], dtype=x.dtype, device=x.device).repeat_interleave(n)
-        sig = torch.tensor([self.schedule.sigma[k] for k in grid], dtype=x.dtype, device=x.device).repeat_interleave(n)
-        factor = torch.tensor([self.schedule.coef_out[k] / self.schedule.sigma[k] for k in grid], dtype=x.dtype, device=x.device)
-        factor = factor.repeat_interleave(n).reshape(-1, *([1] * len(shape)))
-        sig = sig.reshape(-1, *([1] * len(shape)))
-        cond_rep = {k: v[valid].repeat(kk, *([1] * (v.ndim - 1))) for k, v in (cond or {}).items()}
-        target = -sig * adj_v[rows].reshape(kk * n, *shape)
-        return [x, t, sig, factor, target, cond_rep]
-
-    def loss(
+    def regression_pairs(
         self,
         states: Tensor,
         adjoint: Tensor,
         valid: Tensor,
         cond: dict[str, Any] | None = None,
         extra: Sequence[tuple[Tensor, Tensor, Tensor, dict[str, Any], int]] = (),
-    ) -> Tensor:
-        """Adjoint-matching loss ``mean_{k, i} w(t_k) |u_theta(x_k^i, t_k) + sigma(t_k) a_k^i|^2``.
+    ) -> dict[str, Any]:
+        """All ``(x_k^i, t_k, target)`` pairs of one iteration, flattened (built once, shared by
+        its ``updates_per_iteration`` gradient steps).
 
-        ``states`` and ``adjoint`` have shape ``(m + 1, n, *sample_shape)``; the mean runs
-        over the loss times of :meth:`loss_times` and the ``valid`` trajectories, plus the
-        path segments ``extra`` = ``(states, adjoint, valid, cond, start)`` that begin at grid
-        index ``start`` (restarts), then over a random minibatch of those pairs.
+        ``states`` and ``adjoint`` have shape ``(m + 1, n, *sample_shape)`` (the batch);
+        ``extra`` holds path segments ``(states, adjoint, valid, cond, start)`` that begin at
+        grid index ``start`` (restarts). Pairs use grid times ``0 .. m - 1`` of valid paths.
+        Returns a dict of tensors with one row per pair: ``x``, ``t``, ``sigma``, ``factor``
+        (``coef_out / sigma``), ``target`` (``-sigma a``), ``k`` (grid index) and ``cond``.
         """
-        idx = self.loss_times()
-        parts = [self._pairs(states, adjoint, valid, cond, idx)]
-        parts += [self._pairs(s_, a_, v_, c_, idx, start) for s_, a_, v_, c_, start in extra]
-        x, t, sig, factor, target = (torch.cat([p[i] for p in parts]) for i in range(5))
-        cond_rep = {k: torch.cat([p[5][k] for p in parts]) for k in parts[0][5]}
+        parts = []
+        for seg_states, seg_adjoint, seg_valid, seg_cond, start in [(states, adjoint, valid, cond, 0), *extra]:
+            x = seg_states[:-1, seg_valid]  # (m - start, n_valid, *shape)
+            steps, n = x.shape[:2]
+            shape = x.shape[2:]
+            ks = torch.arange(start, start + steps)
+            per_k = {
+                "t": self.schedule.t[start:], "sigma": self.schedule.sigma[start:],
+                "factor": [c / s for c, s in zip(self.schedule.coef_out[start:], self.schedule.sigma[start:])],
+            }
+            col = {name: torch.tensor(v, dtype=x.dtype, device=x.device).repeat_interleave(n) for name, v in per_k.items()}
+            sig = col["sigma"].reshape(-1, *([1] * len(shape)))
+            parts.append({
+                "x": x.reshape(steps * n, *shape),
+                "target": -sig * seg_adjoint[:-1, seg_valid].reshape(steps * n, *shape),
+                "k": ks.repeat_interleave(n).to(x.device),
+                **col,
+                "cond": {name: v[seg_valid].repeat(steps, *([1] * (v.ndim - 1))) for name, v in (seg_cond or {}).items()},
+            })
+        pairs = {name: torch.cat([p[name] for p in parts]) for name in ("x", "target", "k", "t", "sigma", "factor")}
+        pairs["cond"] = {name: torch.cat([p["cond"][name] for p in parts]) for name in parts[0]["cond"]}
+        return pairs
+
+    def loss(self, pairs: dict[str, Any]) -> Tensor:
+        """Adjoint-matching loss ``mean w(t_k) |u_theta(x_k^i, t_k) + sigma(t_k) a_k^i|^2`` over
+        the :meth:`regression_pairs` at this step's :meth:`loss_times`, then over a random
+        minibatch of ``config.minibatch_size`` of them."""
+        rows = torch.isin(pairs["k"], self.loss_times().to(pairs["k"].device)).nonzero().squeeze(1)
         mb = self.config.minibatch_size
-        if mb is not None and mb < x.shape[0]:
-            pick = torch.randperm(x.shape[0], generator=self.generator, device=self.device)[:mb].to(x.device)
-            x, t, sig, factor, target = x[pick], t[pick], sig[pick], factor[pick], target[pick]
-            cond_rep = {k: v[pick] for k, v in cond_rep.items()}
+        if mb is not None and mb < rows.numel():
+            rows = rows[torch.randperm(rows.numel(), generator=self.generator, device=self.device)[:mb].to(rows.device)]
+        x, t, target = pairs["x"][rows], pairs["t"][rows], pairs["target"][rows]
+        factor = pairs["factor"][rows].reshape(-1, *([1] * (x.ndim - 1)))
+        cond = {name: v[rows] for name, v in pairs["cond"].items()}
         with torch.no_grad():
-            base = self.env.model(x, t, **cond_rep)
-        u = (self.model(x, t, **cond_rep) - base) * factor
-        weight = time_weights(sig.reshape(-1), self.config.time_weight)
+            base = self.env.model(x, t, **cond)
+        u = (self.model(x, t, **cond) - base) * factor
+        weight = time_weights(pairs["sigma"][rows], self.config.time_weight)
         return (weight * ((u - target) ** 2).reshape(x.shape[0], -1).sum(1)).mean()
 
     def adjoint(self, states: Tensor, cond: dict[str, Any] | None = None, start: int = 0) -> tuple[Tensor, Tensor]:
@@ -653,7 +659,7 @@ class AdjointMatching:
     def _restart(self, states: Tensor, cond: dict[str, Any]) -> list[tuple[Tensor, Tensor, Tensor, dict[str, Any], int]]:
         """Restart segment (see ``AdjointMatchingConfig.restarts``): mixup states at one random
         grid index ``k >= restart_after``, run to ``t = 1`` with the fine-tuned model, lean
-        adjoint along it. Returns ``[(states, adjoint, valid, cond, k)]`` for :meth:`loss`."""
+        adjoint along it. Returns ``[(states, adjoint, valid, cond, k)]`` for :meth:`regression_pairs`."""
         c, m = self.config, self.steps
         first = next((k for k, t in enumerate(self.schedule.t) if t >= c.restart_after), m - 1)
         count = max(1, round(c.restarts * c.batch_size))
@@ -693,11 +699,12 @@ class AdjointMatching:
         adjoint, valid = self.adjoint(traj.states, cond)
         valid = valid & traj.valid
         extra = self._restart(traj.states, cond) if c.restarts > 0 else []
+        pairs = self.regression_pairs(traj.states, adjoint, valid, cond, extra)
         self._set_learning_rate()
         losses = []
         for _ in range(c.updates_per_iteration if bool(valid.any()) else 0):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(traj.states, adjoint, valid, cond, extra)
+            loss = self.loss(pairs)
             loss.backward()
             if c.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
