@@ -1,0 +1,59 @@
+"""Adjoint Matching on the Gaussian-mixture tasks reaches p* (slow; its own file so that
+pytest-xdist's ``--dist loadfile`` runs it beside the rest of the suite)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusiongym import energy_distance, sample
+from diffusiongym.policies.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from diffusiongym.tasks import make_task
+
+torch.set_flush_denormal(True)
+
+# The full budget of benchmarks/adaptation_methods/adjoint_matching.py: (iterations, learning rate).
+BUDGETS = {"GMM1D-v0": (100, 5e-2), "GMM2D-v0": (200, 5e-2)}
+N_TEST = 2048
+
+
+def _threshold(target, n: int, draws: int = 10) -> float:
+    """1.5 x the largest of ``draws`` energy distances between two exact samples of size ``n``."""
+    gen = lambda i: torch.Generator().manual_seed(1000 + i)  # noqa: E731
+    return 1.5 * max(energy_distance(target.sample(n, generator=gen(2 * i)), target.sample(n, generator=gen(2 * i + 1))) for i in range(draws))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_id", ["GMM1D-v0", "GMM2D-v0"])
+def test_mixture_copy_closes_the_gap_and_samples_p_star(task_id):
+    # The trainable mixture copy, lean adjoint with likelihood-ratio steps and restarts, judged on
+    # fresh samples on the task's 100-step grid (training uses 50 steps), and through its
+    # parameters, which have exact targets: p* is again a mixture of the same components.
+    # Two-sample test: energy distance at n = 2048 against 1.5 x the largest of 10 exact-vs-exact
+    # distances (the exact p* copy on this grid scores 0.0001-0.0017 / 0.0005-0.0008). Measured
+    # with this seed: gap 0.979 / 0.997, energy distance 0.0002 / 0.0010 against thresholds
+    # 0.0020 / 0.0028, largest weight error 0.014 / 0.006 (GMM1D / GMM2D). With the paper's
+    # Monte-Carlo lean adjoint alone the gap passes but the weights do not (GMM1D light mode
+    # 0.62-0.80 against 0.827) and neither does the two-sample test.
+    iterations, learning_rate = BUDGETS[task_id]
+    task = make_task(task_id)
+    cfg = AdjointMatchingConfig(
+        iterations=iterations, batch_size=1024, loss_times=None, minibatch_size=8192, updates_per_iteration=8,
+        learning_rate=learning_rate, lr_schedule="cosine", grad_clip=None, time_weight="inverse", restarts=4.0,
+        restart_after=0.7, residual="copy", likelihood_ratio=0.1, seed=0,
+    )
+    trainer = AdjointMatching.from_task(task, config=cfg, steps=50)
+    trainer.train()
+    traj = sample(task.environment, 8192, steps=task.steps, t_start=task.t_start, policy=trainer.model, reward=task.reward,
+                  reward_scale=task.reward_scale, seed=10_000)
+    assert task.oracle.gap_closed(float(traj.objective.mean())) > 0.95
+    target = task.oracle.target
+    exact = target.sample(N_TEST, generator=torch.Generator().manual_seed(77), dtype=torch.float32)
+    assert energy_distance(traj.x1[:N_TEST], exact) < _threshold(target, N_TEST)
+    learnt = trainer.model.mixture()
+    assert float((learnt.weights - target.weights).abs().max()) < 0.03, learnt.weights
+    heavy = target.weights > 0.05
+    assert float((learnt.means - target.means)[heavy].abs().max()) < 0.05
+    # covariances to 10% of the component variance (0.04-0.06 here), off-diagonal terms included
+    scale = float(target.covs[heavy].diagonal(dim1=-2, dim2=-1).max())
+    torch.testing.assert_close(learnt.covs[heavy], target.covs[heavy], rtol=0.0, atol=0.10 * scale)
