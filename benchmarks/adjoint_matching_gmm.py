@@ -2,9 +2,11 @@
 
     python benchmarks/adjoint_matching_gmm.py --quick --seeds 0 1 2     # the --quick rows' budget
     python benchmarks/adjoint_matching_gmm.py --tasks GMM1D-v0 --seeds 0 1 2 3 4
+    python benchmarks/adjoint_matching_gmm.py --tasks GMM1D-v0 --plain   # the paper's estimator
 
 Trains with the settings of ``benchmarks/adaptation_methods/adjoint_matching.py`` (the
-trainable mixture copy, Monte-Carlo lean adjoint, restarts) and prints per task and seed:
+trainable mixture copy, lean adjoint with likelihood-ratio steps, restarts; ``--plain``:
+the Monte-Carlo lean adjoint alone) and prints per task and seed:
 
 - gap closed, KL and mean reward on fresh samples on the task's 100-step grid, and the
   same for the exact ``u*`` on that grid (the ceiling set by Euler's bias);
@@ -43,13 +45,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the --quick budget of benchmarks/adaptation.py")
     parser.add_argument("--tasks", nargs="*", default=TASKS)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--plain", action="store_true", help="no likelihood-ratio steps (the paper's Monte-Carlo lean adjoint)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     for task_id in args.tasks:
         for seed in args.seeds:
             start = time.perf_counter()
-            task, trainer = train(task_id, args.quick, seed)
+            task, trainer = train(task_id, args.quick, seed, **({"likelihood_ratio": None} if args.plain else {}))
             secs = time.perf_counter() - start
             common = dict(steps=task.steps, t_start=task.t_start, reward=task.reward, reward_scale=task.reward_scale, seed=seed + 10_000)
             traj = dg.sample(task.environment, N_EVAL, policy=trainer.model, **common)

@@ -5,11 +5,12 @@
 
 Both trainers use the same batch of trajectories and the same grid; each keeps the
 per-iteration settings of its benchmark row (``benchmarks/adaptation_methods/``): Adjoint
-Matching samples, solves the lean adjoint (``steps`` VJPs of the base drift), runs its restart
+Matching samples, solves the lean adjoint with likelihood-ratio steps (3 VJPs of the base
+drift per step: the adjoint, a probe and the likelihood-ratio vector), runs its restart
 paths (4 x batch, from ``t >= 0.7``, with their adjoints) and takes ``updates_per_iteration``
 gradient steps on minibatches of 8192 ``(k, i)`` pairs (float64: the trainable mixture copy);
-``adjoint_matching_mlp`` is the same trainer with a residual MLP (float32, no restarts, 4096
-pairs); Value Matching samples and takes its regression steps. Each measurement runs in a fresh process. Peak memory: on CUDA
+``adjoint_matching_mlp`` is the paper's plain lean adjoint (1 VJP per step) with a residual
+MLP (float32, no restarts, 4096 pairs); Value Matching samples and takes its regression steps. Each measurement runs in a fresh process. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` during training; on the CPU the growth of the
 process's peak resident set size (``ru_maxrss``) from before the trainer is built to after training
 (coarse: it includes allocator caching). Prints one line per method and task::
@@ -45,12 +46,14 @@ def _measure(method: str, task_id: str, batch: int, steps: int, iterations: int,
         from diffusiongym.policies.adjoint_matching import AdjointMatching
 
         # the benchmark row's settings at this batch: the trainable mixture copy with restarts
-        # (4 x batch extra paths from t >= 0.7); "_mlp": a residual MLP, no restarts
+        # (4 x batch extra paths from t >= 0.7) and likelihood-ratio steps; "_mlp": a residual
+        # MLP, the plain lean adjoint, no restarts
         if method == "adjoint_matching":
             cfg = am_config(task_id, True, 0, batch_size=batch)
             dtype = torch.float64
         else:
-            cfg = am_config(task_id, True, 0, batch_size=batch, residual="control", restarts=0.0, learning_rate=3e-3, minibatch_size=4096)
+            cfg = am_config(task_id, True, 0, batch_size=batch, residual="control", restarts=0.0, learning_rate=3e-3, minibatch_size=4096,
+                            likelihood_ratio=None)
             dtype = torch.float32
         trainer = AdjointMatching.from_task(task, config=cfg, steps=steps, device=device, dtype=dtype)
     else:
