@@ -254,18 +254,21 @@ class TrainableGaussianMixtureModel(nn.Module):
             raise ValueError(f"x: expected shape (n, {d}), got {tuple(x.shape)}")
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         alpha, beta, d_alpha, d_beta = self.scheduler(tt)
-        a = alpha.reshape(-1, 1, 1, 1)
-        b = beta.reshape(-1, 1, 1, 1)
         chol = self.cholesky().to(x)
         cov = chol @ chol.mT  # (K, d, d)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        c_chol = torch.linalg.cholesky(a**2 * cov + b**2 * eye)  # (n or 1, K, d, d)
-        resid = (x[:, None, :] - alpha.reshape(-1, 1, 1) * self.means.to(x)).unsqueeze(-1)  # (n, K, d, 1)
-        c_chol = c_chol.expand(resid.shape[0], -1, -1, -1)
-        white = torch.linalg.solve_triangular(c_chol, resid, upper=False)
-        c_inv_r = torch.linalg.solve_triangular(c_chol.mT, white, upper=True).squeeze(-1)  # C_k^{-1} (x - alpha mu_k)
-        log_det = torch.log(torch.diagonal(c_chol, dim1=-2, dim2=-1)).sum(-1)
-        log_rho = torch.log_softmax(self.logits.to(x), 0) - 0.5 * white.squeeze(-1).pow(2).sum(-1) - log_det
+        # factor C_k = alpha^2 S_k + beta^2 I once per distinct time (a batch holds few), then gather
+        times, index = torch.unique(tt.detach().reshape(-1), return_inverse=True)
+        a_u, b_u, _, _ = self.scheduler(times)
+        c_chol = torch.linalg.cholesky(a_u.reshape(-1, 1, 1, 1) ** 2 * cov + b_u.reshape(-1, 1, 1, 1) ** 2 * eye)  # (U, K, d, d)
+        l_inv = torch.linalg.solve_triangular(c_chol, eye.expand_as(c_chol), upper=False)  # L_k^{-1}
+        log_det = torch.log(torch.diagonal(c_chol, dim1=-2, dim2=-1)).sum(-1)  # (U, K)
+        if times.numel() > 1:
+            l_inv, log_det = l_inv[index], log_det[index]
+        resid = x[:, None, :] - alpha.reshape(-1, 1, 1) * self.means.to(x)  # (n, K, d)
+        white = torch.einsum("nkij,nkj->nki", l_inv.expand(resid.shape[0], -1, -1, -1), resid)
+        c_inv_r = torch.einsum("nkji,nkj->nki", l_inv.expand(resid.shape[0], -1, -1, -1), white)  # C_k^{-1} (x - alpha mu_k)
+        log_rho = torch.log_softmax(self.logits.to(x), 0) - 0.5 * white.pow(2).sum(-1) - log_det
         rho = torch.softmax(log_rho, dim=1)  # (n, K)
         score = -torch.einsum("nk,nki->ni", rho, c_inv_r)
         comp_means = self.means.to(x) + alpha.reshape(-1, 1, 1) * torch.einsum("kij,nkj->nki", cov, c_inv_r)
