@@ -355,8 +355,10 @@ def lean_adjoint(
     ``z_k``, so the mean is unchanged). With ``controls``, ``C_{k+1}`` is replaced by
     ``C_{k+1} - s_k z_k . g_k`` and ``g_k`` added back (``s_k = sigma_k sqrt(h_k)``,
     ``g_k = -u_k / sigma_k``, a function of ``x_k``): since ``E[z z^T] = I`` the mean is
-    the same, and the part of ``C_{k+1}`` linear in ``z_k`` no longer adds noise. It has the conditional mean of the lean adjoint
-    at the optimum but no Jacobian product after step ``k``. Where the base drift
+    the same, and the part of ``C_{k+1}`` linear in ``z_k`` no longer adds noise.
+
+    This ``a_k`` has the conditional mean of the lean adjoint at the optimum but no
+    Jacobian product after step ``k``. Where the base drift
     separates narrow modes, ``prod (I + h db/dx)`` explodes on the rare paths that linger
     between them, and the pathwise estimate of how much mass each mode should get is a
     rare-event one (from one state at ``t = 0.6`` of GMM1D-v0 the sample mean of
@@ -746,7 +748,8 @@ class AdjointMatching:
         bootstrapped on ``-u_theta / sigma`` when ``config.bootstrap`` asks for it, or the
         one with likelihood-ratio steps (``config.likelihood_ratio``; then the paths'
         ``noises`` ``(m - start, n, *shape)`` and ``cost_to_go`` ``(m + 1 - start, n)`` are
-        needed, and their ``controls`` serve as a control variate). Returns ``(adjoint, valid)`` as :func:`lean_adjoint`."""
+        needed, and their ``controls`` serve as a control variate).
+        Returns ``(adjoint, valid)`` as :func:`lean_adjoint`."""
         c = self.config
         times = self.times[start:]
         if c.likelihood_ratio is not None:
