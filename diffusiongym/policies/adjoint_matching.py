@@ -187,9 +187,7 @@ class AdjointMatchingConfig:
 
     def __post_init__(self) -> None:
         if self.likelihood_ratio is not None:
-            lr = self.likelihood_ratio
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-                raise ValueError(f"likelihood_ratio: expected a non-negative expansion threshold or None, got {lr!r}")
+            check_expansion_threshold(self.likelihood_ratio)
             if self.bootstrap != "none":
                 raise ValueError(f"likelihood_ratio: not combined with bootstrap={self.bootstrap!r}; give one of them")
         if self.bootstrap not in ("none", "adaptive", "horizon"):
@@ -222,6 +220,13 @@ class AdjointMatchingConfig:
             raise ValueError(f"time_weight: expected one of {list(TIME_WEIGHTS)}, got {self.time_weight!r}")
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual: expected one of {list(RESIDUALS)}, got {self.residual!r}")
+
+
+def check_expansion_threshold(value: Any) -> float:
+    """Validate ``likelihood_ratio`` (``theta >= 0``, a real number) and return it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"likelihood_ratio: expected a non-negative expansion threshold or None, got {value!r}")
+    return float(value)
 
 
 TIME_WEIGHTS = ("uniform", "clip", "inverse")
@@ -398,8 +403,7 @@ def lean_adjoint(
     if likelihood_ratio is not None:
         if trace is not None:
             raise ValueError("likelihood_ratio: not combined with a bootstrapped trace; give one of them")
-        if isinstance(likelihood_ratio, bool) or not isinstance(likelihood_ratio, (int, float)) or not likelihood_ratio >= 0:
-            raise ValueError(f"likelihood_ratio: expected a non-negative expansion threshold or None, got {likelihood_ratio!r}")
+        check_expansion_threshold(likelihood_ratio)
         if noises is None or cost_to_go is None:
             raise ValueError("likelihood_ratio: needs the paths' noises (m, n, *shape) and cost_to_go (m + 1, n) as well")
         if tuple(noises.shape) != (m, *states.shape[1:]):
