@@ -187,7 +187,7 @@ class AdjointMatchingConfig:
 
     def __post_init__(self) -> None:
         if self.likelihood_ratio is not None:
-            check_expansion_threshold(self.likelihood_ratio)
+            _check_expansion_threshold(self.likelihood_ratio)
             if self.bootstrap != "none":
                 raise ValueError(f"likelihood_ratio: not combined with bootstrap={self.bootstrap!r}; give one of them")
         if self.bootstrap not in ("none", "adaptive", "horizon"):
@@ -222,7 +222,7 @@ class AdjointMatchingConfig:
             raise ValueError(f"residual: expected one of {list(RESIDUALS)}, got {self.residual!r}")
 
 
-def check_expansion_threshold(value: Any) -> float:
+def _check_expansion_threshold(value: Any) -> float:
     """Validate ``likelihood_ratio`` (``theta >= 0``, a real number) and return it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"likelihood_ratio: expected a non-negative expansion threshold or None, got {value!r}")
@@ -403,7 +403,7 @@ def lean_adjoint(
     if likelihood_ratio is not None:
         if trace is not None:
             raise ValueError("likelihood_ratio: not combined with a bootstrapped trace; give one of them")
-        check_expansion_threshold(likelihood_ratio)
+        _check_expansion_threshold(likelihood_ratio)
         if noises is None or cost_to_go is None:
             raise ValueError("likelihood_ratio: needs the paths' noises (m, n, *shape) and cost_to_go (m + 1, n) as well")
         if tuple(noises.shape) != (m, *states.shape[1:]):
