@@ -31,7 +31,7 @@ TASKS = ["GMM1D-v0", "GMM2D-v0"]
 # benchmarks/adjoint_matching_gmm.py, energy distance at n = 2048 against 1.5 x the largest of
 # 10 exact-vs-exact distances):
 # - GMM1D, full (100 iterations, lr 0.05), seeds 0-4: gap 0.979 0.980 0.980 0.975 0.972 (u* on
-#   the same grid: 0.974-0.982), all 5 pass; weights within 0.015 of p*; 22-38 s.
+#   the same grid: 0.974-0.982), all 5 pass; weights within 0.016 of p*; 22-38 s.
 #   Quick (60 iterations, lr 0.03): gap 0.977 (seed 0); 16 s.
 # - GMM2D, full (300 iterations, lr 0.05), seeds 0-2: all pass, weights within 0.005; ~250 s.
 #   With 200 iterations 2 of 3 passed (seed 1 missed by 2%: 0.00285 against 0.00279); with
