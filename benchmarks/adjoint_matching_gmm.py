@@ -34,12 +34,6 @@ N_EVAL = 16384
 N_TEST = 2048
 
 
-def energy_threshold(task, n: int, draws: int = 10) -> float:
-    gen = lambda i: torch.Generator().manual_seed(1000 + i)  # noqa: E731
-    null = [dg.energy_distance(task.oracle.target.sample(n, generator=gen(2 * i)), task.oracle.target.sample(n, generator=gen(2 * i + 1))) for i in range(draws)]
-    return 1.5 * max(null)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the --quick budget of benchmarks/adaptation.py")
@@ -60,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             obj, obj_opt = float(traj.objective.mean()), float(opt.objective.mean())
             se = float(traj.objective.std()) / N_EVAL**0.5
             target = task.oracle.target.sample(N_TEST, generator=torch.Generator().manual_seed(seed + 77), dtype=torch.float32)
-            thr = energy_threshold(task, N_TEST)
+            thr = dg.null_energy_threshold(task.oracle.target, N_TEST, seed=1000)
             ed, ed_opt = dg.energy_distance(traj.x1[:N_TEST], target), dg.energy_distance(opt.x1[:N_TEST], target)
             weights = trainer.model.mixture().weights
             print(f"{task_id} seed {seed}: {trainer.iteration} iterations in {secs:.0f} s")

@@ -33,10 +33,6 @@ import diffusiongym as dg  # noqa: E402
 N_EVAL = 4096
 
 
-def energy_threshold(task, n: int, draws: int = 10) -> float:
-    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
-    null = [dg.energy_distance(task.oracle.target.sample(n, generator=gen(2 * i)), task.oracle.target.sample(n, generator=gen(2 * i + 1))) for i in range(draws)]
-    return 1.5 * max(null)
 
 
 def value_mse(trainer, task, traj, ks) -> list[tuple[float, float, float]]:
@@ -76,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  exact: optimal {task.oracle.optimal_objective:.4f}  base {task.oracle.base_objective:.4f}")
         n = 2048
         target = task.oracle.target.sample(n, generator=torch.Generator().manual_seed(args.seed + 77), dtype=torch.float32)
-        thr = energy_threshold(task, n)
+        thr = dg.null_energy_threshold(task.oracle.target, n)
         ed, ed_opt = dg.energy_distance(traj.x1[:n], target), dg.energy_distance(opt.x1[:n], target)
         base = task.mixture.sample(n, generator=torch.Generator().manual_seed(args.seed + 78), dtype=torch.float32)
         print(f"  energy distance to p* (n={n}): learned {ed:.5f}  u* {ed_opt:.5f}  base {dg.energy_distance(base, target):.5f}  threshold {thr:.5f}  pass={ed < thr}")

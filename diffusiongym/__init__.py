@@ -36,7 +36,7 @@ from diffusiongym.rewards import (
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.schedulers import CosineScheduler, DiscreteVPScheduler, LinearScheduler, Scheduler, make_scheduler
 from diffusiongym.timegrid import make_time_grid
-from diffusiongym.utils.stats import energy_distance
+from diffusiongym.utils.stats import energy_distance, null_energy_threshold
 
 __version__ = "0.1.0"
 
@@ -88,6 +88,7 @@ __all__ = [
     "make_scheduler",
     "make_time_grid",
     "energy_distance",
+    "null_energy_threshold",
 ]
 
 from diffusiongym.envs.gym_env import DiffusionEnv  # noqa: E402

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusiongym import energy_distance, sample
+from diffusiongym import energy_distance, null_energy_threshold, sample
 from diffusiongym.policies.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.tasks import make_task
 
@@ -15,12 +15,6 @@ torch.set_flush_denormal(True)
 # The full budget of benchmarks/adaptation_methods/adjoint_matching.py: (iterations, learning rate).
 BUDGETS = {"GMM1D-v0": (100, 5e-2), "GMM2D-v0": (300, 5e-2)}
 N_TEST = 2048
-
-
-def _threshold(target, n: int, draws: int = 10) -> float:
-    """1.5 x the largest of ``draws`` energy distances between two exact samples of size ``n``."""
-    gen = lambda i: torch.Generator().manual_seed(1000 + i)  # noqa: E731
-    return 1.5 * max(energy_distance(target.sample(n, generator=gen(2 * i)), target.sample(n, generator=gen(2 * i + 1))) for i in range(draws))
 
 
 @pytest.mark.slow
@@ -50,7 +44,7 @@ def test_mixture_copy_closes_the_gap_and_samples_p_star(task_id):
     assert task.oracle.gap_closed(float(traj.objective.mean())) > 0.95
     target = task.oracle.target
     exact = target.sample(N_TEST, generator=torch.Generator().manual_seed(77), dtype=torch.float32)
-    assert energy_distance(traj.x1[:N_TEST], exact) < _threshold(target, N_TEST)
+    assert energy_distance(traj.x1[:N_TEST], exact) < null_energy_threshold(target, N_TEST, seed=1000)
     learnt = trainer.model.mixture()
     assert float((learnt.weights - target.weights).abs().max()) < 0.03, learnt.weights
     heavy = target.weights > 0.05

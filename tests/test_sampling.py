@@ -79,8 +79,7 @@ def test_oracle_control_reaches_tilted_target(null_threshold):
     n = 2000
     traj = dg.sample(task.environment, n, steps=200, control=task.oracle.control(), reward=task.reward, reward_scale=task.reward_scale, seed=5)
     target = task.oracle.target.sample(n, generator=torch.Generator().manual_seed(6), dtype=torch.float32)
-    null = [dg.energy_distance(task.oracle.target.sample(n, generator=torch.Generator().manual_seed(2 * i)), task.oracle.target.sample(n, generator=torch.Generator().manual_seed(2 * i + 1))) for i in range(10)]
-    assert dg.energy_distance(traj.x1, target) < 1.5 * max(null)
+    assert dg.energy_distance(traj.x1, target) < dg.null_energy_threshold(task.oracle.target, n)
     # Mean return = optimal objective within 4 Monte-Carlo standard errors + 0.03 (Euler bias at
     # 200 steps, measured 0.033 on GMM1D with 16k samples, 0.015 at 400 steps).
     ret = traj.objective.double()
@@ -194,3 +193,16 @@ def test_errors_name_the_argument():
         dg.sample(env, 4, seed=0, generator=torch.Generator())
     with pytest.raises(TypeError, match="env"):
         dg.sample(object(), 4)
+
+
+def test_null_energy_threshold_is_factor_times_the_largest_null_distance():
+    # pair i draws with seeds seed + 2i and seed + 2i + 1: the helper is exactly that recipe
+    target = make_task("GMM1D-v0").oracle.target
+    draw = lambda s: target.sample(300, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    null = [dg.energy_distance(draw(50 + 2 * i), draw(51 + 2 * i)) for i in range(3)]
+    assert dg.null_energy_threshold(target, 300, draws=3, factor=2.0, seed=50) == pytest.approx(2.0 * max(null), rel=1e-12)
+    with pytest.raises(ValueError, match="n"):
+        dg.null_energy_threshold(target, 1)
+    with pytest.raises(ValueError, match="draws"):
+        dg.null_energy_threshold(target, 100, draws=0)
+

@@ -266,8 +266,9 @@ class TrainableGaussianMixtureModel(nn.Module):
         if times.numel() > 1:
             l_inv, log_det = l_inv[index], log_det[index]
         resid = x[:, None, :] - alpha.reshape(-1, 1, 1) * self.means.to(x)  # (n, K, d)
-        white = torch.einsum("nkij,nkj->nki", l_inv.expand(resid.shape[0], -1, -1, -1), resid)
-        c_inv_r = torch.einsum("nkji,nkj->nki", l_inv.expand(resid.shape[0], -1, -1, -1), white)  # C_k^{-1} (x - alpha mu_k)
+        l_inv = l_inv.expand(resid.shape[0], -1, -1, -1)
+        white = torch.einsum("nkij,nkj->nki", l_inv, resid)
+        c_inv_r = torch.einsum("nkji,nkj->nki", l_inv, white)  # C_k^{-1} (x - alpha mu_k)
         log_rho = torch.log_softmax(self.logits.to(x), 0) - 0.5 * white.pow(2).sum(-1) - log_det
         rho = torch.softmax(log_rho, dim=1)  # (n, K)
         score = -torch.einsum("nk,nki->ni", rho, c_inv_r)
