@@ -129,9 +129,10 @@ def test_trainable_copy_equals_the_exact_model(preset, parameterization):
     x = 2 * torch.randn(256, base.sample_shape[0], dtype=torch.float64, generator=gen)
     t = 1e-3 + 0.998 * torch.rand(256, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(copy(x, t), base(x, t), rtol=1e-10, atol=1e-10)
-    # the copy factors C_k once per distinct time: a shared time, a scalar and repeated times agree too
+    # the copy factors C_k once per distinct time: a shared, an expanded, a scalar and repeated times agree too
     shared = torch.full((256,), 0.3, dtype=torch.float64)
-    for tt in (shared, t[torch.arange(256) % 7]):
+    expanded = torch.tensor(0.3, dtype=torch.float64).expand(256)  # as the samplers pass t_k (no unique)
+    for tt in (shared, expanded, t[torch.arange(256) % 7]):
         torch.testing.assert_close(copy(x, tt), base(x, tt), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(copy(x, 0.3), base(x, shared), rtol=1e-10, atol=1e-10)
     mix = copy.mixture()

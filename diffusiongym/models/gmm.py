@@ -257,13 +257,18 @@ class TrainableGaussianMixtureModel(nn.Module):
         chol = self.cholesky().to(x)
         cov = chol @ chol.mT  # (K, d, d)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        # factor C_k = alpha^2 S_k + beta^2 I once per distinct time (a batch holds few), then gather
-        times, index = torch.unique(tt.detach().reshape(-1), return_inverse=True)
+        # factor C_k = alpha^2 S_k + beta^2 I once per distinct time (a batch holds few), then gather;
+        # a scalar or an expanded one (the samplers' t_k.expand(n)) needs no torch.unique (a device sync)
+        flat = tt.detach().reshape(-1)
+        if flat.numel() == 1 or tt.stride(0) == 0:
+            times, index = flat[:1], None
+        else:
+            times, index = torch.unique(flat, return_inverse=True)
         a_u, b_u, _, _ = self.scheduler(times)
         c_chol = torch.linalg.cholesky(a_u.reshape(-1, 1, 1, 1) ** 2 * cov + b_u.reshape(-1, 1, 1, 1) ** 2 * eye)  # (U, K, d, d)
         l_inv = torch.linalg.solve_triangular(c_chol, eye.expand_as(c_chol), upper=False)  # L_k^{-1}
         log_det = torch.log(torch.diagonal(c_chol, dim1=-2, dim2=-1)).sum(-1)  # (U, K)
-        if times.numel() > 1:
+        if index is not None and times.numel() > 1:
             l_inv, log_det = l_inv[index], log_det[index]
         resid = x[:, None, :] - alpha.reshape(-1, 1, 1) * self.means.to(x)  # (n, K, d)
         l_inv = l_inv.expand(resid.shape[0], -1, -1, -1)
