@@ -37,7 +37,7 @@ import torch
 
 import diffusiongym as dg
 from diffusiongym.models.digits import digits_environment
-from diffusiongym.policies.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.rewards.images import DigitClassifierReward
 
 STEPS, T_START = 50, 1e-2

@@ -17,7 +17,7 @@ process's peak resident set size (``ru_maxrss``) from before the trainer is buil
 
     METHOD TASK batch=<n> steps=<m> sec_per_iter=<median> peak_mem_mb=<MB>
 
-Value Matching is skipped (with a note) if ``diffusiongym.policies.value_matching`` is absent.
+Value Matching is skipped (with a note) if ``diffusiongym.trainers.value_matching`` is absent.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _measure(method: str, task_id: str, batch: int, steps: int, iterations: int,
     if method.startswith("adjoint_matching"):
         from adaptation_methods.adjoint_matching import config as am_config
 
-        from diffusiongym.policies.adjoint_matching import AdjointMatching
+        from diffusiongym.trainers.adjoint_matching import AdjointMatching
 
         # the benchmark row's settings at this batch: the trainable mixture copy with restarts
         # (4 x batch extra paths from t >= 0.7) and likelihood-ratio steps; "_mlp": a residual
@@ -57,7 +57,7 @@ def _measure(method: str, task_id: str, batch: int, steps: int, iterations: int,
             dtype = torch.float32
         trainer = AdjointMatching.from_task(task, config=cfg, steps=steps, device=device, dtype=dtype)
     else:
-        from diffusiongym.policies.value_matching import ValueMatching, ValueMatchingConfig
+        from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
 
         cfg = ValueMatchingConfig(batch_size=batch, updates_per_iteration=32, minibatch_size=2048, replay=3, lr=1e-3)
         trainer = ValueMatching.from_task(task, config=cfg, steps=steps, device=device)
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     methods = ["adjoint_matching", "adjoint_matching_mlp"]
-    if importlib.util.find_spec("diffusiongym.policies.value_matching") is not None:
+    if importlib.util.find_spec("diffusiongym.trainers.value_matching") is not None:
         methods.append("value_matching")
     else:
-        print("note: diffusiongym.policies.value_matching not found; Value Matching skipped", file=sys.stderr)
+        print("note: diffusiongym.trainers.value_matching not found; Value Matching skipped", file=sys.stderr)
     ctx = mp.get_context("spawn")
     for task_id in args.tasks:
         for method in methods:

@@ -30,7 +30,7 @@ from diffusiongym.envs.vector_env import DiffusionVectorEnv
 from diffusiongym.models.digit_classifier import load_digit_classifier
 from diffusiongym.models.digits import IMAGE_SHAPE, digits_environment, digits_task, load_digits_model
 from diffusiongym.policies.networks import TimeMLP
-from diffusiongym.policies.policy_gradient import PGConfig, PolicyGradientAgent
+from diffusiongym.trainers.policy_gradient import PGConfig, PolicyGradientAgent
 from diffusiongym.rewards.images import DigitClassifierReward
 
 

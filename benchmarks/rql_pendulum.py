@@ -36,7 +36,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from diffusiongym.policies.rql import RQL, FlowPolicy, OfflineDataset, RQLConfig, collect_dataset, evaluate_policy, flow_matching_bc
+from diffusiongym.trainers.rql import RQL, FlowPolicy, OfflineDataset, RQLConfig, collect_dataset, evaluate_policy, flow_matching_bc
 
 
 def energy_controller(obs: np.ndarray) -> float:

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/value_matching_digits.py            # trains, writes the shipped weights
     OMP_NUM_THREADS=1 python benchmarks/value_matching_digits.py --eval-only  # evaluates the shipped weights
 
-Setting (:func:`diffusiongym.policies.value_matching.digits_value_task`): the shipped
+Setting (:func:`diffusiongym.trainers.value_matching.digits_value_task`): the shipped
 :class:`~diffusiongym.models.digits.DigitsUNet` with the null label (unconditional, every class
 about 10%), memoryless SDE, 25 Euler steps from ``t = 0.01``, the non-differentiable reward
 ``1[classifier argmax = 3]`` with ``lambda = 10``. Value network ``SignalScaled(TimeCNN)``
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import diffusiongym as dg
-from diffusiongym.policies.value_matching import (
+from diffusiongym.trainers.value_matching import (
     DIGITS_VALUE_WEIGHTS,
     ValueMatching,
     ValueMatchingConfig,

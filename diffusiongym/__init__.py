@@ -103,6 +103,8 @@ from diffusiongym import discrete  # noqa: E402
 from diffusiongym.logprob import euler_step_log_prob, path_log_ratio, step_kl, step_log_prob  # noqa: E402
 from diffusiongym.policies import *  # noqa: E402,F403
 from diffusiongym.policies import __all__ as _policy_names  # noqa: E402
+from diffusiongym.trainers import *  # noqa: E402,F403
+from diffusiongym.trainers import __all__ as _trainer_names  # noqa: E402
 
 register_envs()
 register_discrete_envs()
@@ -127,4 +129,5 @@ __all__ += [
     "step_kl",
     "path_log_ratio",
     *_policy_names,
+    *_trainer_names,
 ]

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusiongym.envs.environment import DiffusionEnvironment
+from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.rewards.base import Reward
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
 from diffusiongym.utils.validation import check_positive_int, check_tensor
@@ -260,6 +261,8 @@ def sample(
         if noises.device != x.device:
             raise ValueError(f"noises: expected a tensor on {x.device}, got {noises.device}")
 
+    if isinstance(control, ModelControl) and control.env is env:
+        policy, control = control.model, None  # share the base call made for the drift
     has_control = control is not None or policy is not None
     running = None if schedule.deterministic else torch.zeros(m, n, dtype=dtype, device=device)
     storage: dict[str, list[Tensor]] = {name: [] for name in store}
@@ -282,7 +285,7 @@ def sample(
             if has_control:
                 if policy is not None:
                     out_policy = policy(x, t_vec, **cond)
-                    u = (out_policy - out) * (schedule.coef_out[k] / sig)
+                    u = output_control(out_policy, out, schedule.coef_out[k] / sig)
                 else:
                     u = control(x, t_vec, **cond)
                     if u.shape != x.shape:

@@ -9,7 +9,7 @@ import torch
 
 from diffusiongym.models.gmm import TrainableGaussianMixtureModel
 from diffusiongym.parameterization import PARAMETERIZATIONS
-from diffusiongym.policies.adjoint_matching import (
+from diffusiongym.trainers.adjoint_matching import (
     AdjointMatching,
     AdjointMatchingConfig,
     ControlScaledNet,

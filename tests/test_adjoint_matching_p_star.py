@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusiongym import energy_distance, null_energy_threshold, sample
-from diffusiongym.policies.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.tasks import make_task
 
 torch.set_flush_denormal(True)

@@ -7,7 +7,7 @@ import torch
 
 import diffusiongym as dg
 from diffusiongym.parameterization import convert
-from diffusiongym.policies.efm import EFMConfig, EFMTrainer, efm_weights, flow_matching_target, weighted_flow_matching_loss
+from diffusiongym.trainers.efm import EFMConfig, EFMTrainer, efm_weights, flow_matching_target, weighted_flow_matching_loss
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.schedulers import make_scheduler
 from diffusiongym.tasks import make_task

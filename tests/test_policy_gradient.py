@@ -12,7 +12,7 @@ import diffusiongym as dg
 from diffusiongym.logprob import step_kl, step_log_prob
 from diffusiongym.policies.agent import ControlAgent
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
-from diffusiongym.policies.policy_gradient import PGConfig, PolicyGradientAgent, group_advantages
+from diffusiongym.trainers.policy_gradient import PGConfig, PolicyGradientAgent, group_advantages
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffusiongym as dg
-from diffusiongym.policies.rql import (
+from diffusiongym.trainers.rql import (
     RQL,
     FlowPolicy,
     OfflineDataset,

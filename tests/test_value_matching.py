@@ -12,8 +12,9 @@ from torch import nn
 
 import diffusiongym as dg
 from diffusiongym.policies.networks import TimeMLP
-from diffusiongym.policies.value import ControlPolicy, SignalScaled, TimeCNN, ValuePolicy
-from diffusiongym.policies.value_matching import ValueMatching, ValueMatchingConfig, load_value_policy, time_weights
+from diffusiongym.policies.networks import SignalScaled, TimeCNN
+from diffusiongym.policies.value import ControlPolicy, ValuePolicy
+from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig, load_value_policy, time_weights
 from diffusiongym.rewards.base import CallableReward
 from diffusiongym.tasks import make_task
 
@@ -270,7 +271,7 @@ def test_non_differentiable_reward_moves_mass():
 
 def _default(task):
     torch.manual_seed(0)
-    from diffusiongym.policies.value_matching import default_value_net
+    from diffusiongym.trainers.value_matching import default_value_net
 
     return default_value_net(task.sample_shape, task.environment.scheduler)
 
@@ -336,7 +337,7 @@ def test_control_action_is_the_one_conversion_for_agents_and_policies():
 
 
 def test_save_and_load_value_net_round_trip(tmp_path):
-    from diffusiongym.policies.value_matching import load_value_net, save_value_net
+    from diffusiongym.trainers.value_matching import load_value_net, save_value_net
 
     torch.manual_seed(0)
     sched = dg.LinearScheduler()
@@ -359,7 +360,7 @@ def test_shipped_digits_value_net_raises_the_target_class():
     1024 samples; 0.7 is 7 standard errors at n = 128 below it and 7x the base rate), with a
     positive KL below 10 nats (measured 5.5; the optimum spends 2.3, so a control that only
     grows, e.g. with a sign error or a blow-up near t = 0, fails here or on validity)."""
-    from diffusiongym.policies.value_matching import DIGITS_VALUE_WEIGHTS, digits_value_task, load_value_net
+    from diffusiongym.trainers.value_matching import DIGITS_VALUE_WEIGHTS, digits_value_task, load_value_net
 
     net, info = load_value_net(DIGITS_VALUE_WEIGHTS, "linear")
     task = digits_value_task(**info["recipe"])

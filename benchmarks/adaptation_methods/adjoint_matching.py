@@ -1,4 +1,4 @@
-"""Adjoint Matching rows: fine-tune a trainable copy of the base model (``diffusiongym.policies.adjoint_matching``).
+"""Adjoint Matching rows: fine-tune a trainable copy of the base model (``diffusiongym.trainers.adjoint_matching``).
 
 The fine-tuned model is the base mixture's own ``trainable_copy()`` (weights, means and
 covariances are parameters: full fine-tuning of a copy, as the issue asks for small models).
@@ -22,7 +22,7 @@ from __future__ import annotations
 from adaptation import Result
 
 import diffusiongym as dg
-from diffusiongym.policies.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.tasks import make_task
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]

@@ -6,7 +6,7 @@ import torch
 from adaptation import Result
 
 import diffusiongym as dg
-from diffusiongym.policies.efm import EFMConfig, EFMTrainer
+from diffusiongym.trainers.efm import EFMConfig, EFMTrainer
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.tasks import make_task
 

@@ -9,7 +9,7 @@ from adaptation import Result
 
 import diffusiongym as dg
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
-from diffusiongym.policies.policy_gradient import PGConfig, PolicyGradientAgent
+from diffusiongym.trainers.policy_gradient import PGConfig, PolicyGradientAgent
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]
 

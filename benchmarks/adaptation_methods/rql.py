@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation import Result  # noqa: E402
 
-from diffusiongym.policies.rql import RQL, RQLConfig, diffusion_dataset, diffusion_policy, flow_kl_to_density  # noqa: E402
+from diffusiongym.trainers.rql import RQL, RQLConfig, diffusion_dataset, diffusion_policy, flow_kl_to_density  # noqa: E402
 from diffusiongym.tasks import make_task  # noqa: E402
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]

@@ -1,4 +1,4 @@
-"""Value Matching rows: learn V, steer with u = -sigma grad V (``diffusiongym.policies.value_matching``).
+"""Value Matching rows: learn V, steer with u = -sigma grad V (``diffusiongym.trainers.value_matching``).
 
 ``train(task_id, quick, seed)`` is shared with ``benchmarks/value_matching.py`` (full figures).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from adaptation import Result
 
 import diffusiongym as dg
-from diffusiongym.policies.value_matching import ValueMatching, ValueMatchingConfig
+from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
 from diffusiongym.tasks import make_task
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]

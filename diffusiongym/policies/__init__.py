@@ -1,25 +1,25 @@
-"""Adaptation methods and policies: agents on the engine (control ``u(x, t, **cond)`` or a
-fine-tuned model) and on the Gymnasium API (through :class:`ControlAgent`).
+"""Policies: controls ``u(x, t, **cond)`` usable by :func:`diffusiongym.sample`, by
+:class:`ControlAgent` on the Gymnasium envs, and as what every trainer exposes as ``policy``.
 
-- Value-function control: :class:`ValuePolicy`, :class:`ValueMatching`.
-- SOC fine-tuning: :class:`AdjointMatching`.
-- Energy-weighted flow matching: :class:`EFMTrainer`.
-- Policy gradient on the denoising MDP: :class:`PolicyGradientAgent`.
-- Denoise-as-action offline RL: :class:`RQL`.
+- :class:`ValuePolicy`: ``u = -sigma grad_x V`` from a cost-to-go network.
+- :class:`ControlPolicy`: a network that outputs ``u``.
+- :class:`ModelControl`: the control of a fine-tuned model (``u = coef_out (out - out_base) / sigma``).
+- :class:`ControlAgent` / :func:`control_action`: observation in, normalised action out.
+- :mod:`diffusiongym.policies.networks`: the small time-conditioned networks.
 """
 
-from diffusiongym.policies.adjoint_matching import AdjointMatching, AdjointMatchingConfig, lean_adjoint
 from diffusiongym.policies.agent import ControlAgent, control_action
-from diffusiongym.policies.efm import EFMConfig, EFMTrainer, efm_weights
+from diffusiongym.policies.control import ModelControl, control_factor, output_control
 from diffusiongym.policies.networks import FourierTimeEmbedding, ResidualModel, TimeMLP
-from diffusiongym.policies.policy_gradient import PGConfig, PolicyGradientAgent, group_advantages
-from diffusiongym.policies.rql import RQL, FlowPolicy, FlowValue, OfflineDataset, RQLConfig
-from diffusiongym.policies.value import ControlPolicy, SignalScaled, TimeCNN, ValuePolicy
-from diffusiongym.policies.value_matching import ValueMatching, ValueMatchingConfig, load_value_policy
+from diffusiongym.policies.networks import SignalScaled, TimeCNN
+from diffusiongym.policies.value import ControlPolicy, ValuePolicy
 
 __all__ = [
     "ControlAgent",
     "control_action",
+    "ModelControl",
+    "control_factor",
+    "output_control",
     "TimeMLP",
     "FourierTimeEmbedding",
     "ResidualModel",
@@ -27,21 +27,4 @@ __all__ = [
     "ControlPolicy",
     "TimeCNN",
     "SignalScaled",
-    "ValueMatching",
-    "ValueMatchingConfig",
-    "load_value_policy",
-    "AdjointMatching",
-    "AdjointMatchingConfig",
-    "lean_adjoint",
-    "EFMConfig",
-    "EFMTrainer",
-    "efm_weights",
-    "PGConfig",
-    "PolicyGradientAgent",
-    "group_advantages",
-    "RQL",
-    "RQLConfig",
-    "FlowPolicy",
-    "FlowValue",
-    "OfflineDataset",
 ]

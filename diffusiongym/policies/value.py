@@ -12,10 +12,9 @@ Both also act on Gymnasium observations ``{"x": (n, *shape), "t": (n, 1), **cond
 through :meth:`act`, returning the normalised action ``a = u / action_scale`` (an
 unbatched numpy observation gives an unbatched numpy action).
 
-Value networks: :class:`~diffusiongym.policies.networks.TimeMLP` (``out_dim = 1``) for
-vectors, :class:`TimeCNN` here for images (optionally class-conditional), each best
-wrapped in :class:`SignalScaled` (input ``alpha_t x``), which keeps ``sigma grad V``
-bounded near ``t = 0`` where ``sigma`` blows up.
+Value networks live in :mod:`diffusiongym.policies.networks`: ``TimeMLP`` (``out_dim = 1``)
+for vectors, ``TimeCNN`` for images, each best wrapped in ``SignalScaled`` (input
+``alpha_t x``), which keeps ``sigma grad V`` bounded near ``t = 0`` where ``sigma`` blows up.
 """
 
 from __future__ import annotations
@@ -28,20 +27,9 @@ from torch import Tensor, nn
 
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.agent import control_action
-from diffusiongym.policies.networks import FourierTimeEmbedding
-from diffusiongym.schedulers import Scheduler, make_scheduler
+from diffusiongym.policies.networks import time_vector as _time_vector
 
-__all__ = ["ValuePolicy", "ControlPolicy", "TimeCNN", "SignalScaled"]
-
-
-def _time_vector(t: Tensor | float, x: Tensor) -> Tensor:
-    tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    if tt.ndim == 0:
-        return tt.expand(x.shape[0])
-    tt = tt.reshape(-1) if tt.ndim == 2 and tt.shape[1] == 1 else tt
-    if tt.shape != (x.shape[0],):
-        raise ValueError(f"t: expected a scalar, shape ({x.shape[0]},) or ({x.shape[0]}, 1), got {tuple(tt.shape)}")
-    return tt
+__all__ = ["ValuePolicy", "ControlPolicy"]
 
 
 class _Agent(nn.Module):
@@ -169,142 +157,3 @@ class ControlPolicy(_Agent):
         if u.numel() != x.numel():
             raise ValueError(f"net output: expected {x.numel()} values (shape {tuple(x.shape)}), got shape {tuple(u.shape)}")
         return u.reshape(x.shape)
-
-
-class _Block(nn.Module):
-    """GroupNorm -> SiLU -> conv, with a per-channel shift from the (time, class) embedding."""
-
-    def __init__(self, channels: int, emb_dim: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(min(8, channels), channels)
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.shift = nn.Linear(emb_dim, channels)
-
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
-        return h + self.conv(torch.nn.functional.silu(self.norm(h) + self.shift(emb)[:, :, None, None]))
-
-
-class TimeCNN(nn.Module):
-    """Small time-conditioned (optionally class-conditional) CNN for images.
-
-    ``net(x, t, **cond)`` with ``x`` of shape ``(n, C, H, W)`` and ``t`` of shape ``(n,)``.
-
-    Parameters
-    ----------
-    in_channels : int
-        ``C``.
-    hidden : int
-        Channels of the residual conv blocks.
-    blocks : int
-        Number of residual blocks (3x3 convs, stride 1; the receptive field covers 8x8).
-    num_classes : int, optional
-        Makes the network class-conditional: ``cond[class_key]`` (integer tensor ``(n,)``)
-        is embedded and added to the time embedding.
-    class_key : str
-        Conditioning keyword holding the labels.
-    output : {"value", "field"}
-        ``"value"``: a scalar per sample, shape ``(n, 1)`` (mean-pooled head), for
-        :class:`ValuePolicy`. ``"field"``: shape ``(n, C, H, W)``, for :class:`ControlPolicy`.
-    zero_init : bool
-        Zero the head (the network starts as the zero function: the base model's control).
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        hidden: int = 32,
-        blocks: int = 3,
-        num_classes: int | None = None,
-        class_key: str = "label",
-        output: str = "value",
-        num_frequencies: int = 8,
-        zero_init: bool = True,
-    ):
-        super().__init__()
-        if output not in ("value", "field"):
-            raise ValueError(f"output: expected 'value' or 'field', got {output!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0):
-            raise ValueError(f"num_classes: expected a positive integer or None, got {num_classes!r}")
-        self.config = {
-            "in_channels": in_channels,
-            "hidden": hidden,
-            "blocks": blocks,
-            "num_classes": num_classes,
-            "class_key": class_key,
-            "output": output,
-            "num_frequencies": num_frequencies,
-        }
-        self.in_channels, self.output, self.class_key = in_channels, output, class_key
-        self.embed = FourierTimeEmbedding(num_frequencies)
-        emb_dim = 4 * hidden
-        self.time_mlp = nn.Sequential(nn.Linear(self.embed.dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_embed = nn.Embedding(num_classes, emb_dim) if num_classes is not None else None
-        self.stem = nn.Conv2d(in_channels, hidden, 3, padding=1)
-        self.blocks = nn.ModuleList(_Block(hidden, emb_dim) for _ in range(blocks))
-        self.out_norm = nn.GroupNorm(min(8, hidden), hidden)
-        if output == "value":
-            self.head: nn.Module = nn.Linear(hidden, 1)
-        else:
-            self.head = nn.Conv2d(hidden, in_channels, 3, padding=1)
-        if zero_init:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected shape (n, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        t = _time_vector(t, x)
-        emb = self.time_mlp(self.embed(t))
-        if self.class_embed is not None:
-            if self.class_key not in cond:
-                raise ValueError(f"cond: expected the class labels under {self.class_key!r}, got keys {sorted(cond)}")
-            labels = torch.as_tensor(cond[self.class_key], device=x.device).long().reshape(-1)
-            if labels.shape != (x.shape[0],):
-                raise ValueError(f"cond[{self.class_key!r}]: expected shape ({x.shape[0]},), got {tuple(labels.shape)}")
-            emb = emb + self.class_embed(labels)
-        emb = torch.nn.functional.silu(emb)
-        h = self.stem(x)
-        for block in self.blocks:
-            h = block(h, emb)
-        h = torch.nn.functional.silu(self.out_norm(h))
-        if self.output == "value":
-            return self.head(h.mean(dim=(2, 3)))
-        return self.head(h)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.config.items())
-
-
-
-class SignalScaled(nn.Module):
-    """``V(x, t, **cond) = net(alpha_t x, t, **cond)``: a value network that sees ``alpha_t x``.
-
-    Why: the exact cost-to-go depends on ``x`` only through ``alpha_t x`` (for *any* data
-    law, the Gaussian likelihood of ``x_t = x`` given ``x1`` is
-    ``exp(-|x|^2 / 2 beta^2 + alpha x . x1 / beta^2 - ...)`` and the ``|x|^2`` term cancels
-    in the posterior), and ``grad_x V* = O(alpha_t)`` as ``t -> 0``. With this input the
-    learned control ``-sigma grad_x V = -sigma alpha_t grad net`` inherits that factor, so a
-    network gradient error is not amplified by ``sigma`` near ``t = 0`` (memoryless linear
-    schedule: ``sigma alpha = sqrt(2 t (1 - t)) <= 0.71``, while ``sigma(1e-3) = 45``).
-    Without it, Value Matching on the GMM tasks diverges (the KL explodes).
-
-    Parameters
-    ----------
-    net : nn.Module
-        ``net(y, t, **cond)`` with ``y = alpha_t x`` of the shape of ``x``.
-    scheduler : str or Scheduler
-        Supplies ``alpha_t`` (use the environment's).
-    """
-
-    def __init__(self, net: nn.Module, scheduler: str | Scheduler):
-        super().__init__()
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"net: expected an nn.Module, got {type(net).__name__}")
-        self.net = net
-        self.scheduler = make_scheduler(scheduler)
-        self.config = {"net_class": type(net).__name__, "net": getattr(net, "config", None)}
-
-    def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        t = _time_vector(t, x)
-        alpha = self.scheduler.alpha(t).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return self.net(alpha * x, t, **cond)

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.noise import Memoryless
-from diffusiongym.policies.networks import ResidualModel, TimeMLP
+from diffusiongym.policies.networks import ControlScaledNet, ResidualModel, TimeMLP
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import StepSchedule, sample
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
@@ -70,7 +70,6 @@ from diffusiongym.utils.validation import check_positive_int
 __all__ = [
     "AdjointMatchingConfig",
     "AdjointMatching",
-    "ControlScaledNet",
     "lean_adjoint",
     "make_finetune_model",
     "check_differentiable_reward",
@@ -488,36 +487,6 @@ def lean_adjoint(
     valid = valid & finite
     adjoint = torch.where(valid.reshape(1, n, *([1] * (x1.ndim - 1))), adjoint, torch.zeros_like(adjoint))
     return adjoint, valid
-
-
-class ControlScaledNet(nn.Module):
-    """Residual in base-model units from a network that outputs the control ``u``.
-
-    ``forward(x, t) = (sigma(t) / coef_out(t)) * net(x, t)``, where
-    ``b = coef_x x + coef_out * output`` is the base environment's drift conversion under
-    the memoryless schedule. Inside ``ResidualModel(base, ControlScaledNet(net, env))``
-    the control is then exactly ``u = net(x, t)``, whatever the parameterisation, which
-    keeps the regression equally well conditioned for velocity, epsilon, endpoint and
-    score models (their ``coef_out / sigma`` ranges over orders of magnitude in ``t``).
-    """
-
-    def __init__(self, net: nn.Module, env: DiffusionEnvironment):
-        super().__init__()
-        self.net = net
-        self._env = _memoryless(env)
-
-    def scale(self, t: Tensor) -> Tensor:
-        """``sigma(t) / coef_out(t)``, shape of ``t`` (float64 maths, cast to ``t``'s dtype)."""
-        t64 = t.detach().to(torch.float64)
-        _, coef_out = self._env.coefficients(t64, "drift")
-        return (self._env.sigma(t64) / coef_out).to(t.dtype)
-
-    def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        out = self.net(x, t, **cond).reshape(x.shape)
-        return self.scale(t).reshape(-1, *([1] * (x.ndim - 1))) * out
 
 
 def make_finetune_model(

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.networks import TimeMLP
-from diffusiongym.policies.value import SignalScaled, TimeCNN, ValuePolicy
+from diffusiongym.policies.networks import SignalScaled, TimeCNN
+from diffusiongym.policies.value import ValuePolicy
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid

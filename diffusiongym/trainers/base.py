@@ -1,0 +1,616 @@
+"""The Trainer contract every adaptation method follows.
+
+A method is a subclass of :class:`Trainer` with a config dataclass derived from
+:class:`TrainerConfig` and one method, :meth:`Trainer._step` (one iteration: sample, build
+targets, update). The base class gives the rest, the same for every method:
+
+- construction ``Method(task_or_env, reward=None, reward_scale=None, model=None, config=None)``
+  (a :class:`~diffusiongym.tasks.Task`, a registered task id, or a
+  :class:`~diffusiongym.envs.environment.DiffusionEnvironment` plus a reward);
+- :meth:`step` -> metrics, :meth:`train` (``iterations``, ``callback``, ``progress``),
+  :attr:`history`, :attr:`policy` (a control ``u(x, t, **cond)`` usable by
+  :func:`~diffusiongym.sample`, :class:`~diffusiongym.policies.agent.ControlAgent` and the
+  Gymnasium envs), :meth:`evaluate` -> ``objective``, ``kl``, ``reward``,
+  ``valid_fraction``, ``gap_closed`` (NaN without an oracle);
+- :meth:`save` / :meth:`load` (instance methods): one atomic checkpoint folder
+  (:mod:`diffusiongym.trainers.checkpoint`) with trainable weights, optimiser, learning-rate
+  schedule, generator states and history; frozen weights are left out; a load is validated
+  in full before the live trainer is touched, and resuming is bit-identical;
+- determinism: every random draw comes from generators seeded from ``config.seed``; code
+  that cannot take a generator (module initialisers, dropout) runs under
+  :func:`~diffusiongym.utils.runtime.seeded` with a seed derived from it.
+
+See ``docs/adding_a_method.md`` for a worked example.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import time
+import typing
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffusiongym.envs.environment import DiffusionEnvironment
+from diffusiongym.rewards.base import Reward
+from diffusiongym.sampling import Trajectory, sample
+from diffusiongym.tasks import Task, make_task, with_reward
+from diffusiongym.timegrid import make_time_grid
+from diffusiongym.trainers.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from diffusiongym.utils.io import load_optimizer_tensors, optimizer_tensors
+from diffusiongym.utils.runtime import derive_seed, flush_denormals, seeded
+from diffusiongym.utils.validation import check_positive_int, unknown_name_error
+
+__all__ = ["TrainerConfig", "Trainer", "resolve_task", "EVALUATION_KEYS", "LR_SCHEDULES", "OPTIMIZERS", "make_optimizer", "make_lr_scheduler", "trajectory_metrics"]
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+EVALUATION_KEYS = ("objective", "kl", "reward", "valid_fraction", "gap_closed")
+TASK_OPTIONS = ("name", "steps", "t_start", "action_scale", "oracle", "conditioning")
+
+
+# --------------------------------------------------------------------------- config
+@dataclasses.dataclass
+class TrainerConfig:
+    """Settings every method shares (a method's config adds its own fields).
+
+    Attributes
+    ----------
+    iterations : int
+        Iterations of a full run; :meth:`Trainer.train` with no count runs up to it, and
+        the learning-rate schedule spans it.
+    batch_size : int
+        Samples (trajectories) drawn per iteration.
+    lr : float
+        Learning rate.
+    lr_schedule : {"constant", "cosine", "linear"}
+        Decay from ``lr`` to ``lr * lr_final_factor`` over ``iterations`` (after the warm-up),
+        through :mod:`torch.optim.lr_scheduler`; the rate then stays at its final value.
+    lr_final_factor : float
+        In ``[0, 1]``.
+    warmup_iterations : int
+        Linear warm-up from ``lr / (warmup_iterations + 1)``.
+    optimizer : {"adam", "adamw", "sgd"}
+        ``"sgd"`` uses momentum 0.9.
+    weight_decay : float
+    max_grad_norm : float or None
+        Clip the gradient's global norm (``None``: no clipping).
+    seed : int
+        Determines the whole run (sampling, minibatches, initialisation, dropout).
+    """
+
+    iterations: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    lr_final_factor: float = 0.0
+    warmup_iterations: int = 0
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    seed: int = 0
+
+    #: string fields and their allowed values (merged along the class hierarchy)
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check types (no coercion: ``2.5`` is not an int, ``True`` is not a number) and
+        ranges; raise naming the field. Subclasses extend it and call ``super().validate()``."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints.get(f.name))
+        for cls in reversed(type(self).__mro__):
+            for name, allowed in vars(cls).get("choices", {}).items():
+                if getattr(self, name) not in allowed:
+                    raise unknown_name_error(name, getattr(self, name), allowed)
+        for name in ("iterations", "batch_size"):
+            check_positive_int(name, getattr(self, name))
+        _check_range("lr", self.lr, low=0.0, low_open=True)
+        _check_range("lr_final_factor", self.lr_final_factor, low=0.0, high=1.0)
+        _check_range("weight_decay", self.weight_decay, low=0.0)
+        if self.max_grad_norm is not None:
+            _check_range("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        for name in ("warmup_iterations", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainerConfig":
+        """Strict inverse of :meth:`to_dict`: unknown or missing keys and ill-typed values
+        raise ``ValueError`` naming ``source`` and the field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a dict of {cls.__name__} fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(data) - known), sorted(known - set(data))
+        if unknown or missing:
+            raise ValueError(f"{source}: {cls.__name__} fields do not match: unknown {unknown}, missing {missing}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Strict check of ``value`` against a field annotation (int, float, str, bool, X | None)."""
+    if hint is None:
+        return
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        want = {bool: "a bool", int: "an integer", float: "a finite number", str: "a string"}[hint]
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+
+
+def _check_range(name: str, value: float, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
+    bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+    if bad:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        raise ValueError(f"{name}: expected a number {' and '.join(p for p in (lo, hi) if p)}, got {value!r}")
+
+
+def make_optimizer(params: Iterable[Any], config: TrainerConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimiser ``config.optimizer`` over ``params`` (``lr`` defaults to ``config.lr``)."""
+    params = list(params)
+    if not params:
+        raise ValueError("model: expected trainable parameters (requires_grad=True), found none")
+    rate = config.lr if lr is None else lr
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=rate, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=rate, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, total: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """``config.lr_schedule`` over ``total`` scheduler steps (default ``config.iterations``),
+    after ``config.warmup_iterations`` steps of linear warm-up."""
+    total = config.iterations if total is None else total
+    warm = config.warmup_iterations
+    span = max(total - warm, 1)
+    final = config.lr_final_factor
+    main: torch.optim.lr_scheduler.LRScheduler
+    if config.lr_schedule == "cosine":
+        main = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(i / span, 1.0))))
+    elif config.lr_schedule == "linear":
+        main = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=max(final, 1e-12), total_iters=span)
+    else:
+        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warm == 0:
+        return main
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warm])
+
+
+# ----------------------------------------------------------------------------- task
+def resolve_task(task: Any, reward: Reward | None = None, reward_scale: float | None = None, **options: Any) -> Any:
+    """The task a trainer works on, from a :class:`Task`, a registered id or an environment.
+
+    ``options`` (``steps``, ``t_start``, ``action_scale``, ``oracle``, ``conditioning``,
+    ``name``) override the task's fields, or describe the problem built around a bare
+    environment (then ``reward`` is required).
+    """
+    unknown = sorted(set(options) - set(TASK_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}; the task options are {list(TASK_OPTIONS)}")
+    if reward_scale is not None:
+        if isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float)) or not math.isfinite(reward_scale):
+            raise ValueError(f"reward_scale: expected a finite number, got {reward_scale!r}")
+    if reward is not None and not isinstance(reward, Reward):
+        raise TypeError(f"reward: expected a diffusiongym Reward (wrap a function in CallableReward), got {type(reward).__name__}")
+    if isinstance(task, str):
+        task = make_task(task)
+    if isinstance(task, DiffusionEnvironment):
+        if reward is None:
+            raise TypeError("reward: required when the first argument is an environment (or pass a Task)")
+        return Task(options.pop("name", "custom"), task, reward, 1.0 if reward_scale is None else float(reward_scale), **options)
+    if not all(hasattr(task, a) for a in ("reward", "reward_scale", "steps")):
+        raise TypeError(f"task: expected a Task, a registered task id or a DiffusionEnvironment, got {type(task).__name__}")
+    if reward is not None or reward_scale is not None:
+        if isinstance(task, Task):
+            task = with_reward(task, reward if reward is not None else task.reward, reward_scale)
+        else:
+            task = dataclasses.replace(task, reward=reward if reward is not None else task.reward,
+                                       reward_scale=task.reward_scale if reward_scale is None else float(reward_scale))
+    return dataclasses.replace(task, **options) if options else task
+
+
+def trajectory_metrics(traj: Trajectory, task: Any) -> dict[str, float]:
+    """:data:`EVALUATION_KEYS` of sampled trajectories (means over valid samples)."""
+    v = traj.valid
+    nan = float("nan")
+    any_valid = bool(v.any())
+    objective = float(traj.objective[v].mean()) if any_valid and traj.kl is not None else nan
+    out = {
+        "objective": objective,
+        "kl": float(traj.kl[v].mean()) if any_valid and traj.kl is not None else nan,
+        "reward": float(traj.reward[v].mean()) if any_valid else nan,
+        "valid_fraction": float(v.float().mean()),
+        "gap_closed": nan,
+    }
+    oracle = getattr(task, "oracle", None)
+    if oracle is not None and abs(oracle.optimal_objective - oracle.base_objective) > 1e-12 and math.isfinite(objective):
+        out["gap_closed"] = float(oracle.gap_closed(objective))
+    return out
+
+
+# ---------------------------------------------------------------------------- trainer
+class Trainer(abc.ABC):
+    """Base of every adaptation method (see the module docstring).
+
+    Parameters
+    ----------
+    task : Task, str or DiffusionEnvironment
+        The problem; with an environment, ``reward`` is required.
+    reward : Reward, optional
+        Overrides the task's reward.
+    reward_scale : float, optional
+        ``lambda`` in ``max E[lambda r(x1)] - KL``; overrides the task's.
+    model : nn.Module, optional
+        What is trained (method-specific default when omitted).
+    config : TrainerConfig subclass, optional
+    device, dtype
+        Where and in which precision to sample and train.
+    **task_options
+        ``steps``, ``t_start``, ``action_scale``, ``oracle``, ``conditioning``, ``name``.
+
+    Attributes
+    ----------
+    task, config, device, dtype, generator, iteration, history
+    """
+
+    config_class: ClassVar[type[TrainerConfig]] = TrainerConfig
+    #: scheduler steps are taken by the base once per iteration ("iteration") or by the method ("update")
+    lr_schedule_unit: ClassVar[str] = "iteration"
+
+    def __init__(
+        self,
+        task: Any,
+        reward: Reward | None = None,
+        reward_scale: float | None = None,
+        model: nn.Module | None = None,
+        config: TrainerConfig | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **task_options: Any,
+    ):
+        self.task = resolve_task(task, reward, reward_scale, **task_options)
+        config = self.config_class() if config is None else config
+        if type(config) is not self.config_class:
+            raise TypeError(f"config: expected a {self.config_class.__name__}, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.device = torch.device(device)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        self.dtype = dtype
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.iteration = 0
+        self.history: dict[str, list[float]] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    # ------------------------------------------------------------- the method's part
+    @abc.abstractmethod
+    def _step(self) -> dict[str, float]:
+        """One iteration; returns its metrics (floats). Draw randomness from ``self.generator``."""
+
+    @property
+    @abc.abstractmethod
+    def policy(self) -> Callable[..., Tensor]:
+        """The trained control ``u(x, t, **cond)`` (or agent) in its current state."""
+
+    # ---------------------------------------------------------------- shared pieces
+    @property
+    def env(self) -> DiffusionEnvironment:
+        """The base environment (model, scheduler, noise) the method samples with."""
+        return self.task.environment
+
+    @property
+    def times(self) -> Tensor:
+        """The task's time grid, float64 ``(steps + 1,)``."""
+        return make_time_grid(self.task.steps, self.task.t_start)
+
+    def init_seed(self, *names: object) -> int:
+        """A seed derived from ``config.seed`` for a named consumer (e.g. network init)."""
+        return derive_seed(self.config.seed, *names)
+
+    def build(self, factory: Callable[[], nn.Module], *names: object) -> nn.Module:
+        """``factory()`` with the global RNG seeded from ``config.seed`` and ``names`` (its
+        initialisation is reproducible; the caller's RNG state is restored)."""
+        with seeded(self.init_seed("init", *names), self.device):
+            return factory()
+
+    def conditioning(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Per-sample conditioning drawn from the task's samplers (empty if unconditional)."""
+        gen = self.generator if generator is None else generator
+        return {name: spec[1](n, gen, self.device) for name, spec in getattr(self.task, "conditioning", {}).items()}
+
+    def clip_gradients(self, parameters: Iterable[Tensor]) -> float:
+        """Clip to ``config.max_grad_norm`` (if set); returns the norm before clipping."""
+        limit = self.config.max_grad_norm
+        return float(nn.utils.clip_grad_norm_(list(parameters), math.inf if limit is None else limit))
+
+    # ------------------------------------------------------------------- training
+    def step(self) -> dict[str, float]:
+        """Run one iteration; append its metrics to :attr:`history` and return them."""
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
+        with flush_denormals(), seeded(self.init_seed("iteration", self.iteration), self.device):
+            metrics = self._step()
+        record = {"iteration": float(self.iteration), **{k: float(v) for k, v in metrics.items()}, "lr": float(lr), "seconds": time.perf_counter() - start}
+        if record.get("valid_fraction", 1.0) == 0.0:
+            warnings.warn(
+                f"{type(self).__name__}: iteration {self.iteration}: the reward flagged every sample invalid "
+                "(non-finite or out of its domain), so nothing was learnt; check the base model and the reward",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.iteration += 1
+        if self.lr_schedule_unit == "iteration" and self.iteration <= self.config.iterations:
+            for scheduler in self.lr_schedulers().values():
+                scheduler.step()
+        done = len(next(iter(self.history.values()))) if self.history else 0
+        for key in record:
+            self.history.setdefault(key, [float("nan")] * done)
+        for key, values in self.history.items():
+            values.append(record.get(key, float("nan")))
+        return record
+
+    def train(self, iterations: int | None = None, callback: Callable[[dict[str, float]], Any] | None = None, progress: bool = True) -> dict[str, list[float]]:
+        """Run ``iterations`` more iterations (default: up to ``config.iterations``).
+
+        ``callback(record)`` runs after every iteration (log it, checkpoint, ...); returning
+        ``True`` stops training. ``progress`` shows a tqdm bar. Returns :attr:`history`.
+        """
+        todo = max(self.config.iterations - self.iteration, 0) if iterations is None else check_positive_int("iterations", iterations)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback: expected a callable callback(record), got {type(callback).__name__}")
+        with flush_denormals(), tqdm(total=todo, disable=not progress, desc=type(self).__name__, leave=False) as bar:
+            for _ in range(todo):
+                record = self.step()
+                bar.update(1)
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "objective") if k in record})
+                if callback is not None and callback(record) is True:
+                    break
+        return self.history
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def sample(self, num_samples: int, seed: int = 0, **kwargs: Any) -> Trajectory:
+        """Fresh trajectories of the current :attr:`policy` (no effect on training's RNG)."""
+        n = check_positive_int("num_samples", num_samples)
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        cond = self.conditioning(n, gen)
+        return sample(
+            self.env, n, grid=self.times, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale,
+            cond=cond, generator=gen, device=self.device, dtype=self.dtype, **kwargs,
+        )
+
+    def evaluate(self, num_samples: int = 4096, seed: int = 0) -> dict[str, float]:
+        """:data:`EVALUATION_KEYS` of ``num_samples`` fresh samples of the current policy:
+        ``objective`` ``E[lambda r] - KL``, ``kl``, ``reward`` (unscaled), ``valid_fraction``
+        and ``gap_closed`` (fraction of the oracle's gap; NaN without an oracle)."""
+        return trajectory_metrics(self.sample(num_samples, seed), self.task)
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        """Modules whose trainable state is saved (frozen parameters are left out)."""
+        return {"model": self.model} if isinstance(getattr(self, "model", None), nn.Module) else {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer} if self.optimizer is not None else {}
+
+    def lr_schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        return {"optimizer": self.lr_scheduler} if self.lr_scheduler is not None else {}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"generator": self.generator}
+
+    def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Method state beyond modules/optimisers/generators: ``(tensors, json_meta)``."""
+        return {}, {}
+
+    def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
+        """Validate :meth:`extra_state` output read from a checkpoint (raise on anything
+        wrong, touching nothing) and return a function that applies it."""
+        if tensors or meta:
+            raise CheckpointError(f"extra: {type(self).__name__} keeps no extra state, got tensors {sorted(tensors)[:5]} and keys {sorted(meta)[:5]}")
+        return lambda: None
+
+    def task_fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must agree on with the live task."""
+        t = self.task
+        env = getattr(t, "environment", None)
+        shape = getattr(env, "sample_shape", None) if env is not None else getattr(getattr(t, "model", None), "sample_shape", None)
+        return {
+            "name": str(getattr(t, "name", "")),
+            "sample_shape": list(shape) if shape is not None else None,
+            "parameterization": getattr(env, "parameterization", None),
+            "reward": type(t.reward).__name__,
+            "reward_scale": float(t.reward_scale),
+            "steps": int(t.steps),
+            "t_start": float(getattr(t, "t_start", 0.0)),
+            "conditioning": sorted(getattr(t, "conditioning", {})),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write an atomic checkpoint folder (see :mod:`diffusiongym.trainers.checkpoint`)."""
+        tensors: dict[str, Tensor] = {}
+        modules_meta: dict[str, list[str]] = {}
+        for name, module in self.checkpoint_modules().items():
+            frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
+            modules_meta[name] = sorted(frozen)
+            for key, value in module.state_dict().items():
+                if key not in frozen:
+                    tensors[f"module.{name}.{key}"] = value
+        optim_meta = {}
+        for name, opt in self.optimizers().items():
+            opt_tensors, optim_meta[name] = optimizer_tensors(opt, prefix=f"optimizer-{name}")
+            tensors.update(opt_tensors)
+        for name, gen in self.generators().items():
+            tensors[f"generator.{name}"] = gen.get_state()
+        extra_tensors, extra_meta = self.extra_state()
+        tensors.update({f"extra.{k}": v for k, v in extra_tensors.items()})
+        meta = {
+            "method": type(self).__name__,
+            "config": self.config.to_dict(),
+            "task": self.task_fingerprint(),
+            "iteration": self.iteration,
+            "history": self.history,
+            "modules": modules_meta,
+            "optimizers": optim_meta,
+            "lr_schedulers": {name: s.state_dict() for name, s in self.lr_schedulers().items()},
+            "extra": extra_meta,
+        }
+        return write_checkpoint(path, meta, tensors)
+
+    def load(self, path: str | Path) -> "Trainer":
+        """Restore a checkpoint of this method and task into this trainer; resume is exact.
+
+        Everything is read and validated first; on any error (another method or task, other
+        config, missing or misshapen tensors) the trainer is left exactly as it was and the
+        error names the file and the field. Returns ``self``.
+        """
+        meta, tensors = read_checkpoint(path)
+        where = Path(path) / "trainer.json"
+        apply = self._stage(meta, tensors, where)
+        apply()
+        return self
+
+    def _stage(self, meta: dict[str, Any], tensors: dict[str, Tensor], where: Path) -> Callable[[], None]:
+        name = type(self).__name__
+        if meta.get("method") != name:
+            raise CheckpointError(f"{where}: method: this is a {meta.get('method')} checkpoint, not a {name} one")
+        want_task, got_task = self.task_fingerprint(), meta.get("task")
+        if not isinstance(got_task, dict):
+            raise CheckpointError(f"{where}: task: expected a dict, got {type(got_task).__name__}")
+        for key, value in want_task.items():
+            if got_task.get(key) != value:
+                raise CheckpointError(f"{where}: task.{key}: the checkpoint has {got_task.get(key)!r}, this trainer's task has {value!r}")
+        saved_config = self.config_class.from_dict(meta.get("config"), source=f"{where}: config")
+        if saved_config != self.config:
+            diff = [f.name for f in dataclasses.fields(self.config) if getattr(saved_config, f.name) != getattr(self.config, f.name)]
+            raise CheckpointError(f"{where}: config: fields {diff} differ from this trainer's; build it with {self.config_class.__name__}.from_dict(the saved config)")
+        iteration = meta.get("iteration")
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise CheckpointError(f"{where}: iteration: expected a non-negative integer, got {iteration!r}")
+        history = meta.get("history")
+        if not isinstance(history, dict) or not all(isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for v in history.values()):
+            raise CheckpointError(f"{where}: history: expected a dict of lists of numbers")
+        used: set[str] = set()
+        steps: list[Callable[[], None]] = []
+        steps += self._stage_modules(meta, tensors, where, used)
+        steps += self._stage_optimizers(meta, tensors, where, used)
+        steps += self._stage_generators(tensors, where, used)
+        extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        used |= {f"extra.{k}" for k in extra}
+        leftover = sorted(set(tensors) - used)
+        if leftover:
+            raise CheckpointError(f"{where}: weights: unexpected tensors {leftover[:5]}")
+        try:
+            steps.append(self.stage_extra_state(extra, meta.get("extra") or {}))
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{where}: extra: {err}") from None
+
+        def apply() -> None:
+            for fn in steps:
+                fn()
+            self.iteration = iteration
+            self.history = {k: [float(x) for x in v] for k, v in history.items()}
+
+        return apply
+
+    def _stage_modules(self, meta: dict[str, Any], tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
+        steps = []
+        saved = meta.get("modules")
+        modules = self.checkpoint_modules()
+        if not isinstance(saved, dict) or sorted(saved) != sorted(modules):
+            raise CheckpointError(f"{where}: modules: expected {sorted(modules)}, got {sorted(saved) if isinstance(saved, dict) else saved!r}")
+        for name, module in modules.items():
+            frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
+            live = {k: v for k, v in module.state_dict().items() if k not in frozen}
+            prefix = f"module.{name}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
+            if missing or unexpected:
+                raise CheckpointError(f"{where}: module {name!r}: missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture, or other frozen parameters)")
+            for key, value in state.items():
+                if value.shape != live[key].shape or value.dtype != live[key].dtype:
+                    raise CheckpointError(f"{where}: module {name!r}: {key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}")
+            used |= {prefix + k for k in state}
+            steps.append(lambda module=module, state=state: module.load_state_dict(state, strict=False))
+        return steps
+
+    def _stage_optimizers(self, meta: dict[str, Any], tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
+        steps = []
+        saved, saved_sched = meta.get("optimizers"), meta.get("lr_schedulers")
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        if not isinstance(saved, dict) or sorted(saved) != sorted(optimizers):
+            raise CheckpointError(f"{where}: optimizers: expected {sorted(optimizers)}, got {sorted(saved) if isinstance(saved, dict) else saved!r} (a checkpoint without optimiser state cannot resume exactly)")
+        if not isinstance(saved_sched, dict) or sorted(saved_sched) != sorted(schedulers):
+            raise CheckpointError(f"{where}: lr_schedulers: expected {sorted(schedulers)}, got {saved_sched!r}")
+        for name, opt in optimizers.items():
+            params = [p for group in opt.param_groups for p in group["params"]]
+            groups = saved[name].get("param_groups") if isinstance(saved[name], dict) else None
+            if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+                raise CheckpointError(f"{where}: optimizers.{name}: parameter groups do not match this trainer's")
+            prefix = f"optimizer-{name}."
+            mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+            for key, value in mine.items():
+                pid = key[len(prefix):].split(".", 1)[0]
+                if not pid.isdigit() or int(pid) >= len(params):
+                    raise CheckpointError(f"{where}: optimizers.{name}: tensor {key} names no parameter")
+                if value.ndim > 0 and value.shape != params[int(pid)].shape:
+                    raise CheckpointError(f"{where}: optimizers.{name}: {key}: expected shape {tuple(params[int(pid)].shape)}, got {tuple(value.shape)}")
+            used |= set(mine)
+            steps.append(lambda opt=opt, mine=mine, m=saved[name], prefix=prefix[:-1]: load_optimizer_tensors(opt, mine, m, prefix=prefix))
+        for name, sched in schedulers.items():
+            state = saved_sched[name]
+            if not isinstance(state, dict) or sorted(state) != sorted(sched.state_dict()):
+                raise CheckpointError(f"{where}: lr_schedulers.{name}: expected keys {sorted(sched.state_dict())}")
+            steps.append(lambda sched=sched, state=state: sched.load_state_dict(state))
+        return steps
+
+    def _stage_generators(self, tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
+        steps = []
+        for name, gen in self.generators().items():
+            key = f"generator.{name}"
+            state = tensors.get(key)
+            live = gen.get_state()
+            if state is None or state.dtype != torch.uint8 or state.shape != live.shape:
+                raise CheckpointError(f"{where}: {key}: expected a uint8 generator state of shape {tuple(live.shape)}, got {None if state is None else (state.dtype, tuple(state.shape))}")
+            used.add(key)
+            steps.append(lambda gen=gen, state=state: gen.set_state(state.cpu()))
+        return steps
