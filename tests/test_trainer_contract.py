@@ -1,0 +1,219 @@
+"""The Trainer contract, checked on every adaptation method (docs/adding_a_method.md).
+
+Each entry of ``TRAINERS`` builds a small trainer of one method with a given seed. For each:
+bit-identical resume, history and callback, evaluation keys, atomic save (a failed save leaves
+the previous checkpoint intact), staged load (a failed load leaves the trainer intact), and
+refusal of another method's or another task's checkpoint. Determinism across fresh processes
+is checked by running each trainer twice in subprocesses and comparing parameter hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusiongym.trainers.base import EVALUATION_KEYS, Trainer
+from diffusiongym.trainers.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _example():
+    """The worked example of docs/adding_a_method.md (a script, not part of the package)."""
+    name = "reward_weighted_regression_example"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "reward_weighted_regression.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def make_rwr(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
+    rwr = _example()
+    return rwr.RewardWeightedRegression(task, config=rwr.RWRConfig(iterations=6, batch_size=64, updates_per_iteration=2, seed=seed), steps=steps)
+
+
+TRAINERS: dict[str, Callable[..., Trainer]] = {
+    "reward_weighted_regression": make_rwr,
+}
+
+
+def state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, module in trainer.checkpoint_modules().items():
+        for key, value in module.state_dict().items():
+            out[f"{name}.{key}"] = value.detach().clone()
+    for name, gen in trainer.generators().items():
+        out[f"generator.{name}"] = gen.get_state().clone()
+    for name, opt in trainer.optimizers().items():
+        for pid, state in opt.state_dict()["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    out[f"optimizer.{name}.{pid}.{key}"] = value.detach().clone()
+    return out
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def without_seconds(history: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {k: v for k, v in history.items() if k != "seconds"}
+
+
+@pytest.fixture(params=sorted(TRAINERS))
+def method(request):
+    return request.param
+
+
+def test_resume_is_bit_identical(method, tmp_path):
+    a = TRAINERS[method](seed=0)
+    a.train(2, progress=False)
+    a.save(tmp_path / "ckpt")
+    b = TRAINERS[method](seed=0)
+    b.load(tmp_path / "ckpt")
+    assert b.iteration == a.iteration == 2
+    a.train(2, progress=False)
+    b.train(2, progress=False)
+    assert_same_state(state_tensors(a), state_tensors(b))
+    assert without_seconds(a.history) == without_seconds(b.history)
+
+
+def test_history_and_callback(method):
+    trainer = TRAINERS[method](seed=0)
+    seen = []
+    trainer.train(3, callback=lambda record: seen.append(record) or len(seen) == 2, progress=False)
+    assert len(seen) == 2 and trainer.iteration == 2  # returning True stopped training
+    assert all(len(v) == 2 for v in trainer.history.values())
+    assert trainer.history["iteration"] == [0.0, 1.0]
+    assert {"iteration", "lr", "seconds"} <= set(seen[0])
+    with pytest.raises(TypeError, match="callback"):
+        trainer.train(1, callback=3, progress=False)
+    with pytest.raises(ValueError, match="iterations"):
+        trainer.train(0, progress=False)
+
+
+def test_evaluate_keys_and_policy(method):
+    trainer = TRAINERS[method](seed=0)
+    trainer.train(1, progress=False)
+    metrics = trainer.evaluate(num_samples=64, seed=1)
+    assert tuple(metrics) == EVALUATION_KEYS
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics == trainer.evaluate(num_samples=64, seed=1)  # evaluation does not touch training's RNG
+    assert callable(trainer.policy)
+
+
+def test_failed_save_leaves_the_previous_checkpoint(method, tmp_path, monkeypatch):
+    trainer = TRAINERS[method](seed=0)
+    trainer.train(1, progress=False)
+    folder = trainer.save(tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    trainer.train(1, progress=False)
+    # 1. a value JSON cannot hold: refused before the disk is touched
+    monkeypatch.setattr(trainer, "extra_state", lambda: ({}, {"bad": np.float32(1.0)}))
+    with pytest.raises(TypeError, match="JSON"):
+        trainer.save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    monkeypatch.undo()
+    # 2. a crash between writing the new weights and committing the index: still the old checkpoint
+    real_replace = os.replace
+
+    def crash_on_index(src, dst):
+        if str(dst).endswith("trainer.json"):
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_index)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.save(folder)
+    monkeypatch.undo()
+    restored = TRAINERS[method](seed=0)
+    restored.load(folder)
+    assert restored.iteration == 1
+
+
+def test_failed_load_leaves_the_trainer_intact(method, tmp_path):
+    source = TRAINERS[method](seed=0)
+    source.train(1, progress=False)
+    folder = source.save(tmp_path / "ckpt")
+    target = TRAINERS[method](seed=0)
+    target.train(2, progress=False)
+    state, history = state_tensors(target), without_seconds(target.history)
+
+    index = json.loads((folder / "trainer.json").read_text())
+    cases = {
+        "history": {**index, "history": {"loss": ["x"]}},
+        "iteration": {**index, "iteration": 2.5},
+        "optimizers": {**index, "optimizers": {}},
+        "modules": {**index, "modules": {"other": []}},
+    }
+    for field, bad in cases.items():
+        (folder / "trainer.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=field):
+            target.load(folder)
+    (folder / "trainer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="trainer.json"):
+        target.load(folder)
+    (folder / "trainer.json").write_text(json.dumps(index))
+    weights = folder / index["weights"]
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="weights_sha256"):
+        target.load(folder)
+    # the seed is part of the config: a checkpoint of another config is refused too
+    TRAINERS[method](seed=1).save(folder)
+    with pytest.raises(ValueError, match="seed"):
+        target.load(folder)
+    assert_same_state(state, state_tensors(target))
+    assert without_seconds(target.history) == history and target.iteration == 2
+
+
+def test_another_method_or_task_is_refused(method, tmp_path):
+    other = make_rwr(seed=0) if method != "reward_weighted_regression" else None
+    trainer = TRAINERS[method](seed=0)
+    if other is not None:
+        folder = other.save(tmp_path / "other")
+        with pytest.raises(CheckpointError, match=f"RewardWeightedRegression checkpoint, not a {type(trainer).__name__} one"):
+            trainer.load(folder)
+    folder = trainer.save(tmp_path / "mine")
+    index = json.loads((folder / "trainer.json").read_text())
+    index["task"]["steps"] = index["task"]["steps"] + 1
+    (folder / "trainer.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="task.steps"):
+        trainer.load(folder)
+
+
+_DETERMINISM_SCRIPT = """
+import hashlib, sys, torch
+sys.path.insert(0, {tests!r})
+from test_trainer_contract import TRAINERS
+torch.set_num_threads(1)
+trainer = TRAINERS[{method!r}](seed=3)
+trainer.train(2, progress=False)
+digest = hashlib.sha256()
+for name, module in sorted(trainer.checkpoint_modules().items()):
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode()); digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_same_seed_is_bit_identical_in_fresh_processes(method):
+    script = _DETERMINISM_SCRIPT.format(tests=str(ROOT / "tests"), method=method)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert runs[0].stdout.strip() == runs[1].stdout.strip() != ""
