@@ -51,8 +51,7 @@ class RewardWeightedRegression(Trainer):
 
     config_class = RWRConfig
 
-    def __init__(self, task, reward=None, reward_scale=None, model=None, config=None, **kwargs):
-        super().__init__(task, reward, reward_scale, model, config, **kwargs)
+    def setup(self, model):
         if self.env.parameterization != "velocity":
             raise ValueError(f"task: expected a velocity model, got {self.env.parameterization!r}")
         if model is None:

@@ -174,3 +174,13 @@ def test_a_process_killed_while_saving_leaves_a_complete_checkpoint(tmp_path, de
     meta, tensors = read_checkpoint(folder)  # whichever round committed last, complete and consistent
     assert torch.all(tensors["big"] == float(meta["round"]))
     assert len(list(folder.glob("weights-*.safetensors"))) <= 2  # at most the committed file and one in flight
+
+
+def test_method_keywords_come_from_setup():
+    from test_trainer_contract import _example
+
+    rwr = _example()
+    with pytest.raises(TypeError, match=r"RewardWeightedRegression: unexpected keyword arguments \['data'\]"):
+        rwr.RewardWeightedRegression("GMM1D-v0", data=1)
+    with pytest.raises(TypeError, match="RWRConfig"):
+        rwr.RewardWeightedRegression("GMM1D-v0", config=TrainerConfig())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 import math
 import time
 import typing
@@ -279,8 +280,9 @@ class Trainer(abc.ABC):
     config : TrainerConfig subclass, optional
     device, dtype
         Where and in which precision to sample and train.
-    **task_options
-        ``steps``, ``t_start``, ``action_scale``, ``oracle``, ``conditioning``, ``name``.
+    **options
+        Task options ``steps``, ``t_start``, ``action_scale``, ``oracle``, ``conditioning``,
+        ``name``, and the method's own keywords (those of its :meth:`setup`).
 
     Attributes
     ----------
@@ -301,8 +303,10 @@ class Trainer(abc.ABC):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        **task_options: Any,
+        **options: Any,
     ):
+        task_options = {k: v for k, v in options.items() if k in TASK_OPTIONS}
+        method_options = {k: v for k, v in options.items() if k not in TASK_OPTIONS}
         self.task = resolve_task(task, reward, reward_scale, **task_options)
         config = self.config_class() if config is None else config
         if type(config) is not self.config_class:
@@ -318,6 +322,16 @@ class Trainer(abc.ABC):
         self.history: dict[str, list[float]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        accepted = [n for n, p in inspect.signature(self.setup).parameters.items() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(method_options) - set(accepted))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unexpected keyword arguments {unknown}; expected some of {sorted([*accepted, *TASK_OPTIONS, 'device', 'dtype'])}")
+        self.setup(model, **method_options)
+
+    def setup(self, model: nn.Module | None) -> None:
+        """Build the method's model, optimiser and schedule (called at the end of ``__init__``;
+        ``model`` is the constructor's). Method-specific constructor keywords are declared as
+        keyword-only parameters of the override, e.g. ``def setup(self, model, *, data=None)``."""
 
     # ------------------------------------------------------------- the method's part
     @abc.abstractmethod
