@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import torch
 
 from diffusiongym.policies.agent import ControlAgent
+from diffusiongym.utils.runtime import flush_denormals
 
 
-def rollout(env, policy, seed: int) -> tuple[torch.Tensor, dict]:
+def rollout(env: gym.vector.VectorEnv, policy: Callable[[Any], torch.Tensor], seed: int) -> tuple[torch.Tensor, dict]:
     """Run one batched episode of a vector env; returns (returns, final info)."""
     obs, _ = env.reset(seed=seed)
     total = torch.zeros(env.num_envs)
@@ -33,16 +36,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
-    n = args.num_samples
+    with flush_denormals():
+        _run(args.num_samples, args.seed)
 
+
+def _run(n: int, seed: int) -> None:
+    """Both demos with ``n`` (digits) and ``4 n`` (mixture) samples."""
     env = gym.make_vec("diffusiongym/Digits-v0", num_envs=n, vectorization_mode="vector_entry_point")
     zero = lambda obs: torch.zeros_like(obs["x"])  # noqa: E731 - the base model: no control
     start = time.perf_counter()
-    obs, _ = env.reset(seed=args.seed)
+    obs, _ = env.reset(seed=seed)
     labels = obs["label"].clone()
-    env.reset(seed=args.seed)
-    returns, info = rollout(env, zero, args.seed)
+    env.reset(seed=seed)
+    returns, info = rollout(env, zero, seed)
     secs = time.perf_counter() - start
     reward = env.unwrapped.task.reward
     with torch.no_grad():
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     oracle = env.unwrapped.oracle
     print(f"GMM2D-v0: {4 * n} samples, {env.unwrapped.sim.steps} steps, reward_scale={env.unwrapped.task.reward_scale}")
     for name, policy in (("base model", zero), ("optimal control u*", ControlAgent(oracle.control(), env))):
-        returns, info = rollout(env, policy, args.seed)
+        returns, info = rollout(env, policy, seed)
         print(f"  {name:>18}: reward mean={info['reward'].mean():.3f}  return (objective) mean={returns.mean():.3f}")
     print(f"  exact: base objective={oracle.base_objective:.3f}  optimal objective={oracle.optimal_objective:.3f}")
 

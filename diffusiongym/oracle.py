@@ -10,11 +10,27 @@ With base ``p1`` a Gaussian mixture and a reward with a closed-form Gaussian til
   ``V*(x, t) = -log E[exp(lambda r(X1)) | X_t = x]`` where ``X1 | X_t = x`` is the
   interpolant's posterior mixture, and optimal control ``u* = -sigma grad_x V*``.
 
-This is how every adaptation method in the package is judged.
+This is how every adaptation method in the package is judged (``docs/maths.md``,
+"The Gaussian-mixture oracle").
+
+Gaussian tilts
+--------------
+That ``N(m, P) exp(lambda r)`` is again Gaussian is a property of the pair (reward,
+Gaussian) that only the oracle needs, so it lives here and not on :class:`Reward`: a
+registry maps a reward *type* to two functions,
+
+- ``tilt(reward, mean, cov, scale) -> (log_normaliser, tilted_mean, tilted_cov)`` with shapes
+  ``(...,)``, ``(..., d)``, ``(..., d, d)`` for ``mean`` ``(..., d)`` and ``cov`` ``(..., d, d)``;
+- ``expectation(reward, mean, cov) -> E[r(X)]``, shape ``(...,)``, for ``X ~ N(mean, cov)``.
+
+:class:`LinearReward`, :class:`QuadraticReward` and :class:`ConstantReward` are registered;
+add your own with :func:`register_gaussian_tilt`. The lookup is by exact type: a subclass
+may change ``evaluate``, so it does not inherit its parent's closed form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,12 +38,137 @@ from torch import Tensor
 
 from diffusiongym.models.gmm import GaussianMixture
 from diffusiongym.noise import Memoryless
-from diffusiongym.rewards.base import Reward
+from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
+from diffusiongym.rewards.base import ConstantReward, Reward
 from diffusiongym.schedulers import Scheduler, make_scheduler
 
-__all__ = ["TiltOracle"]
+__all__ = [
+    "TiltOracle",
+    "OracleControl",
+    "mixture_oracle",
+    "tilt_mixture",
+    "gaussian_tilt",
+    "gaussian_expectation",
+    "has_gaussian_tilt",
+    "register_gaussian_tilt",
+]
+
+GaussianTilt = Callable[[Any, Tensor, Tensor, float], tuple[Tensor, Tensor, Tensor]]
+GaussianExpectation = Callable[[Any, Tensor, Tensor], Tensor]
+
+_TILTS: dict[type, tuple[GaussianTilt, GaussianExpectation]] = {}
 
 
+def register_gaussian_tilt(reward_type: type, tilt: GaussianTilt, expectation: GaussianExpectation) -> None:
+    """Declare the closed-form Gaussian tilt and expectation of rewards of type ``reward_type``.
+
+    Parameters
+    ----------
+    reward_type : type
+        A :class:`~diffusiongym.rewards.base.Reward` subclass (matched exactly, not by subclass).
+    tilt : callable
+        ``tilt(reward, mean (..., d), cov (..., d, d), scale) -> (log_z (...,), mean (..., d), cov (..., d, d))``:
+        ``N(mean, cov) exp(scale r) = exp(log_z) N(mean', cov')``.
+    expectation : callable
+        ``expectation(reward, mean, cov) -> E[r(X)]`` of shape ``(...,)``.
+    """
+    if not (isinstance(reward_type, type) and issubclass(reward_type, Reward)):
+        raise TypeError(f"reward_type: expected a Reward subclass, got {reward_type!r}")
+    if not callable(tilt) or not callable(expectation):
+        raise TypeError("tilt, expectation: expected callables")
+    _TILTS[reward_type] = (tilt, expectation)
+
+
+def has_gaussian_tilt(reward: Reward) -> bool:
+    """Whether ``reward``'s type has a registered closed-form Gaussian tilt."""
+    return type(reward) in _TILTS
+
+
+def _rules(reward: Reward) -> tuple[GaussianTilt, GaussianExpectation]:
+    if type(reward) not in _TILTS:
+        known = ", ".join(sorted(t.__name__ for t in _TILTS))
+        raise TypeError(
+            f"reward: {type(reward).__name__} has no closed-form Gaussian tilt (registered: {known}); "
+            "see diffusiongym.oracle.register_gaussian_tilt"
+        )
+    return _TILTS[type(reward)]
+
+
+def gaussian_tilt(reward: Reward, mean: Tensor, cov: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact tilt of ``N(mean, cov)`` by ``exp(scale * r)``: ``(log_normaliser, mean', cov')``.
+
+    Shapes ``(...,)``, ``(..., d)``, ``(..., d, d)`` for ``mean`` ``(..., d)``. Raises
+    ``TypeError`` for a reward without a registered closed form.
+    """
+    return _rules(reward)[0](reward, mean, cov, float(scale))
+
+
+def gaussian_expectation(reward: Reward, mean: Tensor, cov: Tensor) -> Tensor:
+    """``E[r(X)]`` for ``X ~ N(mean, cov)``, shape ``(...,)``."""
+    return _rules(reward)[1](reward, mean, cov)
+
+
+def tilt_mixture(mixture: GaussianMixture, reward: Reward, scale: float) -> tuple[GaussianMixture, float]:
+    """Exact ``p* ∝ p exp(scale * r)`` for a mixture ``p`` and ``log E_p[exp(scale * r)]``.
+
+    Each component is tilted in closed form; the weights become ``∝ w_k exp(log_z_k)``.
+    """
+    log_z, means, covs = gaussian_tilt(reward, mixture.means, mixture.covs, scale)
+    log_w = torch.log(mixture.weights) + log_z
+    log_norm = torch.logsumexp(log_w, 0)
+    return GaussianMixture(torch.exp(log_w - log_norm), means, covs), float(log_norm)
+
+
+# ------------------------------------------------------------------ built-in closed forms
+def _linear_tilt(reward: LinearReward, mean: Tensor, cov: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    # r = a.x: mean m + scale P a, same covariance, log_z = scale a.m + scale^2 / 2 a^T P a
+    a = reward.direction.to(mean)
+    pa = cov @ a
+    log_z = scale * (mean @ a) + 0.5 * scale**2 * (pa @ a)
+    return log_z, mean + scale * pa, cov
+
+
+def _linear_expectation(reward: LinearReward, mean: Tensor, cov: Tensor) -> Tensor:
+    return mean @ reward.direction.to(mean)
+
+
+def _quadratic_tilt(reward: QuadraticReward, mean: Tensor, cov: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    # r = -1/2 (x - c)^T A (x - c). Stable form, no inverse of P (posterior covariances may be
+    # singular): K = (I + scale A P)^{-1} A, log_z = -1/2 log det(I + scale A P) - scale/2 (m - c)^T K (m - c),
+    # mean m - scale P K (m - c), covariance P - scale P K P.
+    d = mean.shape[-1]
+    a = reward.precision.to(mean)
+    eye = torch.eye(d, dtype=mean.dtype, device=mean.device)
+    m_mat = eye + scale * (a @ cov)
+    k = torch.linalg.solve(m_mat, a.expand(m_mat.shape))
+    diff = (mean - reward.center.to(mean)).unsqueeze(-1)
+    log_z = -0.5 * torch.linalg.slogdet(m_mat)[1] - 0.5 * scale * (diff.mT @ k @ diff)[..., 0, 0]
+    pk = cov @ k
+    new_mean = mean - scale * (pk @ diff)[..., 0]
+    new_cov = cov - scale * pk @ cov
+    return log_z, new_mean, 0.5 * (new_cov + new_cov.mT)
+
+
+def _quadratic_expectation(reward: QuadraticReward, mean: Tensor, cov: Tensor) -> Tensor:
+    a = reward.precision.to(mean)
+    diff = mean - reward.center.to(mean)
+    return -0.5 * (torch.einsum("ij,...ji->...", a, cov) + ((diff @ a) * diff).sum(-1))
+
+
+def _constant_tilt(reward: ConstantReward, mean: Tensor, cov: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.full(mean.shape[:-1], scale * reward.value, dtype=mean.dtype, device=mean.device), mean, cov
+
+
+def _constant_expectation(reward: ConstantReward, mean: Tensor, cov: Tensor) -> Tensor:
+    return torch.full(mean.shape[:-1], reward.value, dtype=mean.dtype, device=mean.device)
+
+
+register_gaussian_tilt(LinearReward, _linear_tilt, _linear_expectation)
+register_gaussian_tilt(QuadraticReward, _quadratic_tilt, _quadratic_expectation)
+register_gaussian_tilt(ConstantReward, _constant_tilt, _constant_expectation)
+
+
+# --------------------------------------------------------------------------- the oracle
 class TiltOracle:
     """Exact optimum of reward adaptation for a Gaussian-mixture base.
 
@@ -36,25 +177,34 @@ class TiltOracle:
     mixture : GaussianMixture
         The base distribution of ``x1``.
     reward : Reward
-        Must implement ``gaussian_tilt``.
+        Its type must have a registered Gaussian tilt (:func:`register_gaussian_tilt`);
+        otherwise ``TypeError``.
     reward_scale : float
         ``lambda``.
     scheduler : str or Scheduler
         The interpolation path (needed for ``value`` and ``control``).
+
+    Attributes
+    ----------
+    target : GaussianMixture
+        ``p*``.
+    optimal_objective : float
+        ``log E_base[exp(lambda r(X1))]``.
     """
 
     def __init__(self, mixture: GaussianMixture, reward: Reward, reward_scale: float = 1.0, scheduler: str | Scheduler = "linear"):
+        if not isinstance(mixture, GaussianMixture):
+            raise TypeError(f"mixture: expected a GaussianMixture, got {type(mixture).__name__}")
         self.mixture = mixture
         self.reward = reward
         self.reward_scale = float(reward_scale)
         self.scheduler = make_scheduler(scheduler)
-        self.target, self.optimal_objective = mixture.tilt(reward, self.reward_scale)
+        self.target, self.optimal_objective = tilt_mixture(mixture, reward, self.reward_scale)
 
     @property
     def base_objective(self) -> float:
-        """``lambda E_base[r(X1)]`` (the base model has zero KL), exact where the reward has a
-        closed-form Gaussian expectation."""
-        values = self.reward.gaussian_expectation(self.mixture.means, self.mixture.covs)
+        """``lambda E_base[r(X1)]`` (the base model has zero KL), exact."""
+        values = gaussian_expectation(self.reward, self.mixture.means, self.mixture.covs)
         return self.reward_scale * float(self.mixture.weights @ values)
 
     def gap_closed(self, objective: float) -> float:
@@ -73,13 +223,24 @@ class TiltOracle:
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         alpha, beta = self.scheduler.alpha(tt), self.scheduler.beta(tt)
         post = self.mixture.posterior(x, alpha, beta)
-        log_z, _, _ = self.reward.gaussian_tilt(post.means, post.covariances(), self.reward_scale)
+        log_z, _, _ = gaussian_tilt(self.reward, post.means, post.covariances(), self.reward_scale)
         return -torch.logsumexp(post.log_rho + log_z, dim=1)
 
-    def control(self, noise: Any = None) -> "OracleControl":
+    def control(self, noise: Any = None) -> OracleControl:
         """The optimal control ``u*(x, t) = -sigma(t) grad_x V*(x, t)`` as a callable
         ``u(x, t, **cond)`` for :func:`diffusiongym.sample` (memoryless noise only)."""
         return OracleControl(self, noise if noise is not None else Memoryless())
+
+    def __repr__(self) -> str:
+        return f"TiltOracle(reward={self.reward!r}, reward_scale={self.reward_scale}, optimal_objective={self.optimal_objective:.4f})"
+
+
+def mixture_oracle(mixture: GaussianMixture, reward: Reward, reward_scale: float, scheduler: str | Scheduler = "linear") -> TiltOracle | None:
+    """The :class:`TiltOracle` of ``(mixture, reward, reward_scale)``, or ``None`` when the
+    reward has no closed-form Gaussian tilt (the task factories' oracle rule)."""
+    if not has_gaussian_tilt(reward):
+        return None
+    return TiltOracle(mixture, reward, reward_scale, scheduler=scheduler)
 
 
 class OracleControl:

@@ -2,7 +2,9 @@
 
 A :class:`Task` is the plain description that the Gymnasium environments, the engine
 and the adaptation methods share. ``make_task("GMM2D-v0", ...)`` builds one; users add
-their own with :func:`register_task`.
+their own with :func:`register_task`. A task knows nothing about how its base model is
+built: the Gaussian-mixture tasks keep their mixture inside the oracle and the oracle
+factory (:func:`gmm_task`).
 
 Built-in tasks
 --------------
@@ -14,28 +16,35 @@ Built-in tasks
     Base: 8 modes on a circle of radius 2 (std 0.25), the mode at 315 degrees has 1/7 of
     the others' weight; reward ``-1/2 |x - mu_7|^2``; ``reward_scale = 2``. Exact optimum:
     objective -3.016 (base -9.085).
+``Digits-v0``
+    The shipped class-conditional digits model; registered by
+    :mod:`diffusiongym.models.digits` (see :func:`~diffusiongym.models.digits.digits_task`).
 
-Both default to the linear scheduler, memoryless noise, 100 steps from ``t_start = 1e-3``
+The GMM tasks default to the linear scheduler, memoryless noise, 100 steps from ``t_start = 1e-3``
 and a velocity base model; ``action_scale = 5`` covers the optimal control
 (``|u*|`` has 99th percentile 4.5 and 4.1 on sampled trajectories).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from diffusiongym.envs.environment import DiffusionEnvironment, make_environment
-from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, gmm_preset
-from diffusiongym.oracle import TiltOracle
 import torch
 
+from diffusiongym.envs.environment import DiffusionEnvironment, make_environment
+from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, gmm_preset
+from diffusiongym.oracle import mixture_oracle
 from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
 from diffusiongym.rewards.base import ConstantReward, Reward
 from diffusiongym.timegrid import DEFAULT_T_START
+from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["Task", "make_task", "register_task", "TASKS", "gmm_task", "with_reward"]
+
+OracleFactory = Callable[[Reward, float], Any]
 
 
 @dataclass
@@ -46,7 +55,10 @@ class Task:
     ----------
     name : str
     environment : DiffusionEnvironment
-        Base model + scheduler + noise.
+        The *base model*: the pretrained network with its scheduler and noise schedule,
+        which gives the SDE drift ``b(x, t)``. Not a Gymnasium environment: for a Gymnasium
+        env ``env`` (:class:`~diffusiongym.envs.gym_env.DiffusionEnv`),
+        ``env.unwrapped.task.environment`` is the base model that env simulates.
     reward : Reward
     reward_scale : float
         ``lambda`` in ``max E[lambda r(x1)] - KL``.
@@ -56,11 +68,15 @@ class Task:
         Start of the time grid.
     action_scale : float
         Gymnasium action ``a`` maps to the control ``u = action_scale * a``.
-    oracle : TiltOracle or None
-        The exact optimum, where one exists.
+    oracle : object or None
+        The exact optimum where one exists (e.g. a :class:`~diffusiongym.oracle.TiltOracle`):
+        ``optimal_objective``, ``base_objective``, ``gap_closed(objective)``.
     conditioning : dict
         Name -> ``(gymnasium space, sampler(n, generator, device) -> tensor)`` for
         conditioned models (e.g. a class label); empty when unconditional.
+    oracle_factory : callable or None
+        ``oracle_factory(reward, reward_scale) -> oracle or None``: how :func:`with_reward`
+        rebuilds the oracle for another reward (``None``: the new task has no oracle).
     """
 
     name: str
@@ -70,14 +86,27 @@ class Task:
     steps: int = 100
     t_start: float = DEFAULT_T_START
     action_scale: float = 5.0
-    oracle: TiltOracle | None = None
+    oracle: Any = None
     conditioning: dict[str, Any] = field(default_factory=dict)
-    mixture: GaussianMixture | None = None
+    oracle_factory: OracleFactory | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        assert self.environment.sample_shape is not None
+        """Shape of one sample ``x1`` (the environment's)."""
+        if self.environment.sample_shape is None:
+            raise ValueError(f"environment: task {self.name!r} needs a sample_shape (the model has none)")
         return self.environment.sample_shape
+
+    @property
+    def mixture(self) -> GaussianMixture | None:
+        """Transitional alias, to be removed: the exact base mixture where the base model has
+        one. New code reads ``task.environment.model.mixture`` (a
+        :class:`~diffusiongym.models.gmm.GaussianMixtureModel`) or ``task.oracle.mixture``."""
+        for owner in (self.oracle, self.environment.model):
+            mixture = getattr(owner, "mixture", None)
+            if isinstance(mixture, GaussianMixture):
+                return mixture
+        return None
 
 
 TaskFactory = Callable[..., Task]
@@ -92,8 +121,6 @@ def register_task(name: str, factory: TaskFactory) -> None:
 def make_task(name: str, **kwargs: Any) -> Task:
     """Build a registered task; ``kwargs`` are the factory's (see :func:`gmm_task`)."""
     if name not in TASKS:
-        from diffusiongym.utils.validation import unknown_name_error
-
         raise unknown_name_error("task", name, TASKS)
     return TASKS[name](**kwargs)
 
@@ -111,14 +138,18 @@ def gmm_task(
     t_start: float = DEFAULT_T_START,
     action_scale: float = 5.0,
 ) -> Task:
-    """A task on an exact Gaussian-mixture base model (with its oracle)."""
+    """A task on an exact Gaussian-mixture base model.
+
+    Its oracle is :func:`~diffusiongym.oracle.mixture_oracle` of the mixture (``None`` when the
+    reward has no closed-form Gaussian tilt); the mixture stays with the oracle factory, so
+    :func:`with_reward` rebuilds the oracle for any other reward.
+    """
     model = GaussianMixtureModel(mixture, scheduler, parameterization)
     env = make_environment(model, parameterization, scheduler=model.scheduler, noise=noise)
-    try:
-        oracle: TiltOracle | None = TiltOracle(mixture, reward, reward_scale, scheduler=model.scheduler)
-    except NotImplementedError:
-        oracle = None  # the reward has no closed-form Gaussian tilt
-    return Task(name, env, reward, float(reward_scale), steps, t_start, float(action_scale), oracle, {}, mixture)
+    factory = functools.partial(mixture_oracle, mixture, scheduler=model.scheduler)
+    return Task(
+        name, env, reward, float(reward_scale), steps, t_start, float(action_scale), factory(reward, float(reward_scale)), {}, factory
+    )
 
 
 def _gmm_reward(reward: str | Reward, target: Any) -> Reward:
@@ -133,8 +164,6 @@ def _gmm_reward(reward: str | Reward, target: Any) -> Reward:
         "constant": lambda: ConstantReward(0.0),
     }
     if reward not in named:
-        from diffusiongym.utils.validation import unknown_name_error
-
         raise unknown_name_error("reward", reward, named)
     return named[reward]()
 
@@ -173,23 +202,10 @@ register_task("GMM2D-v0", _preset_factory("GMM2D-v0", "2d", 2.0))
 
 
 def with_reward(task: Task, reward: Reward, reward_scale: float | None = None) -> Task:
-    """A copy of ``task`` with another reward (the oracle is rebuilt where possible)."""
+    """A copy of ``task`` with another reward (and scale); the oracle is rebuilt by
+    ``task.oracle_factory`` where the task has one, else dropped."""
+    if not isinstance(reward, Reward):
+        raise TypeError(f"reward: expected a Reward, got {type(reward).__name__}")
     scale = task.reward_scale if reward_scale is None else float(reward_scale)
-    oracle = None
-    if task.mixture is not None:
-        try:
-            oracle = TiltOracle(task.mixture, reward, scale, scheduler=task.environment.scheduler)
-        except NotImplementedError:
-            oracle = None
+    oracle = task.oracle_factory(reward, scale) if task.oracle_factory is not None else None
     return replace(task, reward=reward, reward_scale=scale, oracle=oracle)
-
-
-def _register_shipped_tasks() -> None:
-    # The digits model ships inside the package (weights/digits_unet.safetensors); the import
-    # costs nothing until the factory runs (weights load then).
-    from diffusiongym.models.digits import digits_task
-
-    register_task("Digits-v0", digits_task)
-
-
-_register_shipped_tasks()

@@ -22,7 +22,7 @@ from diffusiongym.models.digits import (
     save_module,
 )
 from diffusiongym.rewards.images import DigitClassifierReward
-from diffusiongym.tasks import Task
+from diffusiongym.tasks import TASKS, Task, make_task
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,8 @@ def test_class_conditional_samples_are_recognised(model):
 
 
 def test_digits_task_factory():
+    assert TASKS["Digits-v0"] is digits_task  # registered where the model is defined
+    assert make_task("Digits-v0", steps=10).oracle is None
     task = digits_task(steps=10)
     assert isinstance(task, Task) and task.name == "Digits-v0"
     assert isinstance(task.environment, VelocityEnvironment) and task.sample_shape == IMAGE_SHAPE
@@ -125,6 +127,7 @@ def test_training_is_deterministic():
     x, y = digits_dataset("train")
     x, y = x[:64], y[:64]
     config = DigitsTrainConfig(model_steps=4, model_batch_size=16, log_every=2, classifier_epochs=1, classifier_batch_size=32)
+    state = torch.get_rng_state()
     m1, h1 = train_flow_model(config, x, y)
     m2, h2 = train_flow_model(config, x, y)
     assert len(h1["loss"]) == 2 and h1 == h2
@@ -132,4 +135,5 @@ def test_training_is_deterministic():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     c1, hc1 = train_classifier(config, x, y)
     c2, hc2 = train_classifier(config, x, y)
+    assert torch.equal(torch.get_rng_state(), state)  # seeded blocks: the caller's global RNG is untouched
     assert len(hc1["loss"]) == 1 and hc1 == hc2

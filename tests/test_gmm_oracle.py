@@ -1,14 +1,25 @@
 """Exact Gaussian-mixture model and reward-tilt oracle, checked against quadrature and autograd."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import diffusiongym as dg
+from diffusiongym import oracle as oracle_module
 from diffusiongym.envs.environment import ENVIRONMENTS
 from diffusiongym.models.gmm import GaussianMixtureModel, gmm_preset
+from diffusiongym.oracle import (
+    gaussian_expectation,
+    gaussian_tilt,
+    has_gaussian_tilt,
+    mixture_oracle,
+    register_gaussian_tilt,
+    tilt_mixture,
+)
 from diffusiongym.parameterization import PARAMETERIZATIONS
+from diffusiongym.tasks import Task, make_task, with_reward
 
 SCHEDULERS = {"linear": dg.LinearScheduler(), "cosine": dg.CosineScheduler(), "vp": dg.DiscreteVPScheduler.linear_ddpm()}
 QUAD = torch.linspace(-8, 8, 40001, dtype=torch.float64)  # 1-D quadrature grid, spacing 4e-4
@@ -67,7 +78,7 @@ def test_posterior_mean_matches_quadrature_1d():
 def test_tilt_matches_quadrature_1d(reward):
     mix = dg.gmm_preset("1d")
     lam = 1.3
-    target, log_norm = mix.tilt(reward, lam)
+    target, log_norm = tilt_mixture(mix, reward, lam)
     r = reward(QUAD[:, None])[0]
     unnorm = torch.exp(mix.log_prob(QUAD[:, None]) + lam * r)
     assert abs(log_norm - math.log(float(_trapz(unnorm)))) < 1e-6
@@ -159,3 +170,101 @@ def test_trainable_copy_is_differentiable_and_tracks_its_parameters():
     with torch.no_grad():
         copy.means.add_(1.0)  # mixture() is a detached snapshot, not a view of the parameters
     assert not snapshot.means.requires_grad and not torch.equal(snapshot.means, copy.means)
+
+
+def test_quadratic_tilt_matches_the_information_form():
+    # The stable form (no inverse of P) against cov' = (P^-1 + s A)^-1, mean' = cov' (P^-1 m + s A c),
+    # log_z = 1/2 log det cov' - 1/2 log det P - 1/2 (m^T P^-1 m + s c^T A c - m'^T cov'^-1 m'), on a
+    # batch of non-isotropic 2-D Gaussians and a full-matrix precision A.
+    gen = torch.Generator().manual_seed(0)
+    a_mat = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    reward = dg.QuadraticReward([0.3, -1.2], a_mat)
+    root = torch.randn(5, 2, 2, dtype=torch.float64, generator=gen)
+    cov = root @ root.mT + 0.1 * torch.eye(2, dtype=torch.float64)
+    mean = torch.randn(5, 2, dtype=torch.float64, generator=gen)
+    s = 0.7
+    log_z, new_mean, new_cov = gaussian_tilt(reward, mean, cov, s)
+    p_inv = torch.linalg.inv(cov)
+    cov_ref = torch.linalg.inv(p_inv + s * a_mat)
+    c = reward.center
+    mean_ref = (cov_ref @ ((p_inv @ mean[..., None])[..., 0] + s * (a_mat @ c))[..., None])[..., 0]
+
+    def quad(m, prec):
+        return (m[..., None, :] @ prec @ m[..., None])[..., 0, 0]
+
+    log_z_ref = 0.5 * torch.logdet(cov_ref) - 0.5 * torch.logdet(cov) - 0.5 * (quad(mean, p_inv) + s * float(c @ a_mat @ c) - quad(mean_ref, torch.linalg.inv(cov_ref)))
+    torch.testing.assert_close(new_cov, cov_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(new_mean, mean_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(log_z, log_z_ref, rtol=1e-10, atol=1e-10)
+    # E[r] = -1/2 (tr(A P) + (m - c)^T A (m - c))
+    expected = -0.5 * (torch.einsum("ij,nji->n", a_mat, cov) + quad(mean - c, a_mat))
+    torch.testing.assert_close(gaussian_expectation(reward, mean, cov), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def _restore_tilts():
+    saved = dict(oracle_module._TILTS)
+    yield
+    oracle_module._TILTS.clear()
+    oracle_module._TILTS.update(saved)
+
+
+class _Shifted(dg.QuadraticReward):
+    """A subclass that changes evaluate(): it must not inherit the parent's closed form."""
+
+    def evaluate(self, x, **cond):
+        return super().evaluate(x, **cond) + 1.0
+
+
+def test_tilt_registry_matches_exact_types(_restore_tilts):
+    mix = dg.gmm_preset("1d")
+    callable_reward = dg.CallableReward(lambda x: x[:, 0])
+    shifted = _Shifted([1.5], 1.0)
+    for reward in (callable_reward, shifted):
+        assert not has_gaussian_tilt(reward) and mixture_oracle(mix, reward, 1.0) is None
+        with pytest.raises(TypeError, match=rf"reward: {type(reward).__name__} has no closed-form Gaussian tilt"):
+            dg.TiltOracle(mix, reward, 1.0)
+    with pytest.raises(TypeError, match="reward_type"):
+        register_gaussian_tilt(int, lambda *a: a, lambda *a: a)
+    with pytest.raises(TypeError, match="mixture"):
+        dg.TiltOracle(mix.means, dg.ConstantReward(0.0))
+
+    # Registering the shifted bump (tilt of r + 1: same law, log_z + scale) makes the oracle exact for it.
+    def shifted_tilt(reward, mean, cov, scale):
+        log_z, m, c = gaussian_tilt(dg.QuadraticReward(reward.center, reward.precision), mean, cov, scale)
+        return log_z + scale, m, c
+
+    def shifted_expectation(reward, mean, cov):
+        return gaussian_expectation(dg.QuadraticReward(reward.center, reward.precision), mean, cov) + 1.0
+
+    register_gaussian_tilt(_Shifted, shifted_tilt, shifted_expectation)
+    plain = dg.TiltOracle(mix, dg.QuadraticReward([1.5], 1.0), 1.3)
+    oracle = mixture_oracle(mix, shifted, 1.3)
+    assert oracle is not None
+    assert oracle.optimal_objective == pytest.approx(plain.optimal_objective + 1.3, abs=1e-12)
+    assert oracle.base_objective == pytest.approx(plain.base_objective + 1.3, abs=1e-12)
+    torch.testing.assert_close(oracle.target.weights, plain.target.weights)
+
+
+def test_task_and_reward_carry_no_gaussian_mixture_notions():
+    assert "mixture" not in {f.name for f in dataclasses.fields(Task)}
+    for name in ("gaussian_tilt", "gaussian_expectation", "tilt"):
+        assert not hasattr(dg.Reward, name) and not hasattr(dg.GaussianMixture, name)
+
+
+def test_with_reward_rebuilds_the_oracle_from_the_task_factory():
+    task = make_task("GMM1D-v0")
+    assert task.oracle is not None and task.oracle_factory is not None
+    mix = task.environment.model.mixture
+    flat = with_reward(task, dg.ConstantReward(1.0), 2.0)
+    assert flat.reward_scale == 2.0 and flat.oracle.optimal_objective == pytest.approx(2.0, abs=1e-12)
+    free = with_reward(task, dg.CallableReward(lambda x: x[:, 0]))  # no closed form: no oracle
+    assert free.oracle is None and free.reward_scale == task.reward_scale
+    back = with_reward(free, task.reward)  # the factory still knows the mixture
+    assert back.oracle.optimal_objective == pytest.approx(task.oracle.optimal_objective, abs=1e-12)
+    assert back.oracle.mixture is mix and back.oracle.scheduler is task.environment.scheduler
+    assert task.mixture is mix  # transitional alias
+    with pytest.raises(TypeError, match="reward: expected a Reward"):
+        with_reward(task, lambda x: x[:, 0])
+    bare = Task("bare", task.environment, task.reward, oracle=task.oracle)  # no factory: the oracle is dropped
+    assert with_reward(bare, dg.ConstantReward(0.0)).oracle is None

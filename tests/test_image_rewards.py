@@ -134,7 +134,7 @@ def test_classifier_reward_errors():
 
 
 def test_shipped_classifier_accuracy_and_rewards():
-    from diffusiongym.models.digits import digits_dataset
+    from diffusiongym.models.digits_data import digits_dataset
 
     reward = DigitClassifierReward(target=None, mode="is_class")
     x, y = digits_dataset("test")

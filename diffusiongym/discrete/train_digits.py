@@ -5,7 +5,9 @@ source path (``K = 2``, ``D = 64``, ``kappa = t``) trained with the cross-entrop
 logistic-regression digit classifier on the same bits (the ``DiscreteDigits-v0`` reward). Writes
 ``diffusiongym/weights/discrete_digits.safetensors`` (float16 weights: ``model.*``, ``classifier.weight``
 (10, 64), ``classifier.bias`` (10,)) and ``discrete_digits.json`` (config and training summary).
-Needs the ``train`` extra (scikit-learn).
+Needs the ``train`` extra (scikit-learn). The run is seeded by ``--seed``: the network initialisation
+draws from the global RNG inside :func:`~diffusiongym.utils.runtime.seeded` (the same stream as the
+``torch.manual_seed`` call that produced the shipped weights), restored on return.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from diffusiongym.discrete.models import MLPPosterior
 from diffusiongym.discrete.path import MixturePath
 from diffusiongym.discrete.tasks import DIGITS_WEIGHTS
 from diffusiongym.discrete.train import CrossEntropyConfig, train_posterior
+from diffusiongym.utils.runtime import flush_denormals, seeded
 
 __all__ = ["load_binary_digits", "main"]
 
@@ -44,13 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DIGITS_WEIGHTS)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    torch.set_flush_denormal(True)
     bits, labels = load_binary_digits()
     path = MixturePath(2, 64, source="mask")
-    model = MLPPosterior(path, hidden=args.hidden, layers=args.layers)
-    cfg = CrossEntropyConfig(steps=args.steps, batch_size=256, lr=2e-3, seed=args.seed)
-    hist = train_posterior(model, bits, cfg, progress=args.progress)
+    # the whole run inside seeded(): any global-RNG draw (initialisation) sees the same stream as before
+    with seeded(args.seed), flush_denormals():
+        model = MLPPosterior(path, hidden=args.hidden, layers=args.layers)
+        cfg = CrossEntropyConfig(steps=args.steps, batch_size=256, lr=2e-3, seed=args.seed)
+        hist = train_posterior(model, bits, cfg, progress=args.progress)
 
     from sklearn.linear_model import LogisticRegression
 

@@ -1,4 +1,11 @@
-"""Base-model environments: turn a model's output into the SDE drift ``b(x, t)``.
+"""Base-model wrappers: turn a model's output into the SDE drift ``b(x, t)``.
+
+Naming: a :class:`DiffusionEnvironment` is the *model wrapper* (network + scheduler + noise
+schedule), the "environment" in the control-theoretic sense (the dynamics a control acts
+on). It is not a Gymnasium environment: that is
+:class:`~diffusiongym.envs.gym_env.DiffusionEnv` (and its vector twin), which simulates a
+:class:`~diffusiongym.tasks.Task`; ``env.unwrapped.task.environment`` is the
+``DiffusionEnvironment`` of a Gymnasium env ``env``.
 
 A base model predicts one of velocity, epsilon (``x0``), endpoint (``x1``) or score.
 :class:`VelocityEnvironment`, :class:`EpsilonEnvironment`,
@@ -12,7 +19,9 @@ a diffusion coefficient ``sigma(t)`` and give
 
 Model calling convention: ``model(x, t, **cond)`` with ``x`` of shape
 ``(n, *sample_shape)`` and ``t`` a tensor of shape ``(n,)`` in ``x``'s dtype (``t`` in
-``[0, 1]``, 0 = noise). A model may expose ``sample_shape``.
+``[0, 1]``, 0 = noise). A model may expose ``sample_shape``. Conversions between the four
+parameterisations and the drift: ``docs/maths.md``, "Paths and parameterisations" and "Drift
+conversion and noise schedules".
 """
 
 from __future__ import annotations
@@ -51,7 +60,10 @@ def _time_vector(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 class DiffusionEnvironment:
-    """A base model with its scheduler and diffusion coefficient.
+    """Base-model wrapper (model + scheduler + noise -> drift); not a Gymnasium env (that is ``DiffusionEnv``).
+
+    Subclasses fix the parameterisation of the model's output (:class:`VelocityEnvironment`,
+    :class:`EpsilonEnvironment`, :class:`EndpointEnvironment`, :class:`ScoreEnvironment`).
 
     Parameters
     ----------

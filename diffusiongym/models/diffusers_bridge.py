@@ -8,7 +8,7 @@ memory (:func:`diffusers_environment`). Any diffusers model class named in the c
 (``UNet2DModel``, class-conditional ``UNet2DModel(num_class_embeds=...)``,
 ``UNet2DConditionModel``) works; ``diffusers`` is imported lazily.
 
-Conventions (``shared/DESIGN.md`` s.3), with our ``t`` running from 0 (noise) to 1 (data):
+Conventions (``docs/maths.md``, "diffusers conventions"), with our ``t`` running from 0 (noise) to 1 (data):
 
 - ``DDPMScheduler`` / ``DDIMScheduler`` (any scheduler with an ``alphas_cumprod`` table):
   ``x_tau = sqrt(abar_tau) x_data + sqrt(1 - abar_tau) eps`` with ``tau = T - 1`` the
@@ -45,7 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.envs.environment import DiffusionEnvironment, make_environment
 from diffusiongym.schedulers import DiscreteVPScheduler, LinearScheduler, Scheduler
+from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["DiffusersModel", "diffusers_environment", "load_diffusers_environment", "scheduler_from_diffusers", "ZERO_SNR_FLOOR"]
 
@@ -90,8 +92,6 @@ def scheduler_from_diffusers(scheduler: Any, prediction_type: str | None = None)
         return LinearScheduler(), "flow", "flow", T
     pred = prediction_type if prediction_type is not None else config.get("prediction_type", "epsilon")
     if pred not in VP_PREDICTIONS:
-        from diffusiongym.utils.validation import unknown_name_error
-
         raise unknown_name_error("prediction_type", pred, VP_PREDICTIONS)
     abar = getattr(scheduler, "alphas_cumprod", None)
     if abar is None:
@@ -214,7 +214,7 @@ def diffusers_environment(
     null_class: int | None = None,
     guidance_scale: float = 1.0,
     sample_shape: tuple[int, ...] | None = None,
-):
+) -> DiffusionEnvironment:
     """Wrap a diffusers model and scheduler (objects in memory) in the matching environment.
 
     Returns
@@ -224,8 +224,6 @@ def diffusers_environment(
         :class:`EndpointEnvironment` (``sample``) or :class:`VelocityEnvironment` (flow
         matching); ``env.model`` is the :class:`DiffusersModel`.
     """
-    from diffusiongym.envs.environment import make_environment
-
     model = DiffusersModel(unet, scheduler, prediction_type=prediction_type, null_class=null_class, guidance_scale=guidance_scale, sample_shape=sample_shape)
     return make_environment(model, model.parameterization, scheduler=model.scheduler, noise=noise, sample_shape=model.sample_shape)
 
@@ -256,7 +254,7 @@ def load_diffusers_environment(
     dtype: torch.dtype | None = None,
     local_files_only: bool = True,
     **hub_kwargs: Any,
-):
+) -> DiffusionEnvironment:
     """Load a diffusers model and its scheduler from a folder or a (cached) hub id.
 
     Parameters

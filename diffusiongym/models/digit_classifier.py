@@ -1,7 +1,7 @@
 """A small CNN classifier for 8x8 digits in ``[-1, 1]`` (the image rewards' judge).
 
 Trained by ``python -m diffusiongym.train.digits`` on the training split of
-:func:`diffusiongym.models.digits.digits_dataset` (1,437 images), with small Gaussian pixel
+:func:`diffusiongym.models.digits_data.digits_dataset` (1,437 images), with small Gaussian pixel
 noise as augmentation so that it stays calibrated on slightly noisy samples. Weights:
 ``diffusiongym/weights/digit_classifier.safetensors`` + ``.json`` (test accuracy inside).
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffusiongym.models.digits import IMAGE_SHAPE, NUM_CLASSES, WEIGHTS_DIR, load_module
+from diffusiongym.models.digits_data import IMAGE_SHAPE, NUM_CLASSES, WEIGHTS_DIR
+from diffusiongym.utils.io import load_module
 
 __all__ = ["DigitClassifier", "load_digit_classifier"]
 

@@ -1,12 +1,7 @@
 """The shipped pretrained model: a class-conditional flow-matching UNet on 8x8 digits.
 
-Data: scikit-learn's handwritten digits (``sklearn.datasets.load_digits``, 1,797 images of
-8x8 pixels with integer intensities 0..16, shipped inside scikit-learn, nothing is
-downloaded). Split: ``train_test_split(test_size=0.2, random_state=0, stratify=labels)``
--> 1,437 training and 360 test images (:func:`digits_dataset`).
-
-Data scaling: an image is a tensor of shape ``(1, 8, 8)`` with ``x = intensity / 8 - 1``,
-so the data lie in ``[-1, 1]`` (-1 is the white background, 1 full ink).
+Data, split and scaling (``x = intensity / 8 - 1`` in ``[-1, 1]``, shape ``(1, 8, 8)``): see
+:mod:`diffusiongym.models.digits_data` (re-exported here).
 
 Model: a *velocity* (flow-matching) model for the linear path ``x_t = t x1 + (1 - t) x0``
 (``t = 0`` noise, ``t = 1`` data), trained on the target ``x1 - x0``. It is
@@ -21,7 +16,8 @@ with values 0..9, or :data:`NULL_LABEL` = 10 for "no label") is a keyword argume
 only at 0 and 1.
 
 The weights (``diffusiongym/weights/digits_unet.safetensors`` + ``.json``) are produced by
-``python -m diffusiongym.train.digits``.
+``python -m diffusiongym.train.digits``. Importing this module registers the ``Digits-v0``
+task (:func:`digits_task`) in :data:`diffusiongym.tasks.TASKS`.
 """
 
 from __future__ import annotations
@@ -30,9 +26,23 @@ import math
 from pathlib import Path
 from typing import Any
 
+import gymnasium
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.envs.environment import VelocityEnvironment
+from diffusiongym.models.digits_data import (
+    DIGITS_SPLIT,
+    IMAGE_SHAPE,
+    NULL_LABEL,
+    NUM_CLASSES,
+    WEIGHTS_DIR,
+    digits_dataset,
+    sample_labels,
+)
+from diffusiongym.rewards.base import Reward
+from diffusiongym.rewards.images import DigitClassifierReward
+from diffusiongym.tasks import Task, register_task
 from diffusiongym.utils.io import load_module, save_module
 
 __all__ = [
@@ -41,6 +51,7 @@ __all__ = [
     "NULL_LABEL",
     "IMAGE_SHAPE",
     "WEIGHTS_DIR",
+    "DIGITS_SPLIT",
     "digits_dataset",
     "load_digits_model",
     "digits_environment",
@@ -49,52 +60,6 @@ __all__ = [
     "save_module",
     "load_module",
 ]
-
-NUM_CLASSES = 10
-NULL_LABEL = 10
-IMAGE_SHAPE = (1, 8, 8)
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DIGITS_SPLIT = {"test_size": 0.2, "random_state": 0, "stratify": True}
-
-
-# --------------------------------------------------------------------------- data
-def digits_dataset(split: str = "train") -> tuple[Tensor, Tensor]:
-    """scikit-learn's 8x8 digits, scaled to ``[-1, 1]``.
-
-    Parameters
-    ----------
-    split : {"train", "test", "all"}
-        ``train_test_split(test_size=0.2, random_state=0, stratify=labels)``: 1,437 / 360.
-
-    Returns
-    -------
-    images : Tensor, (n, 1, 8, 8) float32 in [-1, 1]
-    labels : Tensor, (n,) int64 in 0..9
-    """
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}")
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError("digits_dataset needs scikit-learn: pip install 'diffusiongym[train]'") from err
-    data = load_digits()
-    images = torch.as_tensor(data.images, dtype=torch.float32).reshape(-1, *IMAGE_SHAPE) / 8.0 - 1.0
-    labels = torch.as_tensor(data.target, dtype=torch.int64)
-    if split == "all":
-        return images, labels
-    idx_train, idx_test = train_test_split(
-        torch.arange(len(labels)).numpy(), test_size=DIGITS_SPLIT["test_size"], random_state=DIGITS_SPLIT["random_state"], stratify=labels.numpy()
-    )
-    idx = torch.as_tensor(idx_train if split == "train" else idx_test)
-    return images[idx], labels[idx]
-
-
-def sample_labels(n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
-    """Uniform class labels, LongTensor ``(n,)`` in 0..9 (the task's conditioning sampler)."""
-    gen_device = generator.device if generator is not None else (device or "cpu")
-    labels = torch.randint(0, NUM_CLASSES, (int(n),), generator=generator, device=gen_device)
-    return labels.to(device) if device is not None else labels
 
 
 # ------------------------------------------------------------------------ network
@@ -224,18 +189,18 @@ def load_digits_model(device: torch.device | str = "cpu", guidance_scale: float 
 
 
 # ---------------------------------------------------------------- environment, task
-def digits_environment(noise: Any = "memoryless", guidance_scale: float = 1.0, device: torch.device | str = "cpu", model: nn.Module | None = None):
+def digits_environment(
+    noise: Any = "memoryless", guidance_scale: float = 1.0, device: torch.device | str = "cpu", model: nn.Module | None = None
+) -> VelocityEnvironment:
     """:class:`~diffusiongym.envs.environment.VelocityEnvironment` around the shipped model
     with the linear scheduler (the one it was trained with)."""
-    from diffusiongym.envs.environment import VelocityEnvironment
-
     model = model if model is not None else load_digits_model(device, guidance_scale)
     return VelocityEnvironment(model, scheduler="linear", noise=noise, sample_shape=IMAGE_SHAPE)
 
 
 def digits_task(
     *,
-    reward: Any = None,
+    reward: Reward | None = None,
     reward_scale: float = 1.0,
     noise: Any = "memoryless",
     steps: int = 50,
@@ -243,7 +208,7 @@ def digits_task(
     guidance_scale: float = 1.0,
     action_scale: float = 3.0,
     device: torch.device | str = "cpu",
-):
+) -> Task:
     """The ``Digits-v0`` task: the shipped digits model conditioned on a random class label.
 
     Default reward: the shipped classifier's log-probability of the *requested* label
@@ -257,14 +222,15 @@ def digits_task(
     Returns
     -------
     diffusiongym.tasks.Task
-        ``conditioning = {"label": (Discrete(10), sample_labels)}``.
+        ``conditioning = {"label": (Discrete(10), sample_labels)}``; no oracle.
     """
-    import gymnasium
-
-    from diffusiongym.rewards.images import DigitClassifierReward
-    from diffusiongym.tasks import Task
-
     env = digits_environment(noise=noise, guidance_scale=guidance_scale, device=device)
     reward = reward if reward is not None else DigitClassifierReward(target=None, mode="log_prob", device=device)
     conditioning = {"label": (gymnasium.spaces.Discrete(NUM_CLASSES), sample_labels)}
-    return Task("Digits-v0", env, reward, float(reward_scale), int(steps), float(t_start), float(action_scale), None, conditioning, None)
+    return Task(
+        "Digits-v0", env, reward, float(reward_scale), int(steps), float(t_start), float(action_scale), oracle=None, conditioning=conditioning
+    )
+
+
+# The weights load only when the factory runs, so registering costs nothing at import.
+register_task("Digits-v0", digits_task)

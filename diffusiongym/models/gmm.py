@@ -5,7 +5,8 @@ Base ``p1 = sum_k w_k N(mu_k, S_k)`` and path ``x_t = alpha x1 + beta x0``. Then
 posterior of ``x1`` given ``x_t = x`` is the mixture with responsibilities
 ``rho_k(x) ∝ w_k N(x; alpha mu_k, C_k)``, means
 ``mu_k + alpha S_k C_k^{-1} (x - alpha mu_k)`` and covariances
-``S_k - alpha^2 S_k C_k^{-1} S_k`` (``shared/DESIGN.md`` s. 2).
+``S_k - alpha^2 S_k C_k^{-1} S_k`` (``docs/maths.md``, "The Gaussian-mixture oracle"). Tilting
+a mixture by a reward is the oracle's business (:func:`diffusiongym.oracle.tilt_mixture`).
 
 Everything is computed in each component's eigenbasis ``S_k = Q_k diag(lam_k) Q_k^T``
 (``C_k`` shares it: eigenvalues ``alpha^2 lam + beta^2``), so a per-sample time costs
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from diffusiongym.parameterization import check_parameterization
 from diffusiongym.schedulers import Scheduler, make_scheduler
+from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["GaussianMixture", "GaussianMixtureModel", "TrainableGaussianMixtureModel", "Posterior", "gmm_preset", "GMM_PRESETS"]
 
@@ -151,16 +153,6 @@ class GaussianMixture:
         x1_hat = torch.einsum("nk,nki->ni", rho, means)
         cov_eigvals = lam * b**2 / c
         return Posterior(log_rho, means, cov_eigvals.expand(x.shape[0], -1, -1), q, score, x1_hat)
-
-    def tilt(self, reward: Any, scale: float) -> tuple["GaussianMixture", float]:
-        """Exact ``p* ∝ p exp(scale * r)`` and ``log E_p[exp(scale * r)]``.
-
-        ``reward`` must implement ``gaussian_tilt`` (linear, quadratic, constant rewards).
-        """
-        log_z, means, covs = reward.gaussian_tilt(self.means, self.covs, scale)
-        log_w = torch.log(self.weights) + log_z
-        log_norm = torch.logsumexp(log_w, 0)
-        return GaussianMixture(torch.exp(log_w - log_norm), means, covs), float(log_norm)
 
     def to_config(self) -> dict[str, Any]:
         return {"weights": self.weights.tolist(), "means": self.means.tolist(), "covs": self.covs.tolist()}
@@ -301,7 +293,5 @@ GMM_PRESETS: dict[str, Any] = {
 def gmm_preset(name: str) -> GaussianMixture:
     """A preset mixture: ``"1d"``, ``"2d"`` or ``"8gaussians"``."""
     if name not in GMM_PRESETS:
-        from diffusiongym.utils.validation import unknown_name_error
-
         raise unknown_name_error("name", name, GMM_PRESETS)
     return GMM_PRESETS[name]()

@@ -8,7 +8,8 @@ formula gives (possibly NaN) and consumers must mask with ``valid``.
 
 Each reward declares ``differentiable`` (whether ``values`` can be back-propagated to
 ``x``; methods like adjoint matching need it) and ``range`` (the value range where
-known, else ``None``).
+known, else ``None``). Nothing else: closed forms that only the Gaussian-mixture oracle
+needs (Gaussian tilts) live in :mod:`diffusiongym.oracle`.
 """
 
 from __future__ import annotations
@@ -45,20 +46,6 @@ class Reward(ABC):
             raise ValueError(f"{type(self).__name__}.evaluate: expected shape ({x.shape[0]},), got {tuple(values.shape)}")
         valid = self.is_valid(x, **cond) & torch.isfinite(values)
         return values, valid
-
-    def gaussian_tilt(self, mean: Tensor, cov: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Exact tilt of ``N(mean, cov)`` by ``exp(scale * r)``.
-
-        Returns ``(log_normaliser, tilted_mean, tilted_cov)`` with shapes ``(...,)``,
-        ``(..., d)``, ``(..., d, d)`` for ``mean`` of shape ``(..., d)``. Only rewards
-        with a closed form (linear, quadratic, constant) implement it; the
-        Gaussian-mixture oracle relies on it.
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no closed-form Gaussian tilt")
-
-    def gaussian_expectation(self, mean: Tensor, cov: Tensor) -> Tensor:
-        """``E[r(X)]`` for ``X ~ N(mean, cov)``, where a closed form exists."""
-        raise NotImplementedError(f"{type(self).__name__} has no closed-form Gaussian expectation")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -118,12 +105,6 @@ class ConstantReward(Reward):
 
     def evaluate(self, x: Tensor, **cond: Any) -> Tensor:
         return x.reshape(x.shape[0], -1).sum(1) * 0 + self.value
-
-    def gaussian_tilt(self, mean: Tensor, cov: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.full(mean.shape[:-1], scale * self.value, dtype=mean.dtype, device=mean.device), mean, cov
-
-    def gaussian_expectation(self, mean: Tensor, cov: Tensor) -> Tensor:
-        return torch.full(mean.shape[:-1], self.value, dtype=mean.dtype, device=mean.device)
 
     def __repr__(self) -> str:
         return f"ConstantReward({self.value})"

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusiongym.models.digit_classifier import load_digit_classifier
 from diffusiongym.rewards.base import Reward
+from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = [
     "ImageReward",
@@ -103,14 +105,10 @@ class DigitClassifierReward(ImageReward):
     def __init__(self, target: int | None = None, mode: str = "log_prob", classifier: Any = None, device: Any = "cpu", tolerance: float = 0.5):
         super().__init__(tolerance)
         if mode not in self.MODES:
-            from diffusiongym.utils.validation import unknown_name_error
-
             raise unknown_name_error("mode", mode, self.MODES)
         if target is not None and (isinstance(target, bool) or not isinstance(target, int) or not 0 <= target <= 9):
             raise ValueError(f"target: expected a class in 0..9 or None (read from label=), got {target!r}")
         if classifier is None:
-            from diffusiongym.models.digit_classifier import load_digit_classifier
-
             classifier = load_digit_classifier(device)
         if not callable(classifier):
             raise TypeError(f"classifier: expected a callable x -> logits, got {type(classifier).__name__}")

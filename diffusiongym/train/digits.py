@@ -12,13 +12,17 @@ images are never seen; see :func:`diffusiongym.models.digits.digits_dataset`):
 
 Then it evaluates both (:func:`evaluate`) and writes ``weights/digits_unet.*`` and
 ``weights/digit_classifier.*`` (safetensors + JSON with the config and the metrics).
-Deterministic on the CPU for a fixed seed, torch version and thread count (one thread).
-About 10 minutes on one CPU core with the defaults.
+Deterministic on the CPU for a fixed seed, torch version and thread count: :func:`main` runs
+with one thread (``--threads``) and restores the caller's count on return. The global RNG
+(network initialisation, dropout) is seeded inside :func:`~diffusiongym.utils.runtime.seeded`
+blocks and restored afterwards, with the same streams as the ``torch.manual_seed`` calls that
+produced the shipped weights. About 10 minutes on one CPU core with the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -31,8 +35,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffusiongym.envs.environment import VelocityEnvironment
 from diffusiongym.models.digit_classifier import DigitClassifier
-from diffusiongym.models.digits import NULL_LABEL, NUM_CLASSES, WEIGHTS_DIR, DigitsUNet, digits_dataset, save_module
+from diffusiongym.models.digits import DigitsUNet
+from diffusiongym.models.digits_data import NULL_LABEL, NUM_CLASSES, WEIGHTS_DIR, digits_dataset
+from diffusiongym.sampling import sample
+from diffusiongym.utils.io import save_module
+from diffusiongym.utils.runtime import flush_denormals, seeded
 
 __all__ = ["DigitsTrainConfig", "train_classifier", "train_flow_model", "evaluate", "nearest_distances", "main"]
 
@@ -73,33 +82,38 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 def train_classifier(
     config: DigitsTrainConfig, images: Tensor, labels: Tensor, progress: bool = False, callback: Callable[[dict[str, float]], None] | None = None
 ) -> tuple[DigitClassifier, dict[str, list[float]]]:
-    """Train the digit classifier. Returns the model (eval mode) and ``history["loss"]`` per epoch."""
+    """Train the digit classifier. Returns the model (eval mode) and ``history["loss"]`` per epoch.
+
+    Data order and noise come from a generator seeded with ``config.seed``; the initialisation
+    and the dropout masks from the global RNG seeded with ``config.seed`` inside
+    :func:`~diffusiongym.utils.runtime.seeded` (restored on return).
+    """
     gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # dropout masks
-    model = DigitClassifier(channels=config.classifier_channels)
-    opt = torch.optim.Adam(model.parameters(), lr=config.classifier_lr)
-    history: dict[str, list[float]] = {"loss": []}
-    n = len(labels)
-    total = config.classifier_epochs * math.ceil(n / config.classifier_batch_size)
-    step = 0
-    model.train()
-    for _ in tqdm(range(config.classifier_epochs), disable=not progress, desc="classifier"):
-        perm = torch.randperm(n, generator=gen)
-        epoch_loss = 0.0
-        for i in range(0, n, config.classifier_batch_size):
-            idx = perm[i : i + config.classifier_batch_size]
-            x = images[idx] + config.classifier_noise * torch.randn(images[idx].shape, generator=gen)
-            loss = nn.functional.cross_entropy(model(x), labels[idx])
-            for group in opt.param_groups:
-                group["lr"] = config.classifier_lr * _cosine_lr(step, total, 0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            epoch_loss += float(loss.detach()) * len(idx)
-        history["loss"].append(epoch_loss / n)
-        if callback is not None:
-            callback({"classifier_loss": history["loss"][-1]})
+    with seeded(config.seed):  # initialisation and dropout masks
+        model = DigitClassifier(channels=config.classifier_channels)
+        opt = torch.optim.Adam(model.parameters(), lr=config.classifier_lr)
+        history: dict[str, list[float]] = {"loss": []}
+        n = len(labels)
+        total = config.classifier_epochs * math.ceil(n / config.classifier_batch_size)
+        step = 0
+        model.train()
+        for _ in tqdm(range(config.classifier_epochs), disable=not progress, desc="classifier"):
+            perm = torch.randperm(n, generator=gen)
+            epoch_loss = 0.0
+            for i in range(0, n, config.classifier_batch_size):
+                idx = perm[i : i + config.classifier_batch_size]
+                x = images[idx] + config.classifier_noise * torch.randn(images[idx].shape, generator=gen)
+                loss = nn.functional.cross_entropy(model(x), labels[idx])
+                for group in opt.param_groups:
+                    group["lr"] = config.classifier_lr * _cosine_lr(step, total, 0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                epoch_loss += float(loss.detach()) * len(idx)
+            history["loss"].append(epoch_loss / n)
+            if callback is not None:
+                callback({"classifier_loss": history["loss"][-1]})
     return model.eval(), history
 
 
@@ -109,11 +123,9 @@ def train_flow_model(
     """Conditional flow matching with label dropout. Returns the EMA model (eval mode) and
     ``history["loss"]`` (mean of every ``log_every`` steps)."""
     gen = torch.Generator().manual_seed(config.seed + 1)
-    torch.manual_seed(config.seed + 1)
-    model = DigitsUNet(channels=config.channels, emb_dim=config.emb_dim)
-    ema = DigitsUNet(channels=config.channels, emb_dim=config.emb_dim)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+    with seeded(config.seed + 1):  # initialisation (the flow model has no dropout)
+        model = DigitsUNet(channels=config.channels, emb_dim=config.emb_dim)
+    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=config.model_lr, weight_decay=config.model_weight_decay)
     history: dict[str, list[float]] = {"loss": []}
     n, running = len(labels), 0.0
@@ -169,9 +181,6 @@ def evaluate(
     ``nn_distance_test`` (the same for the test split: samples much closer to the training set
     than fresh test digits would be copies); ``min_nn_distance_samples``; pixel range.
     """
-    from diffusiongym.envs.environment import VelocityEnvironment
-    from diffusiongym.sampling import sample
-
     train_x, _ = digits_dataset("train")
     test_x, test_y = digits_dataset("test")
     test_acc = float((classifier(test_x).argmax(1) == test_y).float().mean())
@@ -204,10 +213,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--classifier-epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while training (the shipped weights: 1)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with flush_denormals():
+            return _train_and_save(args)
+    finally:
+        torch.set_num_threads(threads)
 
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+
+def _train_and_save(args: argparse.Namespace) -> dict[str, Any]:
     config = DigitsTrainConfig(seed=args.seed)
     if args.model_steps is not None:
         config.model_steps = args.model_steps
