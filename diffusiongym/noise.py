@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from diffusiongym.schedulers import Scheduler
+from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["Noise", "ODE", "Memoryless", "Constant", "CallableNoise", "make_noise", "NOISES"]
 
@@ -139,7 +140,6 @@ def make_noise(noise: str | float | Noise | Callable[[Tensor], Tensor]) -> Noise
             return ODE()
         if noise == "memoryless":
             return Memoryless()
-        from diffusiongym.utils.validation import unknown_name_error
 
         raise unknown_name_error("noise", noise, ["ode", "memoryless"])
     if isinstance(noise, (int, float)) and not isinstance(noise, bool):

@@ -25,6 +25,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffusiongym.schedulers import Scheduler
+from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["PARAMETERIZATIONS", "TARGETS", "basis_coordinates", "conversion_coefficients", "convert", "check_parameterization"]
 
@@ -35,7 +36,6 @@ TARGETS = (*PARAMETERIZATIONS, "drift")
 def check_parameterization(name: str) -> str:
     """Return ``name`` if it is a known parameterisation, else raise a clear ``ValueError``."""
     if name not in PARAMETERIZATIONS:
-        from diffusiongym.utils.validation import unknown_name_error
 
         raise unknown_name_error("parameterization", name, PARAMETERIZATIONS)
     return name
@@ -59,7 +59,6 @@ def basis_coordinates(
         return d_alpha, d_beta - sigma**2 / (2.0 * beta)
     if name == "state":
         return alpha, beta
-    from diffusiongym.utils.validation import unknown_name_error
 
     raise unknown_name_error("target", name, (*TARGETS, "state"))
 

@@ -28,7 +28,7 @@ from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.rewards.base import Reward
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
-from diffusiongym.utils.validation import check_positive_int, check_tensor
+from diffusiongym.utils.validation import check_positive_int, check_tensor, unknown_name_error
 
 __all__ = ["Trajectory", "sample", "StepSchedule", "STORABLE"]
 
@@ -219,7 +219,6 @@ def sample(
         store = STORABLE if store == "all" else (store,)
     for name in store:
         if name not in STORABLE:
-            from diffusiongym.utils.validation import unknown_name_error
 
             raise unknown_name_error("store", name, STORABLE)
     if control is not None and policy is not None:

@@ -1,6 +1,6 @@
 """Interpolation schedules ``x_t = alpha_t x1 + beta_t x0``.
 
-Conventions (see ``shared/DESIGN.md``): ``t = 0`` is noise, ``t = 1`` is data,
+Conventions (``docs/maths.md``, "Paths and parameterisations"): ``t = 0`` is noise, ``t = 1`` is data,
 ``alpha_0 = beta_1 = 0`` and ``alpha_1 = beta_0 = 1``. ``beta`` is never assumed to
 be ``1 - alpha``.
 
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = [
     "Scheduler",
@@ -212,7 +213,6 @@ def make_scheduler(scheduler: str | Scheduler) -> Scheduler:
             return DiscreteVPScheduler.linear_ddpm()
         if scheduler in SCHEDULERS:
             return SCHEDULERS[scheduler]()
-        from diffusiongym.utils.validation import unknown_name_error
 
         raise unknown_name_error("scheduler", scheduler, [*SCHEDULERS, "vp"])
     raise TypeError(f"scheduler: expected a name or a Scheduler, got {type(scheduler).__name__}")

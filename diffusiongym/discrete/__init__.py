@@ -1,6 +1,6 @@
 """Discrete flow matching: CTMC jump chains on token sequences as reward-adaptation environments.
 
-See DESIGN.md s.4. Mixture path (:mod:`.path`, :mod:`.schedulers`), posterior models (:mod:`.models`),
+See ``docs/maths.md``, "Discrete chains". Mixture path (:mod:`.path`, :mod:`.schedulers`), posterior models (:mod:`.models`),
 the controlled chain and its Euler jump sampler with the exact KL rate (:mod:`.chain`), the exact tilt
 oracle (:mod:`.oracle`), training (:mod:`.train`), tasks (:mod:`.tasks`), Gymnasium envs (:mod:`.env`)
 and their registration (:mod:`.registry`).

@@ -1,6 +1,6 @@
 """The (controlled) CTMC of a posterior model and its coordinate-wise Euler jump sampler.
 
-Base chain (DESIGN.md s.4). Each coordinate ``i`` in state ``a`` jumps to a data token ``b != a`` at rate
+Base chain (``docs/maths.md``, "Discrete chains"). Each coordinate ``i`` in state ``a`` jumps to a data token ``b != a`` at rate
 ``u_i(b) = lambda(t) p(x1_i = b | x_t)``, ``lambda = d_kappa / (1 - kappa)``; with a mask source, unmasked
 coordinates never move (their rates are set to zero). Euler step over ``h``: jump to ``b`` with probability
 ``h u_i(b)``, stay otherwise. On the last step ``lambda`` is replaced by ``1 / h`` so that each coordinate

@@ -1,4 +1,4 @@
-"""Kappa schedulers of the factorised mixture path (DESIGN.md s.4).
+"""Kappa schedulers of the factorised mixture path (``docs/maths.md``, "Discrete chains").
 
 Each coordinate of ``x_t`` equals the data token ``x1_i`` with probability ``kappa(t)`` and
 the source token ``x0_i`` otherwise; ``kappa(0) = 0`` (pure source), ``kappa(1) = 1`` (data).

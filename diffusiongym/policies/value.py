@@ -5,7 +5,7 @@ and ``t`` of shape ``(n,)``; the engine (:func:`diffusiongym.sample`) adds ``sig
 the base drift. This module gives two agents that implement it:
 
 - :class:`ValuePolicy`: ``u = -sigma(t) grad_x V(x, t, **cond)`` for a learned cost-to-go
-  ``V`` (the optimal control when ``V = V*``, ``shared/DESIGN.md`` s. 1);
+  ``V`` (the optimal control when ``V = V*``, ``docs/maths.md``, "The objective and the tilted optimum");
 - :class:`ControlPolicy`: a network that outputs ``u`` directly.
 
 Both also act on Gymnasium observations ``{"x": (n, *shape), "t": (n, 1), **cond}``
