@@ -1,9 +1,12 @@
 """Value Matching on the shipped digits model: raise the fraction of one class (full figures).
 
-    OMP_NUM_THREADS=1 python benchmarks/value_matching_digits.py            # trains, writes the shipped weights
+    OMP_NUM_THREADS=1 python benchmarks/value_matching_digits.py --out out/value_digits  # trains, writes there
     OMP_NUM_THREADS=1 python benchmarks/value_matching_digits.py --eval-only  # evaluates the shipped weights
 
-Setting (:func:`diffusiongym.trainers.value_matching.digits_value_task`): the shipped
+(``--out diffusiongym/weights/value_digits`` regenerates the shipped weights; nothing is
+written there by default.)
+
+Setting (:func:`diffusiongym.trainers.value_matching_digits.digits_value_task`): the shipped
 :class:`~diffusiongym.models.digits.DigitsUNet` with the null label (unconditional, every class
 about 10%), memoryless SDE, 25 Euler steps from ``t = 0.01``, the non-differentiable reward
 ``1[classifier argmax = 3]`` with ``lambda = 10``. Value network ``SignalScaled(TimeCNN)``
@@ -17,8 +20,10 @@ base model and under the learned control, the KL (running cost), mean reward, ob
 ``lambda E[r] - KL``, and the optimum computed from the measured base rate ``p0``:
 ``log(1 - p0 + p0 e^lambda)`` with class fraction ``p0 e^lambda / (1 - p0 + p0 e^lambda)``
 (exact for the tilt of the model's own sample law, up to the Euler error of the grid).
-Writes ``diffusiongym/weights/value_digits.safetensors`` + ``.json`` (the value network, the
-recipe, the training history and these figures), which the notebook and the test load.
+Writes ``<out>.safetensors`` + ``.json`` (the value network, the recipe, the training history
+and these figures); the shipped ones, which the notebook and the test load, were written so.
+Each phase is a :class:`~diffusiongym.trainers.value_matching.ValueMatching` run (phase 1's
+network is initialised from its config's seed; phase 2 continues that network).
 """
 
 from __future__ import annotations
@@ -26,21 +31,19 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import diffusiongym as dg
-from diffusiongym.trainers.value_matching import (
+from diffusiongym.policies.value import ValuePolicy
+from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
+from diffusiongym.trainers.value_matching_digits import (
     DIGITS_VALUE_WEIGHTS,
-    ValueMatching,
-    ValueMatchingConfig,
     digits_value_task,
     load_value_net,
     save_value_net,
 )
-from diffusiongym.policies.value import ValuePolicy
 
 RECIPE = {"target": 3, "reward_scale": 10.0, "steps": 25, "mode": "is_class"}
 PHASES = [
@@ -77,10 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", type=Path, default=None, help="weights stem of a phase-1 run: run phase 2 only")
     parser.add_argument("--eval-samples", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=DIGITS_VALUE_WEIGHTS, help="weights stem (default: the shipped diffusiongym/weights/value_digits)")
+    parser.add_argument("--out", type=Path, default=None, help="weights stem to write (required to train) or, with --eval-only, to read (default: the shipped diffusiongym/weights/value_digits)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out instead of training")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.out is None:
+        if not args.eval_only:
+            parser.error("--out: required to train (pass diffusiongym/weights/value_digits to regenerate the shipped weights)")
+        args.out = DIGITS_VALUE_WEIGHTS
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     task = digits_value_task(**RECIPE)
@@ -106,18 +113,19 @@ def main(argv: list[str] | None = None) -> None:
             init_seconds = float(init_info.get("train_seconds", 0.0))
         for lam, config in phases:
             phase_task = digits_value_task(**{**RECIPE, "reward_scale": lam})
-            trainer = ValueMatching.from_task(phase_task, value_net=value_net, config=config)
-            value_net = trainer.value_net
+            trainer = ValueMatching(phase_task, model=value_net, config=config)
+            value_net = trainer.model
             offset = len(history.get("loss", []))
             phase_starts.append(offset)
 
-            def log(rec, offset=offset, lam=lam):
+            def log(rec, offset=offset, lam=lam, config=config):
                 if rec["iteration"] % 10 == 0 or rec["iteration"] == config.iterations - 1:
-                    print(f"  lambda {lam:g} it {offset + rec['iteration']:3d}  reward {rec['reward']:.3f}  kl {rec['kl']:.3f}  objective {rec['objective']:.3f}  loss {rec['loss']:.3f}  {time.perf_counter() - start:.0f} s", flush=True)
+                    print(f"  lambda {lam:g} it {offset + int(rec['iteration']):3d}  reward {rec['reward']:.3f}  kl {rec['kl']:.3f}  objective {rec['objective']:.3f}  loss {rec['loss']:.3f}  {time.perf_counter() - start:.0f} s", flush=True)
 
             trainer.train(callback=log, progress=args.progress)
-            for key, values in trainer.history.items():
-                history.setdefault(key, []).extend(values)
+            done, new = offset, len(trainer.history["loss"])
+            for key in sorted((set(history) | set(trainer.history)) - {"reward_scale"}):  # NaN where a phase lacks a key
+                history.setdefault(key, [math.nan] * done).extend(trainer.history.get(key, [math.nan] * new))
             history.setdefault("reward_scale", []).extend([lam] * len(trainer.history["loss"]))
         policy = ValuePolicy(value_net, task.environment, action_scale=task.action_scale)
         train_seconds = time.perf_counter() - start + init_seconds
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     base_obj = lam * base["fraction"]
     gap = (learned["objective"] - base_obj) / (best - base_obj)
     n = args.eval_samples
-    se = lambda p: math.sqrt(max(p * (1 - p), 1e-12) / n)  # noqa: E731
+    se = lambda p: math.sqrt(max(p * (1 - p), 1e-12) / n)
     print(f"Digits (unconditional), target class {RECIPE['target']}, lambda {lam}, {task.steps} steps; {len(history.get('loss', []))} iterations, {train_seconds:.0f} s training")
     print(f"  base:    class-{RECIPE['target']} fraction {base['fraction']:.3f} +- {se(base['fraction']):.3f}  objective {base_obj:.3f}")
     print(f"  learned: class-{RECIPE['target']} fraction {learned['fraction']:.3f} +- {se(learned['fraction']):.3f}  kl {learned['kl']:.3f}  objective {learned['objective']:.3f}  valid {learned['valid']:.3f}")
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.eval_only:
         info = {
             "recipe": RECIPE,
-            "training": [{"reward_scale": lam, **asdict(cfg)} for lam, cfg in PHASES],
+            "training": [{"reward_scale": lam, **cfg.to_dict()} for lam, cfg in PHASES],
             "phase_starts": phase_starts,
             "init": str(args.init) if args.init is not None else None,
             "train_seconds": train_seconds,

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from adaptation import Result
 
-import diffusiongym as dg
-from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
 from diffusiongym.tasks import make_task
+from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]
 
@@ -32,13 +31,12 @@ def config(task_id: str, quick: bool, seed: int) -> ValueMatchingConfig:
 
 def train(task_id: str, quick: bool, seed: int) -> tuple[object, ValueMatching]:
     task = make_task(task_id)
-    trainer = ValueMatching.from_task(task, config=config(task_id, quick, seed))
-    trainer.train()
+    trainer = ValueMatching(task, config=config(task_id, quick, seed))
+    trainer.train(progress=False)
     return task, trainer
 
 
 def run(task_id: str, quick: bool, seed: int) -> Result:
     task, trainer = train(task_id, quick, seed)
-    n = 4096 if quick else 16384
-    traj = dg.sample(task.environment, n, steps=task.steps, t_start=task.t_start, control=trainer.policy, reward=task.reward, reward_scale=task.reward_scale, seed=seed + 10_000)
-    return Result(float(traj.objective.mean()), float(traj.kl.mean()), float(traj.reward.mean()), task.oracle.base_objective, task.oracle.optimal_objective)
+    metrics = trainer.evaluate(4096 if quick else 16384, seed=seed + 10_000)
+    return Result(metrics["objective"], metrics["kl"], metrics["reward"], task.oracle.base_objective, task.oracle.optimal_objective)

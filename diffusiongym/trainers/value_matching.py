@@ -1,88 +1,58 @@
 """Value Matching: learn the cost-to-go ``V(x, t)`` and steer with ``u = -sigma grad_x V``.
 
-Gradient-free in the reward (``shared/DESIGN.md`` s. 7). With ``lambda = reward_scale``,
+Gradient-free in the reward (``docs/maths.md``, Value Matching). With ``lambda = reward_scale``,
 step sizes ``h_k`` and the current control ``u_k = -sigma(t_k) grad V(x_k, t_k)``, each
-iteration
+iteration (:meth:`ValueMatching._step`)
 
 1. samples ``n`` trajectories ``x_0..x_m`` with the current :class:`ValuePolicy`;
 2. forms the observed cost-to-go ``C_k = sum_{i >= k} 1/2 |u_i|^2 h_i - lambda r(x_m)``
    (detached) at every grid point ``k = 0..m``;
 3. regresses ``V(x_k, t_k)`` onto ``C_k`` with the weighted loss
    ``mean_k w_k (V(x_k, t_k) - C_k)^2``, ``w_k ∝ 1 / (1 + 1/2 int_{t_k}^1 sigma^2 dt)``
-   (the variance of ``C_k`` grows with the noise still to come).
+   (the variance of ``C_k`` grows with the noise still to come), on minibatches drawn from
+   the newest trajectories and ``config.replay`` older batches.
 
-The regression target is the cost-to-go *of the current control*, so this is
-approximate policy iteration; its fixed point is ``V = V*`` (then ``u = u*``). Only
-reward *values* are used: non-differentiable rewards work.
+The regression target is the cost-to-go *of the current control*, so this is approximate
+policy iteration; its fixed point is ``V = V*`` (then ``u = u*``). Only reward *values* are
+used: non-differentiable rewards work.
 
-Training reads top to bottom in :meth:`ValueMatching.train`; hyper-parameters live in
-:class:`ValueMatchingConfig`; logs go to the returned history and an optional
-callback. :meth:`ValueMatching.save` / :meth:`ValueMatching.load` write and read a
-safetensors + JSON folder holding everything needed to resume bit-for-bit on the CPU
-(network, optimiser, random generator, replay buffer, history);
-:func:`load_value_policy` rebuilds just the trained policy.
-
-Digits: :func:`digits_value_task` is the shipped model made unconditional (null label) with
-the non-differentiable reward ``1[classifier argmax = target]``; :func:`save_value_net` /
-:func:`load_value_net` store a bare value network (safetensors + JSON), e.g. the shipped
-``weights/value_digits.*`` (:data:`DIGITS_VALUE_WEIGHTS`, from
-``benchmarks/value_matching_digits.py``).
+:class:`ValueMatching` follows the :class:`~diffusiongym.trainers.base.Trainer` contract; its
+checkpoints (:meth:`~diffusiongym.trainers.base.Trainer.save`) also hold the replay buffer,
+and :func:`load_value_policy` rebuilds the trained policy from one without a trainer. The
+digits recipe lives in :mod:`diffusiongym.trainers.value_matching_digits`.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from diffusiongym.envs.environment import DiffusionEnvironment
-from diffusiongym.policies.networks import TimeMLP
-from diffusiongym.policies.networks import SignalScaled, TimeCNN
+from diffusiongym.policies.networks import SignalScaled, TimeCNN, TimeMLP
 from diffusiongym.policies.value import ValuePolicy
-from diffusiongym.rewards.base import Reward
-from diffusiongym.sampling import Trajectory, sample
-from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
-from diffusiongym.utils.io import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from diffusiongym.sampling import sample
+from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer, trajectory_metrics
+from diffusiongym.trainers.checkpoint import CheckpointError, read_checkpoint
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
-DIGITS_VALUE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "value_digits"
+__all__ = ["ValueMatching", "ValueMatchingConfig", "build_value_net", "default_value_net", "load_value_policy", "time_weights", "value_net_spec"]
 
-__all__ = [
-    "ValueMatchingConfig",
-    "ValueMatching",
-    "load_value_policy",
-    "time_weights",
-    "default_value_net",
-    "digits_value_task",
-    "save_value_net",
-    "load_value_net",
-    "DIGITS_VALUE_WEIGHTS",
-]
-
-CondSampler = Callable[[int, torch.Generator, torch.device], dict[str, Tensor]]
-LR_SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adam", "adamw", "sgd")
 TIME_WEIGHTINGS = ("variance", "uniform")
-HISTORY_KEYS = ("iteration", "loss", "reward", "kl", "objective", "valid_fraction", "lr", "grad_norm", "seconds")
 
 
 @dataclass
-class ValueMatchingConfig:
-    """Hyper-parameters of :class:`ValueMatching`.
+class ValueMatchingConfig(TrainerConfig):
+    """Hyper-parameters of :class:`ValueMatching` (shared fields: :class:`TrainerConfig`).
 
     Attributes
     ----------
-    iterations : int
-        Sampling rounds in a full run (the learning-rate schedule spans them).
-    batch_size : int
-        Trajectories sampled per iteration.
+    iterations, lr_schedule, lr_final_factor, max_grad_norm
+        Shared fields with Value Matching's defaults (200, ``"cosine"``, 0.1, 1.0).
     updates_per_iteration : int
         Gradient steps on the regression loss per iteration.
     minibatch_size : int
@@ -91,64 +61,31 @@ class ValueMatchingConfig:
     replay : int
         How many past iterations' trajectories stay in the buffer besides the newest
         (0: on-policy regression only). Older targets are costs-to-go of older controls.
-    lr, lr_schedule, lr_final_factor, warmup_iterations
-        Learning rate, its schedule over ``iterations`` (``"constant"``, ``"cosine"``,
-        ``"linear"`` decay to ``lr * lr_final_factor``) and a linear warm-up.
-    optimizer : {"adam", "adamw", "sgd"}
-    weight_decay : float
-    grad_clip : float or None
-        Clip the gradient's global norm (``None``: no clipping).
     time_weighting : {"variance", "uniform"}
-        Per-time weight of the loss (see the module docstring).
-    seed : int
-        Seeds the trainer's generator (sampling, conditioning, minibatches).
+        Per-time weight of the loss (see :func:`time_weights`).
     """
 
     iterations: int = 200
-    batch_size: int = 256
+    lr_schedule: str = "cosine"
+    lr_final_factor: float = 0.1
+    max_grad_norm: float | None = 1.0
     updates_per_iteration: int = 8
     minibatch_size: int = 2048
     replay: int = 0
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"
-    lr_final_factor: float = 0.1
-    warmup_iterations: int = 0
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
     time_weighting: str = "variance"
-    seed: int = 0
 
-    def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size", "updates_per_iteration", "minibatch_size"):
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"time_weighting": TIME_WEIGHTINGS}
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("updates_per_iteration", "minibatch_size"):
             check_positive_int(name, getattr(self, name))
-        for name in ("replay", "warmup_iterations", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
-        if not (isinstance(self.lr_final_factor, (int, float)) and 0 <= self.lr_final_factor <= 1):
-            raise ValueError(f"lr_final_factor: expected a number in [0, 1], got {self.lr_final_factor!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay: expected a non-negative number, got {self.weight_decay!r}")
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
-            raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip!r}")
-        for name, known in (("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS), ("time_weighting", TIME_WEIGHTINGS)):
-            if getattr(self, name) not in known:
-                raise unknown_name_error(name, getattr(self, name), known)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ValueMatchingConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config: unknown keys {unknown}; expected some of {sorted(known)}")
-        return cls(**data)
+        if self.replay < 0:
+            raise ValueError(f"replay: expected a non-negative integer, got {self.replay!r}")
 
 
 def time_weights(env: DiffusionEnvironment, times: Tensor, kind: str = "variance") -> Tensor:
-    """Per-grid-point loss weights, shape ``(m + 1,)``, mean 1.
+    """Per-grid-point loss weights, float64 of shape ``(m + 1,)``, mean 1.
 
     ``"variance"``: ``w_k ∝ 1 / (1 + 1/2 sum_{i >= k} sigma(t_i)^2 h_i)`` (left-point rule
     for ``int_{t_k}^1 sigma^2 dt``); ``"uniform"``: all ones.
@@ -166,9 +103,10 @@ def time_weights(env: DiffusionEnvironment, times: Tensor, kind: str = "variance
 
 
 def default_value_net(sample_shape: tuple[int, ...], scheduler: Any, num_classes: int | None = None) -> nn.Module:
-    """A zero-initialised value network for ``sample_shape`` (the base control ``u = 0`` at
+    """A value network for ``sample_shape`` with a zero head (the base control ``u = 0`` at
     the start): ``SignalScaled(TimeMLP)`` for vectors ``(d,)``, ``SignalScaled(TimeCNN)``
-    for images ``(C, H, W)``; ``scheduler`` is the environment's."""
+    for images ``(C, H, W)``; ``scheduler`` is the environment's. Draws its initial
+    weights from the global RNG (:class:`ValueMatching` builds it seeded)."""
     if len(sample_shape) == 1:
         return SignalScaled(TimeMLP(sample_shape[0], out_dim=1, hidden=128, layers=3, zero_init=True), scheduler)
     if len(sample_shape) == 3:
@@ -176,359 +114,235 @@ def default_value_net(sample_shape: tuple[int, ...], scheduler: Any, num_classes
     raise ValueError(f"sample_shape: expected (d,) or (C, H, W), got {tuple(sample_shape)}")
 
 
-def _lr_factor(cfg: ValueMatchingConfig, iteration: int) -> float:
-    if iteration < cfg.warmup_iterations:
-        return (iteration + 1) / (cfg.warmup_iterations + 1)
-    span = max(cfg.iterations - cfg.warmup_iterations, 1)
-    progress = min((iteration - cfg.warmup_iterations) / span, 1.0)
-    final = cfg.lr_final_factor
-    if cfg.lr_schedule == "cosine":
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.lr_schedule == "linear":
-        return 1 - (1 - final) * progress
-    return 1.0
+def value_net_spec(value_net: nn.Module) -> dict[str, Any]:
+    """``{"class", "config"}`` of a value network: what :func:`build_value_net` rebuilds."""
+    return {"class": type(value_net).__name__, "config": getattr(value_net, "config", None)}
 
 
-def _make_optimizer(cfg: ValueMatchingConfig, params: Any) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+def build_value_net(spec: Any, scheduler: Any, source: str = "value_net") -> nn.Module:
+    """An untrained :class:`TimeMLP` / :class:`TimeCNN` (optionally in :class:`SignalScaled`
+    with ``scheduler``) from :func:`value_net_spec`; ``ValueError`` naming ``source`` for
+    any other network (then pass an untrained instance instead)."""
+    builders: dict[str, Callable[..., nn.Module]] = {"TimeMLP": TimeMLP, "TimeCNN": TimeCNN}
+    cls_name = spec.get("class") if isinstance(spec, dict) else None
+    config = (spec.get("config") if isinstance(spec, dict) else None) or {}
+    inner_name, inner_cfg = (config.get("net_class"), config.get("net")) if cls_name == "SignalScaled" else (cls_name, config)
+    if inner_name not in builders or not isinstance(inner_cfg, dict) or not inner_cfg:
+        raise ValueError(f"{source}: cannot rebuild a value network of class {cls_name!r} (expected TimeMLP, TimeCNN or SignalScaled of one); pass an untrained instance to load into")
+    net = builders[inner_name](**inner_cfg)
+    return SignalScaled(net, scheduler) if cls_name == "SignalScaled" else net
 
 
-class ValueMatching:
+class ValueMatching(Trainer):
     """Value Matching trainer (see the module docstring).
 
     Parameters
     ----------
-    env : DiffusionEnvironment
-        Base model with a stochastic noise (``sigma > 0``; memoryless for the exact optimum).
-        Its scheduler should be the one the value network's :class:`SignalScaled` uses.
-    reward : Reward
-        Terminal reward ``r(x1)``; only its values are used.
-    value_net : nn.Module
-        ``value_net(x, t, **cond) -> (n,)`` or ``(n, 1)``; trained in place. Zero-init
-        heads start at the base model (``u = 0``).
+    task : Task, str or DiffusionEnvironment
+        The problem; its environment needs a stochastic noise (``sigma > 0``; memoryless
+        for the exact optimum) and a ``sample_shape``. Conditioning (e.g. class labels) is
+        drawn afresh every iteration from the task's samplers.
+    reward, reward_scale
+        Override the task's (only reward *values* are used).
+    model : nn.Module, optional
+        The value network ``V(x, t, **cond) -> (n,)`` or ``(n, 1)``, trained in place
+        (moved to ``device`` and ``dtype``). Default: :func:`default_value_net`, initialised
+        from ``config.seed``. A zero head starts at the base model (``u = 0``).
     config : ValueMatchingConfig, optional
-    reward_scale : float
-        ``lambda``.
-    steps, t_start
-        Euler–Maruyama grid (uniform, ``steps`` steps from ``t_start`` to 1).
-    action_scale : float
-        Passed to the :class:`ValuePolicy` (Gymnasium action normalisation).
-    cond_sampler : callable, optional
-        ``cond_sampler(n, generator, device) -> dict`` of per-sample conditioning tensors
-        (e.g. class labels), drawn afresh every iteration.
-    device : str or torch.device
-        Where to sample and train (the network is moved there).
+    device, dtype, **options
+        See :class:`~diffusiongym.trainers.base.Trainer`.
 
     Attributes
     ----------
+    model : nn.Module
+        The value network.
     policy : ValuePolicy
-        The current control (shares ``value_net``).
-    iteration : int
-        Iterations done so far (also after :meth:`load`).
-    history : dict of lists
-        One entry per iteration for each of ``HISTORY_KEYS``.
+        ``u = -sigma grad V`` (shares :attr:`model`; ``action_scale`` from the task).
+    buffer : list of dict
+        The replay buffer: per kept iteration ``states`` ``(m + 1, N, *shape)``,
+        ``cost_to_go`` ``(m + 1, N)`` and ``cond`` (``N`` valid samples).
     """
 
-    def __init__(
-        self,
-        env: DiffusionEnvironment,
-        reward: Reward,
-        value_net: nn.Module,
-        config: ValueMatchingConfig | None = None,
-        *,
-        reward_scale: float = 1.0,
-        steps: int = 100,
-        t_start: float = DEFAULT_T_START,
-        action_scale: float = 1.0,
-        cond_sampler: CondSampler | None = None,
-        device: str | torch.device = "cpu",
-    ):
-        if not isinstance(env, DiffusionEnvironment):
-            raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
-        if not isinstance(reward, Reward):
-            raise TypeError(f"reward: expected a diffusiongym Reward, got {type(reward).__name__}")
-        if config is None:
-            config = ValueMatchingConfig()
-        if not isinstance(config, ValueMatchingConfig):
-            raise TypeError(f"config: expected a ValueMatchingConfig, got {type(config).__name__}")
+    config_class = ValueMatchingConfig
+    config: ValueMatchingConfig
+
+    def setup(self, model: nn.Module | None) -> None:
+        env = self.env
         if env.sample_shape is None:
-            raise ValueError("env: expected a model with a sample_shape")
-        if cond_sampler is not None and not callable(cond_sampler):
-            raise TypeError(f"cond_sampler: expected a callable (n, generator, device) -> dict, got {type(cond_sampler).__name__}")
-        self.env, self.reward, self.config = env, reward, config
-        self.reward_scale = float(reward_scale)
-        self.steps = check_positive_int("steps", steps)
-        self.t_start = float(t_start)
-        self.times = make_time_grid(self.steps, self.t_start)
-        self.device = torch.device(device)
-        self.cond_sampler = cond_sampler
-        self.value_net = value_net.to(self.device)
-        self.policy = ValuePolicy(self.value_net, env, action_scale=action_scale)
-        self.weights = time_weights(env, self.times, config.time_weighting)
-        self.optimizer = _make_optimizer(config, [p for p in self.value_net.parameters() if p.requires_grad])
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.iteration = 0
-        self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
+            raise ValueError("task: expected an environment with a sample_shape")
+        if model is None:
+            model = self.build(lambda: default_value_net(tuple(env.sample_shape), env.scheduler), "value_net")
+        elif not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module value network V(x, t, **cond) -> (n,), got {type(model).__name__}")
+        self.model = model.to(device=self.device, dtype=self.dtype)
+        self._policy = ValuePolicy(self.model, env, action_scale=self.task.action_scale)
+        self.weights = time_weights(env, self.times, self.config.time_weighting)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], self.config)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
         self.buffer: list[dict[str, Any]] = []
 
-    @classmethod
-    def from_task(cls, task: Any, value_net: nn.Module | None = None, config: ValueMatchingConfig | None = None, **kwargs: Any) -> "ValueMatching":
-        """Build a trainer from a :class:`diffusiongym.tasks.Task` (its environment, reward,
-        reward scale, grid, action scale and conditioning samplers); ``value_net``
-        defaults to :func:`default_value_net`."""
-        if value_net is None:
-            value_net = default_value_net(task.sample_shape, task.environment.scheduler)
-        cond_sampler = kwargs.pop("cond_sampler", None)
-        if cond_sampler is None and task.conditioning:
-            samplers = {name: spec[1] for name, spec in task.conditioning.items()}
-
-            def cond_sampler(n: int, generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
-                return {name: fn(n, generator, device) for name, fn in samplers.items()}
-
-        options = {"reward_scale": task.reward_scale, "steps": task.steps, "t_start": task.t_start, "action_scale": task.action_scale}
-        options.update(kwargs)
-        return cls(task.environment, task.reward, value_net, config, cond_sampler=cond_sampler, **options)
-
-    # ------------------------------------------------------------------ sampling
-    def collect(self, num_samples: int | None = None, *, store: tuple[str, ...] = ("states",), generator: torch.Generator | None = None) -> tuple[Trajectory, dict[str, Tensor]]:
-        """Sample with the current policy; returns the trajectory and the conditioning used."""
-        n = self.config.batch_size if num_samples is None else check_positive_int("num_samples", num_samples)
-        gen = self.generator if generator is None else generator
-        cond = self.cond_sampler(n, gen, self.device) if self.cond_sampler is not None else {}
-        traj = sample(
-            self.env,
-            n,
-            steps=self.steps,
-            t_start=self.t_start,
-            control=self.policy,
-            reward=self.reward,
-            reward_scale=self.reward_scale,
-            cond=cond,
-            generator=gen,
-            store=store,
-            device=self.device,
-        )
-        return traj, cond
+    @property
+    def policy(self) -> ValuePolicy:
+        return self._policy
 
     # ------------------------------------------------------------------ training
-    def train(self, iterations: int | None = None, callback: Callable[[dict[str, float]], Any] | None = None, progress: bool = False) -> dict[str, list[float]]:
-        """Run ``iterations`` more iterations (default: until ``config.iterations``).
-
-        ``callback(record)`` is called after each iteration with that iteration's log
-        record; returns ``self.history``.
-        """
+    def _step(self) -> dict[str, float]:
         cfg = self.config
-        todo = max(cfg.iterations - self.iteration, 0) if iterations is None else check_positive_int("iterations", iterations)
-        m1 = self.steps + 1
-        times = self.times.to(self.device, torch.float32)
-        weights = self.weights.to(self.device, torch.float32)
-        for _ in tqdm(range(todo), disable=not progress, desc="value matching"):
-            start = time.perf_counter()
-            lr = cfg.lr * _lr_factor(cfg, self.iteration)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        m1 = self.task.steps + 1
+        times = self.times.to(self.device, self.dtype)
+        weights = self.weights.to(self.device, self.dtype)
 
-            # 1. roll out the current control u = -sigma grad V (no graph kept)
-            self.value_net.eval()
-            traj, cond = self.collect()
-            valid = traj.valid
-            cost_to_go = traj.cost_to_go  # (m + 1, n), detached
-            self.buffer.append({
-                "states": traj.states[:, valid].to(torch.float32),
-                "cost_to_go": cost_to_go[:, valid].to(torch.float32),
-                "cond": {k: v[valid] for k, v in cond.items()},
-            })
-            self.buffer = self.buffer[-(cfg.replay + 1):]
-
-            # 2. the regression set: every grid point of every buffered trajectory
-            states = torch.cat([b["states"] for b in self.buffer], 1)  # (m + 1, N, *shape)
-            targets = torch.cat([b["cost_to_go"] for b in self.buffer], 1)  # (m + 1, N)
-            conds = {k: torch.cat([b["cond"][k] for b in self.buffer]) for k in cond}
-            num = states.shape[1]
-
-            # 3. weighted regression of V(x_k, t_k) onto C_k
-            self.value_net.train()
-            losses, norms = [], []
-            for _ in range(cfg.updates_per_iteration if num > 0 else 0):
-                flat = torch.randint(m1 * num, (cfg.minibatch_size,), generator=self.generator, device=self.device)
-                k, i = flat // num, flat % num
-                mb_cond = {key: value[i] for key, value in conds.items()}
-                pred = self.policy.value(states[k, i], times[k], **mb_cond)
-                loss = (weights[k] * (pred - targets[k, i]) ** 2).mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-                norms.append(float(nn.utils.clip_grad_norm_(self.value_net.parameters(), max_norm)))
-                self.optimizer.step()
-                losses.append(float(loss.detach()))
-
-            record = self._record(traj, losses, norms, lr, time.perf_counter() - start)
-            self.iteration += 1
-            for key in HISTORY_KEYS:
-                self.history[key].append(record[key])
-            if callback is not None:
-                callback(record)
-        self.value_net.eval()
-        return self.history
-
-    def _record(self, traj: Trajectory, losses: list[float], norms: list[float], lr: float, seconds: float) -> dict[str, float]:
+        # 1. roll out the current control u = -sigma grad V (no graph kept)
+        self.model.eval()
+        cond = self.conditioning(cfg.batch_size)
+        traj = sample(
+            self.env, cfg.batch_size, grid=self.times, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale,
+            cond=cond, generator=self.generator, store=("states",), device=self.device, dtype=self.dtype,
+        )
         valid = traj.valid
-        nan = float("nan")
-        mean = (lambda v: float(v[valid].mean())) if bool(valid.any()) else (lambda v: nan)
-        return {
-            "iteration": self.iteration,
-            "loss": sum(losses) / len(losses) if losses else nan,
-            "reward": mean(traj.reward),
-            "kl": mean(traj.kl),
-            "objective": mean(traj.objective),
-            "valid_fraction": float(valid.float().mean()),
-            "lr": lr,
-            "grad_norm": sum(norms) / len(norms) if norms else nan,
-            "seconds": seconds,
-        }
+        self.buffer.append({
+            "states": traj.states[:, valid].to(self.dtype),
+            "cost_to_go": traj.cost_to_go[:, valid].to(self.dtype),  # (m + 1, N), detached
+            "cond": {k: v[valid] for k, v in cond.items()},
+        })
+        self.buffer = self.buffer[-(cfg.replay + 1):]
 
-    # ------------------------------------------------------------ save / resume
-    def save(self, path: str | Path) -> Path:
-        """Write a checkpoint folder (``weights.safetensors`` + ``config.json``) from which
-        :meth:`load` resumes exactly and :func:`load_value_policy` rebuilds the policy."""
-        tensors, opt_meta = optimizer_tensors(self.optimizer)
-        tensors["generator_state"] = self.generator.get_state()
+        # 2. the regression set: every grid point of every buffered trajectory
+        states = torch.cat([b["states"] for b in self.buffer], 1)  # (m + 1, N, *shape)
+        targets = torch.cat([b["cost_to_go"] for b in self.buffer], 1)  # (m + 1, N)
+        conds = {k: torch.cat([b["cond"][k] for b in self.buffer]) for k in cond}
+        num = states.shape[1]
+
+        # 3. weighted regression of V(x_k, t_k) onto C_k
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        losses, norms = [], []
+        for _ in range(cfg.updates_per_iteration if num > 0 else 0):
+            flat = torch.randint(m1 * num, (cfg.minibatch_size,), generator=self.generator, device=self.device)
+            k, i = flat // num, flat % num
+            pred = self.policy.value(states[k, i], times[k], **{key: value[i] for key, value in conds.items()})
+            loss = (weights[k] * (pred - targets[k, i]) ** 2).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norms.append(self.clip_gradients(params))
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        self.model.eval()
+
+        nan = float("nan")
+        metrics = trajectory_metrics(traj, self.task)
+        metrics["loss"] = sum(losses) / len(losses) if losses else nan
+        metrics["grad_norm"] = sum(norms) / len(norms) if norms else nan
+        return metrics
+
+    # ------------------------------------------------------------ checkpoint extras
+    def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The replay buffer (tensors ``buffer.<j>.states`` / ``.cost_to_go`` /
+        ``.cond.<key>``), the value network's architecture and the action scale (read by
+        :func:`load_value_policy`)."""
+        tensors: dict[str, Tensor] = {}
         for j, entry in enumerate(self.buffer):
             tensors[f"buffer.{j}.states"] = entry["states"]
             tensors[f"buffer.{j}.cost_to_go"] = entry["cost_to_go"]
             for key, value in entry["cond"].items():
                 tensors[f"buffer.{j}.cond.{key}"] = value
         meta = {
-            "method": "value_matching",
-            "config": asdict(self.config),
-            "iteration": self.iteration,
-            "history": self.history,
-            "reward_scale": self.reward_scale,
-            "steps": self.steps,
-            "t_start": self.t_start,
-            "action_scale": self.policy.action_scale,
-            "value_net": {"class": type(self.value_net).__name__, "config": getattr(self.value_net, "config", None)},
-            "optimizer": opt_meta,
             "buffer_size": len(self.buffer),
-            "buffer_cond_keys": sorted(self.buffer[0]["cond"]) if self.buffer else [],
+            "cond_keys": sorted(self.buffer[0]["cond"]) if self.buffer else [],
+            "value_net": value_net_spec(self.model),
+            "action_scale": float(self.task.action_scale),
         }
-        return save_checkpoint(path, {"value_net": self.value_net}, meta, tensors)
+        return tensors, meta
 
-    def load(self, path: str | Path) -> "ValueMatching":
-        """Restore a checkpoint written by :meth:`save` into this trainer (same network
-        architecture, environment and reward); :meth:`train` then continues the run."""
-        meta, extra = load_checkpoint(path, {"value_net": self.value_net}, device=self.device)
-        if meta.get("method") != "value_matching":
-            raise ValueError(f"path: expected a value_matching checkpoint, got method {meta.get('method')!r}")
-        self.config = ValueMatchingConfig.from_dict(meta["config"])
-        self.reward_scale = float(meta["reward_scale"])
-        self.steps, self.t_start = int(meta["steps"]), float(meta["t_start"])
-        self.times = make_time_grid(self.steps, self.t_start)
-        self.weights = time_weights(self.env, self.times, self.config.time_weighting)
-        self.policy.action_scale = float(meta["action_scale"])
-        self.iteration = int(meta["iteration"])
-        self.history = {k: list(v) for k, v in meta["history"].items()}
-        self.generator.set_state(extra["generator_state"].cpu())
-        self.optimizer = _make_optimizer(self.config, [p for p in self.value_net.parameters() if p.requires_grad])
-        load_optimizer_tensors(self.optimizer, extra, meta["optimizer"])
-        self.buffer = []
-        for j in range(int(meta["buffer_size"])):
-            cond = {k: extra[f"buffer.{j}.cond.{k}"] for k in meta["buffer_cond_keys"]}
-            self.buffer.append({"states": extra[f"buffer.{j}.states"], "cost_to_go": extra[f"buffer.{j}.cost_to_go"], "cond": cond})
-        return self
+    def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
+        """Validate a saved replay buffer against this trainer (sizes, keys, shapes, dtypes)
+        and return the function that installs it; raises ``CheckpointError`` naming the field."""
+        expected_meta = {"buffer_size", "cond_keys", "value_net", "action_scale"}
+        if not isinstance(meta, dict) or set(meta) != expected_meta:
+            raise CheckpointError(f"extra: expected keys {sorted(expected_meta)}, got {sorted(meta) if isinstance(meta, dict) else meta!r}")
+        size, keys = meta["buffer_size"], meta["cond_keys"]
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.config.replay + 1:
+            raise CheckpointError(f"extra.buffer_size: expected an integer in [0, {self.config.replay + 1}], got {size!r}")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or sorted(keys) != sorted(getattr(self.task, "conditioning", {})):
+            raise CheckpointError(f"extra.cond_keys: expected the task's conditioning keys {sorted(getattr(self.task, 'conditioning', {}))}, got {keys!r}")
+        if meta["value_net"] != value_net_spec(self.model):
+            raise CheckpointError(f"extra.value_net: the checkpoint's network is {meta['value_net']!r}, this trainer's is {value_net_spec(self.model)!r}")
+        if meta["action_scale"] != float(self.task.action_scale):
+            raise CheckpointError(f"extra.action_scale: the checkpoint has {meta['action_scale']!r}, this trainer's task has {float(self.task.action_scale)!r}")
+        wanted = {f"buffer.{j}.{part}" for j in range(size) for part in ["states", "cost_to_go", *(f"cond.{k}" for k in keys)]}
+        if set(tensors) != wanted:
+            raise CheckpointError(f"extra: replay buffer tensors: missing {sorted(wanted - set(tensors))[:5]}, unexpected {sorted(set(tensors) - wanted)[:5]}")
+        m1, shape = self.task.steps + 1, tuple(self.env.sample_shape)
+        buffer = []
+        for j in range(size):
+            states, ctg = tensors[f"buffer.{j}.states"], tensors[f"buffer.{j}.cost_to_go"]
+            num = ctg.shape[1] if ctg.ndim == 2 else -1
+            if ctg.ndim != 2 or ctg.shape[0] != m1 or ctg.dtype != self.dtype:
+                raise CheckpointError(f"extra: buffer.{j}.cost_to_go: expected {self.dtype} of shape ({m1}, N), got {ctg.dtype} of shape {tuple(ctg.shape)}")
+            if tuple(states.shape) != (m1, num, *shape) or states.dtype != self.dtype:
+                raise CheckpointError(f"extra: buffer.{j}.states: expected {self.dtype} of shape {(m1, num, *shape)}, got {states.dtype} of shape {tuple(states.shape)}")
+            cond = {}
+            for key in keys:
+                value = tensors[f"buffer.{j}.cond.{key}"]
+                if value.ndim == 0 or value.shape[0] != num:
+                    raise CheckpointError(f"extra: buffer.{j}.cond.{key}: expected a leading dimension of {num}, got shape {tuple(value.shape)}")
+                cond[key] = value.to(self.device)
+            buffer.append({"states": states.to(self.device), "cost_to_go": ctg.to(self.device), "cond": cond})
+
+        def apply() -> None:
+            self.buffer = buffer
+
+        return apply
 
 
 def load_value_policy(path: str | Path, env: DiffusionEnvironment, value_net: nn.Module | None = None, device: str | torch.device = "cpu") -> ValuePolicy:
-    """The trained :class:`ValuePolicy` from a :meth:`ValueMatching.save` folder.
+    """The trained :class:`ValuePolicy` from a :meth:`ValueMatching.save` checkpoint folder.
 
-    ``value_net`` (an untrained network of the saved architecture) may be omitted for
-    :class:`~diffusiongym.policies.networks.TimeMLP` and :class:`TimeCNN`, which are
-    rebuilt from the saved config.
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint folder.
+    env : DiffusionEnvironment
+        The base environment (``sigma(t)`` and, for :class:`SignalScaled`, the scheduler);
+        its ``sample_shape`` must be the checkpoint task's.
+    value_net : nn.Module, optional
+        An untrained network of the saved architecture to load into (required for other
+        networks than :class:`TimeMLP` / :class:`TimeCNN`, optionally in
+        :class:`SignalScaled`, which are rebuilt from the saved spec, and for networks with
+        frozen parameters, which the checkpoint does not hold).
+    device : str or torch.device
+
+    Returns
+    -------
+    ValuePolicy
+        In eval mode, ``action_scale`` of the checkpoint's task.
     """
-    meta, _ = load_checkpoint(path, None)
-    spec = meta.get("value_net", {})
+    meta, tensors = read_checkpoint(path)
+    where = Path(path) / "trainer.json"
+    if meta.get("method") != ValueMatching.__name__:
+        raise CheckpointError(f"{where}: method: expected a ValueMatching checkpoint, got {meta.get('method')!r}")
+    if not isinstance(env, DiffusionEnvironment):
+        raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
+    shape = (meta.get("task") or {}).get("sample_shape")
+    if env.sample_shape is None or list(env.sample_shape) != shape:
+        raise ValueError(f"env: the checkpoint's task has sample_shape {shape}, env has {env.sample_shape}")
+    extra = meta.get("extra") or {}
+    frozen = set((meta.get("modules") or {}).get("model", []))
     if value_net is None:
-        builders = {"TimeMLP": TimeMLP, "TimeCNN": TimeCNN}
-        cls_name, config = spec.get("class"), spec.get("config")
-        inner = config if cls_name != "SignalScaled" else (config or {}).get("net")
-        inner_name = cls_name if cls_name != "SignalScaled" else (config or {}).get("net_class")
-        if inner_name not in builders or inner is None:
-            raise ValueError(f"value_net: the checkpoint holds a {cls_name!r}; pass an untrained instance to load it into")
-        value_net = builders[inner_name](**inner)
-        if cls_name == "SignalScaled":
-            value_net = SignalScaled(value_net, env.scheduler)
-    load_checkpoint(path, {"value_net": value_net}, device=device)
+        if frozen:
+            raise ValueError(f"value_net: the checkpoint leaves out frozen parameters {sorted(frozen)[:5]}; pass a network holding them")
+        value_net = build_value_net(extra.get("value_net"), env.scheduler, source=f"{where}: extra.value_net")
+    elif not isinstance(value_net, nn.Module):
+        raise TypeError(f"value_net: expected an nn.Module, got {type(value_net).__name__}")
+    prefix = "module.model."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    live = value_net.state_dict()
+    missing, unexpected = sorted(set(live) - set(state) - frozen), sorted(set(state) - set(live))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: module 'model': missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture?)")
+    for key, value in state.items():
+        if value.shape != live[key].shape:
+            raise CheckpointError(f"{where}: module 'model': {key}: expected shape {tuple(live[key].shape)}, got {tuple(value.shape)}")
+    value_net.load_state_dict(state, strict=False)
     value_net.to(device).eval()
-    return ValuePolicy(value_net, env, action_scale=float(meta.get("action_scale", 1.0)))
-
-
-# ----------------------------------------------------------------- digits recipe
-def digits_value_task(target: int = 3, reward_scale: float = 10.0, steps: int = 25, mode: str = "is_class", device: str | torch.device = "cpu") -> Any:
-    """The digits Value Matching setting: the shipped model *unconditional*, rewarded for class ``target``.
-
-    The shipped :class:`~diffusiongym.models.digits.DigitsUNet` with the null label
-    (:data:`~diffusiongym.models.digits.NULL_LABEL`: every class, about 10% each), the
-    memoryless SDE on ``steps`` Euler steps from ``t = 0.01``, reward
-    ``DigitClassifierReward(target, mode)`` (default the non-differentiable indicator
-    ``argmax == target``) and ``reward_scale = lambda``. With base rate ``p0`` of the
-    class, the tilted optimum ``p* ∝ p exp(lambda 1[class = target])`` puts
-    ``p0 e^lambda / (1 - p0 + p0 e^lambda)`` on it (for the measured ``p0 = 0.097``: 0.94 at
-    ``lambda = 5``, 0.9996 at the default ``lambda = 10``, the shipped value network's) at the
-    optimal objective ``log(1 - p0 + p0 e^lambda)``.
-
-    Returns a :class:`~diffusiongym.tasks.Task` (``name = "Digits-v0"``) whose conditioning
-    sampler draws null labels, so :meth:`ValueMatching.from_task` and the Gymnasium envs
-    use the unconditional model.
-    """
-    from dataclasses import replace
-
-    import gymnasium
-
-    from diffusiongym.models.digits import NULL_LABEL, digits_task
-    from diffusiongym.rewards.images import DigitClassifierReward
-
-    def null_labels(n: int, generator: torch.Generator | None = None, device: Any = None) -> Tensor:
-        return torch.full((int(n),), NULL_LABEL, dtype=torch.long, device=device)
-
-    reward = DigitClassifierReward(target=target, mode=mode, device=device)
-    task = digits_task(reward=reward, reward_scale=reward_scale, steps=steps, device=device)
-    return replace(task, conditioning={"label": (gymnasium.spaces.Discrete(NULL_LABEL + 1), null_labels)})
-
-
-def save_value_net(value_net: nn.Module, stem: str | Path, info: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write a trained value network alone (no optimiser, no buffer): ``<stem>.safetensors``
-    (float32 state dict) and ``<stem>.json`` (``{"value_net": {"class", "config"}, **info}``);
-    :func:`load_value_net` reads it back. For shipping small pretrained value networks."""
-    from diffusiongym.models.digits import save_module
-
-    config = {"value_net": {"class": type(value_net).__name__, "config": getattr(value_net, "config", None)}, **(info or {})}
-    return save_module(value_net, stem, config)
-
-
-def load_value_net(stem: str | Path, scheduler: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a :class:`TimeMLP` / :class:`TimeCNN` (optionally in :class:`SignalScaled`
-    with ``scheduler``) saved by :func:`save_value_net`; returns ``(value_net, config)``."""
-    import json
-
-    from safetensors.torch import load_file
-
-    stem = Path(stem)
-    weights, cfg_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    if not weights.exists() or not cfg_path.exists():
-        raise FileNotFoundError(f"stem: expected {weights.name} and {cfg_path.name} in {stem.parent}")
-    config = json.loads(cfg_path.read_text())
-    spec = config.get("value_net", {})
-    builders = {"TimeMLP": TimeMLP, "TimeCNN": TimeCNN}
-    cls_name, net_cfg = spec.get("class"), spec.get("config") or {}
-    inner_name, inner_cfg = (net_cfg.get("net_class"), net_cfg.get("net")) if cls_name == "SignalScaled" else (cls_name, net_cfg)
-    if inner_name not in builders or inner_cfg is None:
-        raise ValueError(f"stem: cannot rebuild a value network of class {cls_name!r} (expected TimeMLP, TimeCNN or SignalScaled of one)")
-    net: nn.Module = builders[inner_name](**inner_cfg)
-    if cls_name == "SignalScaled":
-        net = SignalScaled(net, scheduler)
-    net.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
-    return net.to(device).eval(), config
+    return ValuePolicy(value_net, env, action_scale=float(extra.get("action_scale", 1.0)))
