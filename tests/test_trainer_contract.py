@@ -24,6 +24,7 @@ import torch
 
 from diffusiongym.trainers.base import EVALUATION_KEYS, Trainer
 from diffusiongym.trainers.checkpoint import CheckpointError
+from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,8 +45,14 @@ def make_rwr(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
     return rwr.RewardWeightedRegression(task, config=rwr.RWRConfig(iterations=6, batch_size=64, updates_per_iteration=2, seed=seed), steps=steps)
 
 
+def make_value_matching(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
+    config = ValueMatchingConfig(iterations=6, batch_size=32, updates_per_iteration=2, minibatch_size=64, replay=1, seed=seed)
+    return ValueMatching(task, config=config, steps=steps)
+
+
 TRAINERS: dict[str, Callable[..., Trainer]] = {
     "reward_weighted_regression": make_rwr,
+    "value_matching": make_value_matching,
 }
 
 
