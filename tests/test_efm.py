@@ -1,16 +1,30 @@
-"""Energy-weighted flow matching: targets, weights, ESS guard, resume, and the closed-form optimum."""
+"""Energy-weighted flow matching: targets, weights, ESS guard, the Trainer contract (repeat,
+resume, errors) and the closed-form optimum."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 import torch
 
 import diffusiongym as dg
+from diffusiongym.models.gmm import TrainableGaussianMixtureModel
 from diffusiongym.parameterization import convert
-from diffusiongym.trainers.efm import EFMConfig, EFMTrainer, efm_weights, flow_matching_target, weighted_flow_matching_loss
+from diffusiongym.policies.control import ModelControl
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.schedulers import make_scheduler
 from diffusiongym.tasks import make_task
+from diffusiongym.trainers.base import EVALUATION_KEYS, trajectory_metrics
+from diffusiongym.trainers.checkpoint import CheckpointError
+from diffusiongym.trainers.efm import (
+    EFMConfig,
+    EFMTrainer,
+    efm_weights,
+    flow_matching_target,
+    weighted_flow_matching_loss,
+)
 
 CASES = [(p, s) for p in ("velocity", "epsilon", "endpoint", "score") for s in ("linear", "cosine", "vp")]
 
@@ -35,13 +49,13 @@ def test_exact_model_has_zero_loss_gradient_in_expectation():
     task = make_task("GMM2D-v0")
     base = task.environment.model
     c = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    model = lambda x, t: base(x, t) + c  # noqa: E731
-    x1 = task.mixture.sample(200_000, generator=torch.Generator().manual_seed(1))
+    model = lambda x, t: base(x, t) + c
+    x1 = task.oracle.mixture.sample(200_000, generator=torch.Generator().manual_seed(1))
     loss = weighted_flow_matching_loss(model, "velocity", task.environment.scheduler, x1, t_range=(0.01, 0.99), generator=torch.Generator().manual_seed(2))
     (grad,) = torch.autograd.grad(loss, c)
     assert grad.abs().max() < 0.03 * 2 / 2  # loss is a mean over the 2 dimensions: gradient halved
     # while a shifted model is not a minimiser
-    model2 = lambda x, t: base(x, t) + c + 0.2  # noqa: E731
+    model2 = lambda x, t: base(x, t) + c + 0.2
     loss2 = weighted_flow_matching_loss(model2, "velocity", task.environment.scheduler, x1, t_range=(0.01, 0.99), generator=torch.Generator().manual_seed(2))
     (grad2,) = torch.autograd.grad(loss2, c)
     torch.testing.assert_close(grad2, torch.full_like(grad2, 0.2), atol=0.03, rtol=0)
@@ -60,14 +74,11 @@ def test_weights_and_ess():
         efm_weights(torch.full((3,), float("nan")))
 
 
-def _model(task, hidden=32):
+def _model(task, hidden=32, seed=None):
     d = task.sample_shape[0]
+    if seed is not None:
+        torch.manual_seed(seed)
     return ResidualModel(task.environment.model, TimeMLP(d, d, hidden=hidden, layers=3, zero_init=True))
-
-
-def _evaluate(task, model, n=4000, seed=11):
-    traj = dg.sample(task.environment, n, steps=task.steps, t_start=task.t_start, policy=model, reward=task.reward, reward_scale=task.reward_scale, seed=seed)
-    return traj
 
 
 def _two_sample_threshold(task, n=2000, draws=10):
@@ -86,18 +97,20 @@ def _two_sample_threshold(task, n=2000, draws=10):
 
 
 def test_offline_efm_gmm1d_matches_p_star():
-    torch.manual_seed(0)
     task = make_task("GMM1D-v0")
+    torch.manual_seed(0)
     model = _model(task, hidden=64)
-    config = EFMConfig(mode="offline", samples_per_round=16384, iterations_per_round=1200, batch_size=256, lr=1e-2, lr_schedule="cosine", seed=0)
-    history = EFMTrainer(task.environment, model, task.reward, task.reward_scale, config, steps=task.steps, t_start=task.t_start).train()
+    config = EFMConfig(mode="offline", samples_per_round=16384, iterations=1200, batch_size=256, lr=1e-2, seed=0)
+    trainer = EFMTrainer(task, model=model, config=config)
+    history = trainer.train(progress=False)
     assert history["ess_fraction"][0] > 0.2  # exp(r) on base samples: ESS ~ 29% of n (measured)
-    traj = _evaluate(task, model)
-    gap = task.oracle.gap_closed(float(traj.objective.mean()))
+    assert len(history["loss"]) == 1200 and trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    traj = trainer.sample(4000, seed=11)
+    metrics = trajectory_metrics(traj, task)
     # the Monte Carlo std of the mean objective on 4000 samples is ~0.02, i.e. ~2% of the gap (1.09)
-    assert gap > 0.9, gap
+    assert metrics["gap_closed"] > 0.9, metrics
     # mass of the right mode: p* puts 0.83 there (closed form), the base 0.2; the MC std of the
-    # fraction on 4000 samples is 0.006, so 0.03 is 5 sigma (the old 800-step run had 0.75)
+    # fraction on 4000 samples is 0.006, so 0.03 is 5 sigma
     right = float((traj.x1[:, 0] > 0.25).float().mean())
     target = task.oracle.target
     p_right = float(target.weights[target.means[:, 0] > 0.25].sum())
@@ -110,18 +123,20 @@ def test_offline_efm_gmm1d_matches_p_star():
 
 @pytest.mark.slow
 def test_online_importance_efm_gmm2d_matches_p_star():
-    torch.manual_seed(0)
     task = make_task("GMM2D-v0")
+    torch.manual_seed(0)
     model = _model(task, hidden=64)
-    config = EFMConfig(mode="online", rounds=2, samples_per_round=8192, iterations_per_round=400, batch_size=256, lr=1e-2, seed=0)
-    history = EFMTrainer(task.environment, model, task.reward, task.reward_scale, config, steps=task.steps, t_start=task.t_start).train()
+    config = EFMConfig(mode="online", rounds=2, samples_per_round=8192, iterations=800, batch_size=256, lr=1e-2, seed=0)
+    trainer = EFMTrainer(task, model=model, config=config)
+    history = trainer.train(progress=False)
     # importance weights lambda r + log dP_base/dP_model flatten as the model approaches p*
-    assert history["ess_fraction"][1] > 2 * history["ess_fraction"][0]
-    traj = _evaluate(task, model)
-    gap = task.oracle.gap_closed(float(traj.objective.mean()))
-    assert gap > 0.9, gap  # MC std of the objective mean ~0.05 = <1% of the gap (6.07)
+    assert history["ess_fraction"][400] > 2 * history["ess_fraction"][0]
+    assert history["kl"][0] == 0.0 and history["kl"][400] > 1.0  # round 0 samples the base
+    metrics = trainer.evaluate(4000, seed=11)
+    assert metrics["gap_closed"] > 0.9, metrics  # MC std of the objective mean ~0.05 = <1% of the gap (6.07)
+    traj = trainer.sample(2000, seed=11)
     ps = task.oracle.target.sample(2000, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
-    ed, threshold = dg.energy_distance(traj.x1[:2000], ps), _two_sample_threshold(task)
+    ed, threshold = dg.energy_distance(traj.x1, ps), _two_sample_threshold(task)
     assert ed < threshold, (ed, threshold)  # measured: ED ~2e-3, threshold ~6-10e-3
 
 
@@ -130,39 +145,124 @@ def test_ess_collapse_warns():
     x1 = torch.linspace(-2, 2, 100)[:, None]
     r = torch.full((100,), -10.0)
     r[0] = 0.0  # one sample carries weight 1 / (1 + 99 e^-10): ESS ~ 1.01
-    config = EFMConfig(iterations_per_round=1, batch_size=8)
-    trainer = EFMTrainer(task.environment, _model(task), task.reward, task.reward_scale, config, data=(x1, r))
+    trainer = EFMTrainer(task, model=_model(task), config=EFMConfig(iterations=1, batch_size=8), data=(x1, r))
     with pytest.warns(RuntimeWarning, match="effective sample size"):
-        trainer.train()
+        trainer.train(progress=False)
     assert trainer.history["ess"][0] == pytest.approx(1.0, abs=0.02)
 
 
-def test_offline_data_and_resume_is_bit_identical(tmp_path):
+def _small(seed=3, **kw):
+    opts = {"mode": "online", "rounds": 2, "samples_per_round": 128, "iterations": 10, "batch_size": 32, "seed": seed}
+    return EFMConfig(**{**opts, **kw})
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def _same_history(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if key != "seconds":
+            torch.testing.assert_close(torch.tensor(a[key], dtype=torch.float64), torch.tensor(b[key], dtype=torch.float64), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode,stop", [("online", 7), ("online", 5), ("offline", 4)])
+def test_repeat_and_resume_are_bit_identical(tmp_path, mode, stop):
+    # online: stop mid-round 1 (its samples come from the checkpoint) or at the round boundary;
+    # offline: the base data set is redrawn from the seed on resume
     task = make_task("GMM1D-v0", steps=10)
-    x1 = task.mixture.sample(256, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    r, _ = task.reward(x1)
-    cfg = EFMConfig(mode="online", rounds=2, samples_per_round=128, iterations_per_round=5, batch_size=32, seed=3)
-
-    torch.manual_seed(0)
-    straight = _model(task, hidden=8)
-    EFMTrainer(task.environment, straight, task.reward, task.reward_scale, cfg, steps=10).train()
-
-    torch.manual_seed(0)
-    first = _model(task, hidden=8)
-    trainer = EFMTrainer(task.environment, first, task.reward, task.reward_scale, cfg, steps=10)
-    trainer.train(until=1)  # interrupted after the first round
-    trainer.save(tmp_path / "ckpt")
-    torch.manual_seed(1)  # a different fresh model: everything must come from the checkpoint
-    resumed_model = _model(task, hidden=8)
-    resumed = EFMTrainer.load(tmp_path / "ckpt", task.environment, resumed_model, task.reward)
-    assert resumed.round == 1 and len(resumed.history["loss"]) == 1
-    resumed.train()
-    for a, b in zip(straight.parameters(), resumed_model.parameters()):
+    cfg = _small(mode=mode, rounds=2 if mode == "online" else 1)
+    straight = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=cfg)
+    straight.train(progress=False)
+    again = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=cfg)
+    again.train(progress=False)
+    for a, b in zip(_params(straight), _params(again)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _same_history(straight.history, again.history)
 
-    # offline mode on a given data set: loss recorded, nothing sampled
-    offline = EFMTrainer(task.environment, _model(task, hidden=8), task.reward, 1.0, EFMConfig(iterations_per_round=3, batch_size=16), data=(x1, r))
-    assert len(offline.train()["loss"]) == 1
+    first = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=cfg)
+    first.train(stop, progress=False)
+    first.save(tmp_path / "ckpt")
+    # a differently initialised model: everything must come from the checkpoint
+    resumed = EFMTrainer(task, model=_model(task, hidden=8, seed=1), config=cfg).load(tmp_path / "ckpt")
+    assert resumed.iteration == stop and len(resumed.history["loss"]) == stop
+    resumed.train(progress=False)
+    for a, b in zip(_params(straight), _params(resumed)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _same_history(straight.history, resumed.history)
+
+
+def test_corrupt_round_data_is_refused(tmp_path):
+    task = make_task("GMM1D-v0", steps=10)
+    trainer = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=_small())
+    trainer.train(7, progress=False)  # mid-round 1: the round's samples are saved
+    folder = trainer.save(tmp_path / "ckpt")
+    index = json.loads((folder / "trainer.json").read_text())
+    assert index["extra"]["round"]["index"] == 1
+    target = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=_small())
+    for field, value in (("index", -1), ("stats", {"ess": 1.0})):
+        bad = json.loads(json.dumps(index))
+        bad["extra"]["round"][field] = value
+        (folder / "trainer.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=f"extra.round.{field}"):
+            target.load(folder)
+    assert target.iteration == 0 and target._round is None
+
+
+def test_offline_given_data_resume_and_digest(tmp_path):
+    task = make_task("GMM1D-v0", steps=10)
+    x1 = task.oracle.mixture.sample(256, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    r, _ = task.reward(x1)
+    cfg = EFMConfig(iterations=6, batch_size=16, seed=1)
+    straight = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=cfg, data=(x1, r))
+    straight.train(progress=False)
+    assert math.isnan(straight.history["kl"][0])  # unknown for given data
+    first = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=cfg, data=(x1, r))
+    first.train(2, progress=False)
+    first.save(tmp_path / "ckpt")
+    resumed = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=cfg, data=(x1, r)).load(tmp_path / "ckpt")
+    resumed.train(progress=False)
+    for a, b in zip(_params(straight), _params(resumed)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # other data (or none) is refused, and the live trainer is untouched
+    other = EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=cfg, data=(x1 + 1, r))
+    before = _params(other)
+    with pytest.raises(CheckpointError, match="data_digest"):
+        other.load(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="data_digest"):
+        EFMTrainer(task, model=_model(task, hidden=8, seed=0), config=cfg).load(tmp_path / "ckpt")
+    assert other.iteration == 0 and all(torch.equal(a, b) for a, b in zip(before, _params(other)))
+
+
+def test_default_model_policy_and_evaluate():
+    task = make_task("GMM1D-v0", steps=10)
+    trainer = EFMTrainer(task, config=_small())
+    assert isinstance(trainer.model, TrainableGaussianMixtureModel)  # the base's trainable_copy()
+    assert isinstance(trainer.policy, ModelControl)
+    x, t = torch.randn(5, 1), torch.full((5,), 0.5)
+    torch.testing.assert_close(trainer.policy(x, t), torch.zeros(5, 1), rtol=0, atol=1e-6)  # starts at the base
+    metrics = trainer.evaluate(256, seed=0)
+    assert sorted(metrics) == sorted(EVALUATION_KEYS)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+    trainer.train(progress=False)
+    assert trainer.history["lr"][0] == pytest.approx(trainer.config.lr)
+
+
+def test_default_residual_model_is_seeded_and_starts_at_the_base():
+    # a base without trainable_copy(): ResidualModel(base, zero-initialised TimeMLP), whose
+    # initialisation comes from config.seed alone (not the caller's global RNG)
+    task = make_task("GMM2D-v0", steps=10)
+    task.environment.model.trainable_copy = None
+    a = EFMTrainer(task, config=_small(seed=4))
+    torch.manual_seed(99)
+    b = EFMTrainer(task, config=_small(seed=4))
+    assert isinstance(a.model, ResidualModel) and isinstance(a.model.net, TimeMLP)
+    for x, y in zip(_params(a), _params(b)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert not all(torch.equal(x, y) for x, y in zip(_params(a), _params(EFMTrainer(task, config=_small(seed=5)))))
+    x, t = torch.randn(5, 2), torch.full((5,), 0.3)
+    torch.testing.assert_close(a.policy(x, t), torch.zeros(5, 2), rtol=0, atol=0)
 
 
 def test_config_and_argument_errors():
@@ -175,10 +275,21 @@ def test_config_and_argument_errors():
         EFMConfig(batch_size=0)
     with pytest.raises(ValueError, match="lr_schedule"):
         EFMConfig(lr_schedule="cosin")
+    with pytest.raises(ValueError, match="iterations"):
+        EFMConfig(mode="online", rounds=3, iterations=10)
+    with pytest.raises(ValueError, match="inverse_temperature"):
+        EFMConfig(mode="online", rounds=2, inverse_temperature=1.0)
+    with pytest.raises(ValueError, match="t_min"):
+        EFMConfig(t_min=1.0)
     with pytest.raises(TypeError, match="model"):
-        EFMTrainer(task.environment, task.environment.model.forward, task.reward)
+        EFMTrainer(task, model=task.environment.model.forward)
     with pytest.raises(TypeError, match="reward"):
-        EFMTrainer(task.environment, _model(task), lambda x: x)
-    ode = make_task("GMM1D-v0", noise="ode")
+        EFMTrainer(task, lambda x: x)
     with pytest.raises(ValueError, match="sigma > 0"):
-        EFMTrainer(ode.environment, _model(ode), ode.reward, config=EFMConfig(mode="online", rounds=2))
+        EFMTrainer(make_task("GMM1D-v0", noise="ode"), model=_model(task))
+    with pytest.raises(ValueError, match="mode='offline'"):
+        EFMTrainer(task, config=_small(), data=(torch.zeros(4, 1), torch.zeros(4)))
+    with pytest.raises(ValueError, match="x1"):
+        EFMTrainer(task, data=(torch.zeros(4, 2), torch.zeros(4)))
+    with pytest.raises(ValueError, match="rewards"):
+        EFMTrainer(task, data=(torch.zeros(4, 1), torch.zeros(3)))

@@ -1,5 +1,6 @@
 """Cross-entropy (generalised-KL) training of posterior models on any token dataset, and the
-reward-weighted cross-entropy fine-tune.
+reward-weighted cross-entropy fine-tune (as a plain function; the Trainer is
+:class:`diffusiongym.trainers.reward_weighted.RewardWeightedTrainer`).
 
 Loss: ``E_{t ~ U[0, 1), x1 ~ data, x_t ~ p_t(. | x1)} [ -sum_i log p_theta(x1_i | x_t) ]`` (per-sample sum over
 coordinates, averaged over the batch). With the mask source, only masked coordinates carry information and
@@ -22,8 +23,9 @@ from tqdm.auto import tqdm
 
 from diffusiongym.discrete.models import PosteriorModel, check_tokens
 from diffusiongym.utils.io import load_checkpoint, save_checkpoint
+from diffusiongym.utils.runtime import flush_denormals
 
-__all__ = ["CrossEntropyConfig", "train_posterior", "cross_entropy_loss", "reward_weighted_finetune"]
+__all__ = ["CrossEntropyConfig", "cross_entropy_loss", "reward_weighted_finetune", "train_posterior"]
 
 
 @dataclass
@@ -77,7 +79,6 @@ def train_posterior(
         ``{"step": [...], "loss": [...]}``.
     """
     config = config or CrossEntropyConfig()
-    torch.set_flush_denormal(True)
     path = model.path
     data = check_tokens(data, path.length, path.vocab_size, "data")
     if weights is not None:
@@ -97,23 +98,24 @@ def train_posterior(
     gen.manual_seed(config.seed * 1_000_003 + start)
     history: dict[str, list[float]] = {"step": [], "loss": []}
     model.train()
-    for step in tqdm(range(start, config.steps), disable=not progress, desc="cross-entropy"):
-        if weights is None:
-            idx = torch.randint(data.shape[0], (config.batch_size,), generator=gen, device=data.device)
-        else:
-            idx = torch.multinomial(weights.double(), config.batch_size, replacement=True, generator=gen)
-        loss = cross_entropy_loss(model, data[idx], generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            metrics = {"loss": loss.item()}
-            history["step"].append(step + 1)
-            history["loss"].append(metrics["loss"])
-            if callback is not None:
-                callback(step + 1, metrics)
+    with flush_denormals():
+        for step in tqdm(range(start, config.steps), disable=not progress, desc="cross-entropy"):
+            if weights is None:
+                idx = torch.randint(data.shape[0], (config.batch_size,), generator=gen, device=data.device)
+            else:
+                idx = torch.multinomial(weights.double(), config.batch_size, replacement=True, generator=gen)
+            loss = cross_entropy_loss(model, data[idx], generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                metrics = {"loss": loss.item()}
+                history["step"].append(step + 1)
+                history["loss"].append(metrics["loss"])
+                if callback is not None:
+                    callback(step + 1, metrics)
     model.eval()
     if checkpoint is not None:
         extra = {}
@@ -136,6 +138,10 @@ def reward_weighted_finetune(
 ) -> dict[str, list[float]]:
     """Fine-tune ``model`` (e.g. a :class:`ResidualPosterior` of the base) on base ``samples`` (N, D)
     drawn with weights ``softmax(reward_scale * rewards)``; invalid (non-finite) rewards get weight 0.
+
+    A plain loop without the Trainer contract (no evaluation, resume through ``train_posterior``'s
+    ``checkpoint``); :class:`diffusiongym.trainers.reward_weighted.RewardWeightedTrainer` is the
+    same fine-tune as a :class:`~diffusiongym.trainers.base.Trainer`.
 
     The history gains ``"ess"``: the effective sample size ``1 / sum g_i^2`` of the weights.
     """

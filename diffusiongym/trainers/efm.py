@@ -2,9 +2,9 @@
 
 Fine-tune a trainable copy of the base model with the conditional flow-matching /
 diffusion loss in the base model's own parameterisation, on samples ``x1_i`` weighted by
-``g_i = softmax_i(beta r_i + log w_i)`` (energy ``E = -r``)::
+``g_i = softmax_i(log w_i)`` (energy ``E = -r``)::
 
-    loss = sum_i g_i E_{t, x0} |model(x_t, t) - target(x1_i, x0, t)|^2,   x_t = alpha x1_i + beta_t x0.
+    loss = sum_i g_i E_{t, x0} |model(x_t, t) - target(x1_i, x0, t)|^2,   x_t = alpha_t x1_i + beta_t x0.
 
 The conditional targets (conditional expectations given ``x1`` and ``x0``) are
 
@@ -12,53 +12,59 @@ The conditional targets (conditional expectations given ``x1`` and ``x0``) are
 velocity        ``d_alpha x1 + d_beta x0``
 epsilon         ``x0``
 endpoint        ``x1``
-score           ``-x0 / beta``
+score           ``-x0 / beta_t``
 ==============  =================================
 
 and the minimiser of the weighted loss is the model of the weighted law
-``q(x1) ∝ p_data(x1) g(x1)``. With samples from the base and ``beta = reward_scale`` this
-is exactly ``p* ∝ p_base exp(lambda r)``; its memoryless SDE is the optimally controlled
-process (same bridges as the base), so the objective ``E[lambda r] - KL`` is maximised.
+``q(x1) ∝ p_data(x1) g(x1)``. With samples from the base and ``log w = lambda r`` this is
+exactly ``p* ∝ p_base exp(lambda r)``; its memoryless SDE is the optimally controlled
+process (same bridges as the base), so the objective ``E[lambda r] - KL`` is maximised
+(``docs/maths.md``, "Energy-weighted flow matching" and "Controls from fine-tuned models").
 
 Modes (``EFMConfig.mode``):
 
-- ``"offline"``: one fixed data set (given, or drawn once from the base), weights
-  ``softmax(beta r)``.
-- ``"online"``: each round resamples from the current model (QIPO-style) and either
-  ``weighting="importance"`` (default): ``log w_i = lambda r_i + log dP_base/dP_model(path_i)``
-  (exact Girsanov weights from :func:`diffusiongym.logprob.path_log_ratio`, every round
-  targets ``p*``; the weights become constant at the optimum) or
-  ``weighting="tempered"``: ``log w_i = (lambda / rounds) r_i`` (QIPO: ``q_{k+1} ∝ q_k exp(beta_k r)``,
-  the temperatures sum to ``lambda``).
+- ``"offline"``: one fixed data set (given, or drawn once from the base), ``log w =
+  inverse_temperature * r`` (default ``inverse_temperature = lambda``).
+- ``"online"``: each of ``rounds`` rounds resamples from the current model (QIPO-style) and
+  either ``weighting="importance"`` (default): ``log w_i = lambda r_i + log dP_base/dP_model(path_i)``
+  (exact Girsanov weights from :func:`diffusiongym.logprob.path_log_ratio`; every round
+  targets ``p*`` and the weights become constant at the optimum) or ``weighting="tempered"``:
+  ``log w_i = (lambda / rounds) r_i`` (QIPO: ``q_{k+1} ∝ q_k exp(beta_k r)``, the
+  temperatures sum to ``lambda``).
 
+One :class:`EFMTrainer` iteration is **one gradient step**; ``config.iterations`` steps are
+split evenly over ``config.rounds`` rounds, and a round's data are drawn at its first step.
 The effective sample size ``1 / sum g_i^2`` of every round is logged and a
 ``RuntimeWarning`` is raised when it drops below ``ess_warn_fraction * n``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.logprob import path_log_ratio
+from diffusiongym.policies.control import ModelControl
+from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import sample
 from diffusiongym.schedulers import Scheduler
 from diffusiongym.timegrid import DEFAULT_T_START
-from diffusiongym.utils.io import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
+from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.utils.validation import unknown_name_error
 
-__all__ = ["EFMConfig", "EFMTrainer", "efm_weights", "flow_matching_target", "weighted_flow_matching_loss"]
+__all__ = ["EFMConfig", "EFMTrainer", "efm_weights", "flow_matching_target", "tensor_digest", "weighted_flow_matching_loss"]
+
+#: per-round statistics recorded with every step of the round
+ROUND_STATS = ("ess", "ess_fraction", "reward", "valid_fraction", "kl", "objective")
 
 
 def efm_weights(log_weights: Tensor, valid: Tensor | None = None) -> tuple[Tensor, float]:
@@ -156,255 +162,308 @@ def weighted_flow_matching_loss(
     return (weights.to(err.dtype) * err).sum()
 
 
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes (identifies a fixed data set)."""
+    h = hashlib.sha256()
+    for x in tensors:
+        x = x.detach().cpu().contiguous()
+        h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
+
+
 @dataclass
-class EFMConfig:
-    """Hyper-parameters of :class:`EFMTrainer`.
+class EFMConfig(TrainerConfig):
+    """Hyper-parameters of :class:`EFMTrainer` (shared fields: :class:`TrainerConfig`).
 
     Attributes
     ----------
-    mode : ``"offline"`` or ``"online"``
-    weighting : ``"importance"`` or ``"tempered"`` (online mode only; see the module doc)
-    rounds : int
-        Data rounds (offline: 1; online: resample this many times).
-    samples_per_round : int
-        ``n`` samples drawn (and weighted) per round.
-    iterations_per_round : int
-        Gradient steps per round.
+    iterations : int
+        Gradient steps in all, split evenly over ``rounds`` (must be a multiple of it).
     batch_size : int
         Minibatch size; indices are drawn from the round's weights (importance resampling),
         an unbiased estimate of the weighted loss.
-    beta : float or None
-        Inverse temperature (offline); ``None`` means the task's ``reward_scale`` (targets ``p*``).
-    lr, grad_clip, weight_decay : optimiser settings (Adam).
-    lr_schedule : ``"cosine"`` or ``"constant"``
-        ``"cosine"`` decays the learning rate from ``lr`` to 0 over all ``rounds *
-        iterations_per_round`` steps (the fine detail that sets the modes' masses is learnt
-        late; a constant rate leaves the last iterates noisy).
+    lr_schedule : str
+        Default ``"cosine"`` to 0: the fine detail that sets the modes' masses is learnt late
+        and a constant rate leaves the last iterates noisy.
+    max_grad_norm : float or None
+        Default 10.
+    mode : {"offline", "online"}
+    weighting : {"importance", "tempered"}
+        Online mode only (see the module docstring).
+    rounds : int
+        Data rounds (offline: 1).
+    samples_per_round : int
+        ``n`` samples drawn (and weighted) per round (offline: drawn from the base unless
+        data are given).
+    inverse_temperature : float or None
+        Offline ``log w = inverse_temperature * r``; ``None`` means the task's
+        ``reward_scale`` (targets ``p*``). Not used online.
     t_min, t_max : float
-        Training time range; ``t_min = None`` uses the grid's ``t_start``.
+        Training time range; ``t_min = None`` uses the task grid's ``t_start``.
     time_power : float
         ``1``: uniform training times; ``> 1``: more of them near the data end, where the KL
         weighs drift errors most (memoryless: ``sigma -> 0`` as ``t -> 1``).
     ess_warn_fraction : float
-        Warn when ``ESS < ess_warn_fraction * n``.
-    seed : int
+        Warn when a round's ``ESS < ess_warn_fraction * n``.
     """
 
+    iterations: int = 1000
+    batch_size: int = 512
+    lr_schedule: str = "cosine"
+    max_grad_norm: float | None = 10.0
     mode: str = "offline"
     weighting: str = "importance"
     rounds: int = 1
     samples_per_round: int = 4096
-    iterations_per_round: int = 1000
-    batch_size: int = 512
-    beta: float | None = None
-    lr: float = 1e-3
-    grad_clip: float = 10.0
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
+    inverse_temperature: float | None = None
     t_min: float | None = None
     t_max: float = 1.0
     time_power: float = 2.0
     ess_warn_fraction: float = 0.02
-    seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.mode not in ("offline", "online"):
-            raise unknown_name_error("mode", self.mode, ("offline", "online"))
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise unknown_name_error("lr_schedule", self.lr_schedule, ("cosine", "constant"))
-        if self.weighting not in ("importance", "tempered"):
-            raise unknown_name_error("weighting", self.weighting, ("importance", "tempered"))
-        for name in ("rounds", "samples_per_round", "iterations_per_round", "batch_size"):
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("offline", "online"), "weighting": ("importance", "tempered")}
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("rounds", "samples_per_round"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.mode == "offline" and self.rounds != 1:
             raise ValueError(f"rounds: offline mode trains on one data set, expected 1, got {self.rounds}")
+        if self.iterations % self.rounds:
+            raise ValueError(f"iterations: expected a multiple of rounds={self.rounds} (steps per round), got {self.iterations}")
+        if self.mode == "online" and self.inverse_temperature is not None:
+            raise ValueError("inverse_temperature: only used in offline mode (online weights use the task's reward_scale); expected None")
+        if not 0.0 < self.t_max <= 1.0:
+            raise ValueError(f"t_max: expected a number in (0, 1], got {self.t_max!r}")
+        if self.t_min is not None and not 0.0 <= self.t_min < self.t_max:
+            raise ValueError(f"t_min: expected None or a number in [0, t_max={self.t_max}), got {self.t_min!r}")
+        if not self.time_power > 0:
+            raise ValueError(f"time_power: expected a positive number, got {self.time_power!r}")
         if not 0.0 < self.ess_warn_fraction < 1.0:
-            raise ValueError(f"ess_warn_fraction: expected a number in (0, 1), got {self.ess_warn_fraction}")
+            raise ValueError(f"ess_warn_fraction: expected a number in (0, 1), got {self.ess_warn_fraction!r}")
+
+    @property
+    def iterations_per_round(self) -> int:
+        return self.iterations // self.rounds
 
 
-class EFMTrainer:
-    """Energy-weighted flow matching on a base environment.
+class EFMTrainer(Trainer):
+    """Energy-weighted flow matching (see the module docstring) under the Trainer contract.
 
     Parameters
     ----------
-    env : DiffusionEnvironment
-        The base model, scheduler and noise (the fine-tuned model is sampled with the same noise).
-    model : nn.Module
-        The trainable copy in ``env.parameterization`` (e.g.
-        ``ResidualModel(base, TimeMLP(d, d, zero_init=True))``), starting at the base.
-    reward : Reward
-    reward_scale : float
-        ``lambda``; the default inverse temperature.
-    config : EFMConfig
-    steps, t_start : sampling grid used to draw (online) samples.
+    task, reward, reward_scale, config, device, dtype, **task_options
+        As for every :class:`~diffusiongym.trainers.base.Trainer`; the task's noise must be
+        stochastic (``sigma > 0``; the memoryless noise makes the tilt exact).
+    model : nn.Module, optional
+        The trainable copy in the base parameterisation, starting at the base. Default: the
+        base model's ``trainable_copy()`` where it has one (e.g. the Gaussian mixtures), else
+        ``ResidualModel(base, TimeMLP(d, d, hidden=128, layers=3, zero_init=True))``.
     data : (x1, rewards) or (x1, rewards, valid), optional
-        Offline data set; drawn from the base (``samples_per_round``) when omitted.
+        Offline data set, ``x1`` ``(n, *sample_shape)``, ``rewards`` ``(n,)``, ``valid``
+        ``(n,)`` bool (default: finite rewards); unconditional tasks only. Drawn from the base
+        (``samples_per_round``) when omitted. Pass the same data again to resume.
+
+    Attributes
+    ----------
+    model : nn.Module
+    policy : ModelControl
+        ``u = coef_out (model - base) / sigma``.
 
     Usage::
 
-        trainer = EFMTrainer(task.environment, model, task.reward, task.reward_scale, EFMConfig())
-        history = trainer.train()
-        trainer.save("ckpt"); trainer = EFMTrainer.load("ckpt", env, model, reward); trainer.train()  # resume
+        trainer = EFMTrainer("GMM2D-v0", config=EFMConfig(mode="online", rounds=2, iterations=800))
+        trainer.train(); trainer.evaluate()["gap_closed"]
     """
+
+    config_class = EFMConfig
+    config: EFMConfig
 
     def __init__(
         self,
-        env: DiffusionEnvironment,
-        model: nn.Module,
-        reward: Reward,
-        reward_scale: float = 1.0,
+        task: Any,
+        reward: Reward | None = None,
+        reward_scale: float | None = None,
+        model: nn.Module | None = None,
         config: EFMConfig | None = None,
         *,
-        steps: int = 100,
-        t_start: float = DEFAULT_T_START,
         data: tuple[Tensor, ...] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **task_options: Any,
     ):
-        if not isinstance(env, DiffusionEnvironment):
-            raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
-        if not isinstance(model, nn.Module):
+        super().__init__(task, reward, reward_scale, model, config, device=device, dtype=dtype, **task_options)
+        env = self.env
+        if env.noise.is_deterministic:
+            raise ValueError("task: EFM's policy is a control of the SDE; expected noise with sigma > 0 (e.g. 'memoryless'), got the ODE")
+        if model is None:
+            model = self.build(self._default_model, "model")
+        elif not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module in the {env.parameterization} parameterisation, got {type(model).__name__}")
-        if not isinstance(reward, Reward):
-            raise TypeError(f"reward: expected a diffusiongym Reward, got {type(reward).__name__}")
-        self.config = config if config is not None else EFMConfig()
-        if not isinstance(self.config, EFMConfig):
-            raise TypeError(f"config: expected an EFMConfig, got {type(self.config).__name__}")
-        if self.config.mode == "online" and env.noise.is_deterministic:
-            raise ValueError("env: online EFM samples with the SDE; expected noise with sigma > 0, got the ODE")
-        self.env = env
         self.model = model
-        self.reward = reward
-        self.reward_scale = float(reward_scale)
-        self.steps = steps
-        self.t_start = t_start
-        self.data = data
-        if data is not None:
-            if self.config.mode != "offline":
-                raise ValueError("data: a fixed data set needs mode='offline'")
-            if len(data) not in (2, 3) or data[0].shape[0] != data[1].shape[0]:
-                raise ValueError("data: expected (x1, rewards) or (x1, rewards, valid) with matching batch sizes")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("model: expected trainable parameters")
-        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        self.round = 0
-        self.history: dict[str, list[float]] = {"round": [], "loss": [], "ess": [], "ess_fraction": [], "mean_reward": [], "kl": []}
+        self.data = self._check_data(data)
+        self._data_digest = None if self.data is None else tensor_digest(*self.data)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, self.config)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        self._policy = ModelControl(model, env, self.task.action_scale)
+        self._round: dict[str, Any] | None = None
 
-    # ------------------------------------------------------------------ data
-    def _round_data(self, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, float]:
-        """Samples, rewards, weights and the round's KL estimate (nan offline)."""
+    def _default_model(self) -> nn.Module:
+        base = self.env.model
+        copier = getattr(base, "trainable_copy", None)
+        if callable(copier):
+            return copier().to(self.device)
+        shape = self.env.sample_shape
+        if shape is None:
+            raise ValueError("model: the environment has no sample_shape to size the default network; pass model=")
+        d = math.prod(shape)
+        return ResidualModel(base, TimeMLP(d, d, hidden=128, layers=3, zero_init=True).to(self.device, self.dtype))
+
+    def _check_data(self, data: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+        if data is None:
+            return None
+        if self.config.mode != "offline":
+            raise ValueError("data: a fixed data set needs mode='offline'")
+        if getattr(self.task, "conditioning", {}):
+            raise ValueError("data: fixed data sets are for unconditional tasks (this task draws conditioning)")
+        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3) or not all(isinstance(d, Tensor) for d in data):
+            raise ValueError("data: expected a tuple (x1, rewards) or (x1, rewards, valid) of tensors")
+        x1, r = data[0], data[1]
+        shape = self.env.sample_shape
+        if shape is not None and tuple(x1.shape[1:]) != tuple(shape):
+            raise ValueError(f"data: x1: expected shape (n, {', '.join(map(str, shape))}), got {tuple(x1.shape)}")
+        if r.shape != (x1.shape[0],):
+            raise ValueError(f"data: rewards: expected shape ({x1.shape[0]},), got {tuple(r.shape)}")
+        valid = data[2] if len(data) == 3 else torch.isfinite(r)
+        if valid.shape != (x1.shape[0],) or valid.dtype != torch.bool:
+            raise ValueError(f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}")
+        return x1.to(self.device, self.dtype), r.to(self.device), valid.to(self.device)
+
+    @property
+    def policy(self) -> ModelControl:
+        return self._policy
+
+    # ----------------------------------------------------------------- rounds
+    def _draw_round(self, index: int) -> dict[str, Any]:
+        """Samples, conditioning, weights and statistics of round ``index``."""
         cfg = self.config
-        lam = self.reward_scale
+        lam = float(self.task.reward_scale)
+        n = cfg.samples_per_round
+        opts = {"grid": self.times, "reward": self.task.reward, "reward_scale": lam, "device": self.device, "dtype": self.dtype}
+        self.model.eval()
         if cfg.mode == "offline":
-            beta = lam if cfg.beta is None else float(cfg.beta)
+            beta = lam if cfg.inverse_temperature is None else float(cfg.inverse_temperature)
             if self.data is not None:
-                x1, r = self.data[0], self.data[1]
-                valid = self.data[2] if len(self.data) == 3 else torch.isfinite(r)
+                (x1, r, valid), cond, kl = self.data, {}, math.nan
             else:
-                traj = sample(self.env, cfg.samples_per_round, steps=self.steps, t_start=self.t_start, reward=self.reward, generator=gen)
-                x1, r, valid = traj.x1, traj.reward, traj.valid
-            g, _ = efm_weights(beta * r, valid)
-            return x1, r, g, 0.0
-        traj = sample(
-            self.env, cfg.samples_per_round, steps=self.steps, t_start=self.t_start, policy=self.model, reward=self.reward,
-            reward_scale=lam, generator=gen, store=("controls", "noises"),
-        )
-        if cfg.weighting == "importance":
-            log_w = lam * traj.reward + path_log_ratio(traj)
+                # a derived generator: the offline set is a function of the seed, redrawn on resume
+                gen = torch.Generator(device=self.device).manual_seed(self.init_seed("offline-data"))
+                cond = self.conditioning(n, gen)
+                traj = sample(self.env, n, cond=cond, generator=gen, **opts)
+                x1, r, valid, kl = traj.x1, traj.reward, traj.valid, 0.0
+            log_w = beta * r
         else:
-            log_w = (lam / cfg.rounds) * traj.reward
-        g, _ = efm_weights(log_w, traj.valid)
-        return traj.x1, traj.reward, g, float(traj.kl[traj.valid].mean())
+            cond = self.conditioning(n, self.generator)
+            traj = sample(self.env, n, control=self._policy, cond=cond, generator=self.generator, store=("controls", "noises"), **opts)
+            x1, r, valid = traj.x1, traj.reward, traj.valid
+            log_w = lam * r + path_log_ratio(traj) if cfg.weighting == "importance" else (lam / cfg.rounds) * r
+            kl = float(traj.kl[valid].mean()) if bool(valid.any()) else math.nan
+        g, ess = efm_weights(log_w, valid)
+        n = x1.shape[0]
+        reward = float(r[valid].double().mean())
+        stats = {"ess": ess, "ess_fraction": ess / n, "reward": reward, "valid_fraction": float(valid.float().mean()), "kl": kl, "objective": lam * reward - kl}
+        if ess < cfg.ess_warn_fraction * n:
+            warnings.warn(
+                f"EFM round {index}: effective sample size {ess:.1f} of {n} samples ({ess / n:.2%}) is below "
+                f"ess_warn_fraction={cfg.ess_warn_fraction}; the weights have collapsed onto a few samples "
+                "(lower the inverse temperature, use more samples or more online rounds)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return {"index": index, "x1": x1, "weights": g.to(x1.device), "cond": cond, "stats": stats}
 
-    # ------------------------------------------------------------------ training
-    def _lr(self, step: int) -> float:
+    def _step(self) -> dict[str, float]:
         cfg = self.config
-        if cfg.lr_schedule == "constant":
-            return cfg.lr
-        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / (cfg.rounds * cfg.iterations_per_round)))
+        index = self.iteration // cfg.iterations_per_round
+        if self._round is None or self._round["index"] != index:
+            self._round = self._draw_round(index)
+        rd = self._round
+        t_min = float(self.task.t_start) if cfg.t_min is None else cfg.t_min
+        idx = torch.multinomial(rd["weights"], cfg.batch_size, replacement=True, generator=self.generator)
+        self.model.train()
+        loss = weighted_flow_matching_loss(
+            self.model, self.env.parameterization, self.env.scheduler, rd["x1"][idx], t_range=(t_min, cfg.t_max),
+            time_power=cfg.time_power, generator=self.generator, cond={k: v[idx] for k, v in rd["cond"].items()},
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = self.clip_gradients(self.params)
+        self.optimizer.step()
+        self.model.eval()
+        return {"loss": float(loss.detach()), "grad_norm": norm, "round": float(index), **rd["stats"]}
 
-    def train(self, callback: Callable[[dict[str, float]], None] | None = None, progress: bool = False, until: int | None = None) -> dict[str, list[float]]:
-        """Run the remaining rounds (all of them, or what is left after a resume).
+    # ------------------------------------------------------------- checkpoints
+    def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The data-set digest (offline, given data) and the current online round's data
+        while it is unfinished (offline data are redrawn or given again on resume)."""
+        meta: dict[str, Any] = {} if self._data_digest is None else {"data_digest": self._data_digest}
+        rd = self._round
+        if self.config.mode == "offline" or rd is None or rd["index"] != self.iteration // self.config.iterations_per_round:
+            return {}, meta
+        tensors = {"round.x1": rd["x1"], "round.weights": rd["weights"], **{f"round.cond.{k}": v for k, v in rd["cond"].items()}}
+        meta["round"] = {"index": rd["index"], "stats": rd["stats"]}
+        return tensors, meta
 
-        ``until`` stops after that many rounds in all (default ``config.rounds``).
+    def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
+        unknown = sorted(set(meta) - {"data_digest", "round"})
+        if unknown:
+            raise CheckpointError(f"extra: unexpected keys {unknown}")
+        if meta.get("data_digest") != self._data_digest:
+            raise CheckpointError(
+                f"extra.data_digest: the checkpoint was trained on {'other data' if meta.get('data_digest') else 'data drawn from the base'}, "
+                f"this trainer {'was given other data' if self._data_digest else 'was built without data='}; pass the same data set to resume"
+            )
+        if "round" not in meta:
+            if tensors:
+                raise CheckpointError(f"extra: unexpected tensors {sorted(tensors)[:5]}")
 
-        ``callback(record)`` is called after every round with that round's numbers.
-        Returns the history (lists over rounds): ``loss`` (mean over the round), ``ess``,
-        ``ess_fraction``, ``mean_reward`` and ``kl`` of the round's samples (KL of the model
-        that drew them; 0 offline, where the base drew them).
-        """
-        torch.set_flush_denormal(True)
-        cfg = self.config
-        t_min = self.t_start if cfg.t_min is None else cfg.t_min
-        sched = self.env.scheduler
-        bar = tqdm(total=cfg.rounds * cfg.iterations_per_round, initial=self.round * cfg.iterations_per_round, disable=not progress, desc="EFM")
-        stop = cfg.rounds if until is None else min(int(until), cfg.rounds)
-        while self.round < stop:
-            # one generator per round, seeded by (seed, round): a resumed run is bit-identical
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.round)
-            self.model.eval()
-            x1, r, g, kl = self._round_data(gen)
-            ess = float(1.0 / (g**2).sum())
-            if ess < cfg.ess_warn_fraction * x1.shape[0]:
-                warnings.warn(
-                    f"EFM round {self.round}: effective sample size {ess:.1f} of {x1.shape[0]} samples "
-                    f"({ess / x1.shape[0]:.2%}) is below ess_warn_fraction={cfg.ess_warn_fraction}; the weights have "
-                    "collapsed onto a few samples (lower beta, use more samples or more online rounds)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            self.model.train()
-            losses = []
-            for it in range(cfg.iterations_per_round):
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self._lr(self.round * cfg.iterations_per_round + it)
-                idx = torch.multinomial(g, cfg.batch_size, replacement=True, generator=gen)
-                loss = weighted_flow_matching_loss(self.model, self.env.parameterization, sched, x1[idx], t_range=(t_min, cfg.t_max), time_power=cfg.time_power, generator=gen)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-            self.model.eval()
-            record = {
-                "round": float(self.round),
-                "loss": sum(losses) / len(losses),
-                "ess": ess,
-                "ess_fraction": ess / x1.shape[0],
-                "mean_reward": float(r[torch.isfinite(r)].mean()),
-                "kl": kl,
+            def clear() -> None:
+                self._round = None
+
+            return clear
+        if self.config.mode != "online":
+            raise CheckpointError("extra.round: offline trainers keep no round data")
+        info = meta["round"]
+        index = info.get("index") if isinstance(info, dict) else None
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise CheckpointError(f"extra.round.index: expected a non-negative integer, got {index!r}")
+        stats = info.get("stats")
+        if not isinstance(stats, dict) or sorted(stats) != sorted(ROUND_STATS) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats.values()):
+            raise CheckpointError(f"extra.round.stats: expected numbers {sorted(ROUND_STATS)}")
+        x1, g = tensors.get("round.x1"), tensors.get("round.weights")
+        n = self.config.samples_per_round
+        shape = tuple(self.env.sample_shape or x1.shape[1:]) if x1 is not None else ()
+        if x1 is None or tuple(x1.shape) != (n, *shape) or x1.dtype != self.dtype:
+            raise CheckpointError(f"extra.round.x1: expected {self.dtype} of shape {(n, *shape)}, got {None if x1 is None else (x1.dtype, tuple(x1.shape))}")
+        if g is None or g.shape != (n,) or g.dtype != torch.float64 or not bool(torch.isfinite(g).all() and (g >= 0).all()) or abs(float(g.sum()) - 1.0) > 1e-6:
+            raise CheckpointError(f"extra.round.weights: expected {n} non-negative float64 weights summing to 1")
+        cond = {k[len("round.cond."):]: v for k, v in tensors.items() if k.startswith("round.cond.")}
+        names = sorted(getattr(self.task, "conditioning", {}))
+        if sorted(cond) != names or any(v.shape[:1] != (n,) for v in cond.values()):
+            raise CheckpointError(f"extra.round.cond: expected tensors {names} with {n} rows, got {sorted(cond)}")
+        leftover = sorted(set(tensors) - {"round.x1", "round.weights"} - {f"round.cond.{k}" for k in cond})
+        if leftover:
+            raise CheckpointError(f"extra: unexpected tensors {leftover[:5]}")
+        dev = self.device
+
+        def apply() -> None:
+            self._round = {
+                "index": index, "x1": x1.to(dev), "weights": g.to(dev), "cond": {k: v.to(dev) for k, v in cond.items()},
+                "stats": {k: float(v) for k, v in stats.items()},
             }
-            for key, value in record.items():
-                self.history[key].append(value)
-            self.round += 1
-            if callback is not None:
-                callback(record)
-        bar.close()
-        return self.history
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | Path) -> Path:
-        """Model, optimiser state and progress to ``path`` (safetensors + JSON)."""
-        tensors, opt_meta = optimizer_tensors(self.optimizer)
-        config = {
-            "config": dataclasses.asdict(self.config),
-            "round": self.round,
-            "history": self.history,
-            "reward_scale": self.reward_scale,
-            "steps": self.steps,
-            "t_start": self.t_start,
-            "optimizer": opt_meta,
-        }
-        return save_checkpoint(path, {"model": self.model}, config, tensors)
-
-    @classmethod
-    def load(cls, path: str | Path, env: DiffusionEnvironment, model: nn.Module, reward: Reward, *, data: tuple[Tensor, ...] | None = None) -> "EFMTrainer":
-        """Rebuild a trainer saved with :meth:`save` (``model`` built like the saved one); ``train()`` resumes."""
-        meta, extra = load_checkpoint(path, {"model": model})
-        trainer = cls(env, model, reward, meta["reward_scale"], EFMConfig(**meta["config"]), steps=meta["steps"], t_start=meta["t_start"], data=data)
-        load_optimizer_tensors(trainer.optimizer, extra, meta["optimizer"])
-        trainer.round = int(meta["round"])
-        trainer.history = {k: list(v) for k, v in meta["history"].items()}
-        return trainer
+        return apply

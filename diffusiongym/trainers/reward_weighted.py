@@ -1,0 +1,245 @@
+"""Reward-weighted cross-entropy fine-tune of a discrete posterior model, under the Trainer contract.
+
+On a :class:`~diffusiongym.discrete.tasks.DiscreteTask` (a base posterior model ``p(x1_i | x_t)``
+on a mixture path, a reward on tokens, ``lambda``): draw base samples ``x1_j`` (or take given
+ones), weight them ``g_j = softmax_j(beta r_j)`` (``beta = lambda`` by default) and fine-tune a
+copy of the base with the cross-entropy (generalised-KL) loss on minibatches drawn from ``g``::
+
+    loss = E_{j ~ g} E_{t ~ U[0, 1), x_t ~ p_t(. | x1_j)} [ -sum_i log p_theta(x1_{j,i} | x_t) ].
+
+Its minimiser is the posterior of ``q ∝ p g``, i.e. of ``p* ∝ p exp(lambda r)`` (up to the
+finite sample); with the mask source the chain of that posterior is exactly the optimal
+tilted chain, and its control against the base is ``c = log p_theta - log p_base``
+(:func:`~diffusiongym.discrete.chain.control_from_model`; ``docs/maths.md``, "Discrete chains").
+
+One :class:`RewardWeightedTrainer` iteration is **one gradient step**. The data set is a fixed
+function of the seed (drawn with a generator derived from it) or given; a resume redraws it
+(or checks that the same data are given again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffusiongym.discrete.chain import DiscreteTrajectory, control_from_model, sample_chain, time_grid
+from diffusiongym.discrete.models import PosteriorModel, ResidualPosterior, check_tokens
+from diffusiongym.discrete.tasks import DiscreteTask, make_discrete_task
+from diffusiongym.discrete.train import cross_entropy_loss
+from diffusiongym.rewards.base import Reward
+from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
+from diffusiongym.trainers.checkpoint import CheckpointError
+from diffusiongym.trainers.efm import efm_weights, tensor_digest
+from diffusiongym.utils.validation import check_positive_int
+
+__all__ = ["RewardWeightedConfig", "RewardWeightedTrainer"]
+
+
+@dataclass
+class RewardWeightedConfig(TrainerConfig):
+    """Hyper-parameters of :class:`RewardWeightedTrainer` (shared fields: :class:`TrainerConfig`).
+
+    Attributes
+    ----------
+    iterations : int
+        Gradient steps.
+    max_grad_norm : float or None
+        Default 1.
+    num_samples : int
+        Base samples drawn when no data are given.
+    inverse_temperature : float or None
+        ``beta`` of the weights ``softmax(beta r)``; ``None`` means the task's
+        ``reward_scale`` (targets ``p*``).
+    ess_warn_fraction : float
+        Warn when the weights' effective sample size is below ``ess_warn_fraction * n``.
+    """
+
+    iterations: int = 2000
+    lr: float = 2e-3
+    max_grad_norm: float | None = 1.0
+    num_samples: int = 12000
+    inverse_temperature: float | None = None
+    ess_warn_fraction: float = 0.02
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("num_samples", self.num_samples)
+        if not 0.0 < self.ess_warn_fraction < 1.0:
+            raise ValueError(f"ess_warn_fraction: expected a number in (0, 1), got {self.ess_warn_fraction!r}")
+
+
+class RewardWeightedTrainer(Trainer):
+    """Reward-weighted cross-entropy fine-tune (see the module docstring) on a discrete task.
+
+    Parameters
+    ----------
+    task : DiscreteTask or str
+        A discrete task or its id (``"DiscreteGrid-v0"``, ``"DiscreteDigits-v0"``).
+    reward, reward_scale : optional
+        Override the task's (the task's oracle is then dropped: it solves the original problem).
+    model : PosteriorModel, optional
+        The trainable copy, on the base's path and starting at the base. Default:
+        ``ResidualPosterior(base, hidden=128, layers=2)`` (zero-initialised residual).
+    config : RewardWeightedConfig, optional
+    data : (x1, rewards) or (x1, rewards, valid), optional
+        Tokens ``(n, D)`` long, rewards ``(n,)``, ``valid`` ``(n,)`` bool (default: finite
+        rewards). Drawn from the base chain (``num_samples``) when omitted.
+    device, dtype, **task_options
+        As for every trainer (task options: ``steps``, ``action_scale``, ``oracle``, ``name``).
+
+    Attributes
+    ----------
+    env : PosteriorModel
+        The base model (the chain it defines is the reference process).
+    policy : callable
+        ``c(x, t) = log_softmax(model) - log_softmax(base)``, ``(n, D, K)`` additive rate logits.
+    """
+
+    config_class = RewardWeightedConfig
+    config: RewardWeightedConfig
+
+    def __init__(
+        self,
+        task: DiscreteTask | str,
+        reward: Reward | None = None,
+        reward_scale: float | None = None,
+        model: PosteriorModel | None = None,
+        config: RewardWeightedConfig | None = None,
+        *,
+        data: tuple[Tensor, ...] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **task_options: Any,
+    ):
+        if isinstance(task, str):
+            task = make_discrete_task(task)
+        if not isinstance(task, DiscreteTask):
+            raise TypeError(f"task: expected a DiscreteTask or a discrete task id, got {type(task).__name__}")
+        super().__init__(task, reward, reward_scale, model, config, device=device, dtype=dtype, **task_options)
+        oracle = self.task.oracle
+        if oracle is not None and (reward is not None or (reward_scale is not None and float(reward_scale) != oracle.reward_scale)):
+            self.task = dataclasses.replace(self.task, oracle=None)
+        base = self.env
+        base_device = next((b.device for b in base.buffers()), None) or next((p.device for p in base.parameters()), self.device)
+        if base_device != self.device:
+            raise ValueError(f"device: the task's base model is on {base_device}, expected {self.device} (move it with task.model.to(device))")
+        if model is None:
+            model = self.build(lambda: ResidualPosterior(base, hidden=128, layers=2), "model").to(self.device)
+        elif not isinstance(model, PosteriorModel):
+            raise TypeError(f"model: expected a PosteriorModel (e.g. ResidualPosterior(base)), got {type(model).__name__}")
+        if model.path.config() != base.path.config():
+            raise ValueError(f"model: expected the base's path {base.path.config()}, got {model.path.config()}")
+        self.model = model
+        self.data = self._check_data(data)
+        self._data_digest = None if self.data is None else tensor_digest(*self.data)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, self.config)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        self._policy = control_from_model(base, model)
+        self._dataset: dict[str, Any] | None = None
+
+    def _check_data(self, data: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+        if data is None:
+            return None
+        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3) or not all(isinstance(d, Tensor) for d in data):
+            raise ValueError("data: expected a tuple (x1, rewards) or (x1, rewards, valid) of tensors")
+        path = self.env.path
+        x1 = check_tokens(data[0], path.length, path.vocab_size, "data: x1")
+        r = data[1]
+        if r.shape != (x1.shape[0],):
+            raise ValueError(f"data: rewards: expected shape ({x1.shape[0]},), got {tuple(r.shape)}")
+        valid = data[2] if len(data) == 3 else torch.isfinite(r)
+        if valid.shape != (x1.shape[0],) or valid.dtype != torch.bool:
+            raise ValueError(f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}")
+        return x1.to(self.device), r.to(self.device), valid.to(self.device)
+
+    # ------------------------------------------------------- discrete overrides
+    @property
+    def env(self) -> PosteriorModel:  # type: ignore[override]
+        """The base posterior model (its chain is the reference process)."""
+        return self.task.model
+
+    @property
+    def times(self) -> Tensor:
+        """The uniform jump-chain grid on [0, 1], float64 ``(steps + 1,)``."""
+        return time_grid(self.task.steps)
+
+    @property
+    def policy(self) -> Callable[..., Tensor]:
+        return self._policy
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, seed: int = 0, **kwargs: Any) -> DiscreteTrajectory:  # type: ignore[override]
+        """Fresh chains of the current :attr:`policy` (no effect on training's RNG)."""
+        n = check_positive_int("num_samples", num_samples)
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        return sample_chain(self.env, n, times=self.times, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale, generator=gen, **kwargs)
+
+    def task_fingerprint(self) -> dict[str, Any]:
+        t = self.task
+        return {
+            "name": str(t.name),
+            "path": self.env.path.config(),
+            "reward": type(t.reward).__name__,
+            "reward_scale": float(t.reward_scale),
+            "steps": int(t.steps),
+        }
+
+    # ------------------------------------------------------------------ training
+    def _weighted_data(self) -> dict[str, Any]:
+        """The data set, its weights ``softmax(beta r)`` and their statistics (cached)."""
+        if self._dataset is not None:
+            return self._dataset
+        cfg = self.config
+        if self.data is not None:
+            x1, r, valid = self.data
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(self.init_seed("data"))
+            traj = sample_chain(self.env, cfg.num_samples, times=self.times, reward=self.task.reward, generator=gen)
+            x1, r, valid = traj.x1, traj.reward, traj.valid
+        beta = float(self.task.reward_scale) if cfg.inverse_temperature is None else float(cfg.inverse_temperature)
+        g, ess = efm_weights(beta * r, valid)
+        n = x1.shape[0]
+        if ess < cfg.ess_warn_fraction * n:
+            warnings.warn(
+                f"RewardWeightedTrainer: effective sample size {ess:.1f} of {n} samples ({ess / n:.2%}) is below "
+                f"ess_warn_fraction={cfg.ess_warn_fraction}; lower the inverse temperature or use more samples",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        stats = {"ess": ess, "ess_fraction": ess / n, "reward": float(r[valid].double().mean()), "valid_fraction": float(valid.float().mean())}
+        self._dataset = {"x1": x1, "weights": g.to(x1.device), "stats": stats}
+        return self._dataset
+
+    def _step(self) -> dict[str, float]:
+        data = self._weighted_data()
+        idx = torch.multinomial(data["weights"], self.config.batch_size, replacement=True, generator=self.generator)
+        self.model.train()
+        loss = cross_entropy_loss(self.model, data["x1"][idx], generator=self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = self.clip_gradients(self.params)
+        self.optimizer.step()
+        self.model.eval()
+        return {"loss": float(loss.detach()), "grad_norm": norm, **data["stats"]}
+
+    # --------------------------------------------------------------- checkpoints
+    def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The digest of given data (drawn data are redrawn from the seed on resume)."""
+        return {}, ({} if self._data_digest is None else {"data_digest": self._data_digest})
+
+    def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
+        if tensors or sorted(set(meta) - {"data_digest"}):
+            raise CheckpointError(f"extra: unexpected tensors {sorted(tensors)[:5]} or keys {sorted(set(meta) - {'data_digest'})}")
+        if meta.get("data_digest") != self._data_digest:
+            raise CheckpointError(
+                f"extra.data_digest: the checkpoint was trained on {'other data' if meta.get('data_digest') else 'data drawn from the base'}, "
+                f"this trainer {'was given other data' if self._data_digest else 'was built without data='}; pass the same data set to resume"
+            )
+        return lambda: None
