@@ -23,7 +23,10 @@ import pytest
 import torch
 
 from diffusiongym.trainers.base import EVALUATION_KEYS, Trainer
+from diffusiongym.discrete.tasks import grid_task
 from diffusiongym.trainers.checkpoint import CheckpointError
+from diffusiongym.trainers.efm import EFMConfig, EFMTrainer
+from diffusiongym.trainers.reward_weighted import RewardWeightedConfig, RewardWeightedTrainer
 from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +53,19 @@ def make_value_matching(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) 
     return ValueMatching(task, config=config, steps=steps)
 
 
+def make_efm(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
+    config = EFMConfig(mode="online", rounds=2, iterations=6, samples_per_round=64, batch_size=32, seed=seed)
+    return EFMTrainer(task, config=config, steps=steps)
+
+
+def make_reward_weighted_discrete(seed: int = 0) -> Trainer:
+    config = RewardWeightedConfig(iterations=6, num_samples=200, batch_size=32, seed=seed)
+    return RewardWeightedTrainer(grid_task(size=8, steps=10), config=config)
+
+
 TRAINERS: dict[str, Callable[..., Trainer]] = {
+    "efm": make_efm,
+    "reward_weighted_discrete": make_reward_weighted_discrete,
     "reward_weighted_regression": make_rwr,
     "value_matching": make_value_matching,
 }

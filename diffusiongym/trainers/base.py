@@ -30,7 +30,6 @@ import dataclasses
 import inspect
 import math
 import time
-import typing
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,170 +44,16 @@ from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.tasks import Task, make_task, with_reward
 from diffusiongym.timegrid import make_time_grid
-from diffusiongym.trainers.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from diffusiongym.utils.io import load_optimizer_tensors, optimizer_tensors
+from diffusiongym.trainers.checkpoint import CheckpointError, read_checkpoint, stage_generators, stage_modules, stage_optimizers, write_checkpoint
+from diffusiongym.trainers.config import LR_SCHEDULES, OPTIMIZERS, TrainerConfig, make_lr_scheduler, make_optimizer
+from diffusiongym.utils.io import optimizer_tensors
 from diffusiongym.utils.runtime import derive_seed, flush_denormals, seeded
-from diffusiongym.utils.validation import check_positive_int, unknown_name_error
+from diffusiongym.utils.validation import check_positive_int
 
 __all__ = ["TrainerConfig", "Trainer", "resolve_task", "EVALUATION_KEYS", "LR_SCHEDULES", "OPTIMIZERS", "make_optimizer", "make_lr_scheduler", "trajectory_metrics"]
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adam", "adamw", "sgd")
 EVALUATION_KEYS = ("objective", "kl", "reward", "valid_fraction", "gap_closed")
 TASK_OPTIONS = ("name", "steps", "t_start", "action_scale", "oracle", "conditioning")
-
-
-# --------------------------------------------------------------------------- config
-@dataclasses.dataclass
-class TrainerConfig:
-    """Settings every method shares (a method's config adds its own fields).
-
-    Attributes
-    ----------
-    iterations : int
-        Iterations of a full run; :meth:`Trainer.train` with no count runs up to it, and
-        the learning-rate schedule spans it.
-    batch_size : int
-        Samples (trajectories) drawn per iteration.
-    lr : float
-        Learning rate.
-    lr_schedule : {"constant", "cosine", "linear"}
-        Decay from ``lr`` to ``lr * lr_final_factor`` over ``iterations`` (after the warm-up),
-        through :mod:`torch.optim.lr_scheduler`; the rate then stays at its final value.
-    lr_final_factor : float
-        In ``[0, 1]``.
-    warmup_iterations : int
-        Linear warm-up from ``lr / (warmup_iterations + 1)``.
-    optimizer : {"adam", "adamw", "sgd"}
-        ``"sgd"`` uses momentum 0.9.
-    weight_decay : float
-    max_grad_norm : float or None
-        Clip the gradient's global norm (``None``: no clipping).
-    seed : int
-        Determines the whole run (sampling, minibatches, initialisation, dropout).
-    """
-
-    iterations: int = 100
-    batch_size: int = 256
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    lr_final_factor: float = 0.0
-    warmup_iterations: int = 0
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    seed: int = 0
-
-    #: string fields and their allowed values (merged along the class hierarchy)
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Check types (no coercion: ``2.5`` is not an int, ``True`` is not a number) and
-        ranges; raise naming the field. Subclasses extend it and call ``super().validate()``."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints.get(f.name))
-        for cls in reversed(type(self).__mro__):
-            for name, allowed in vars(cls).get("choices", {}).items():
-                if getattr(self, name) not in allowed:
-                    raise unknown_name_error(name, getattr(self, name), allowed)
-        for name in ("iterations", "batch_size"):
-            check_positive_int(name, getattr(self, name))
-        _check_range("lr", self.lr, low=0.0, low_open=True)
-        _check_range("lr_final_factor", self.lr_final_factor, low=0.0, high=1.0)
-        _check_range("weight_decay", self.weight_decay, low=0.0)
-        if self.max_grad_norm is not None:
-            _check_range("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
-        for name in ("warmup_iterations", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainerConfig":
-        """Strict inverse of :meth:`to_dict`: unknown or missing keys and ill-typed values
-        raise ``ValueError`` naming ``source`` and the field."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a dict of {cls.__name__} fields, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(data) - known), sorted(known - set(data))
-        if unknown or missing:
-            raise ValueError(f"{source}: {cls.__name__} fields do not match: unknown {unknown}, missing {missing}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from None
-
-
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    """Strict check of ``value`` against a field annotation (int, float, str, bool, X | None)."""
-    if hint is None:
-        return
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return
-        rest = [a for a in args if a is not type(None)]
-        hint = rest[0] if len(rest) == 1 else None
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:
-        return
-    if not ok:
-        want = {bool: "a bool", int: "an integer", float: "a finite number", str: "a string"}[hint]
-        raise ValueError(f"{name}: expected {want}, got {value!r}")
-
-
-def _check_range(name: str, value: float, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
-    bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
-    if bad:
-        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
-        hi = "" if high is None else f"<= {high}"
-        raise ValueError(f"{name}: expected a number {' and '.join(p for p in (lo, hi) if p)}, got {value!r}")
-
-
-def make_optimizer(params: Iterable[Any], config: TrainerConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """The optimiser ``config.optimizer`` over ``params`` (``lr`` defaults to ``config.lr``)."""
-    params = list(params)
-    if not params:
-        raise ValueError("model: expected trainable parameters (requires_grad=True), found none")
-    rate = config.lr if lr is None else lr
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=rate, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=rate, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=rate, momentum=0.9, weight_decay=config.weight_decay)
-
-
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, total: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
-    """``config.lr_schedule`` over ``total`` scheduler steps (default ``config.iterations``),
-    after ``config.warmup_iterations`` steps of linear warm-up."""
-    total = config.iterations if total is None else total
-    warm = config.warmup_iterations
-    span = max(total - warm, 1)
-    final = config.lr_final_factor
-    main: torch.optim.lr_scheduler.LRScheduler
-    if config.lr_schedule == "cosine":
-        main = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(i / span, 1.0))))
-    elif config.lr_schedule == "linear":
-        main = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=max(final, 1e-12), total_iters=span)
-    else:
-        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    if warm == 0:
-        return main
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warm])
 
 
 # ----------------------------------------------------------------------------- task
@@ -543,9 +388,9 @@ class Trainer(abc.ABC):
             raise CheckpointError(f"{where}: history: expected a dict of lists of numbers")
         used: set[str] = set()
         steps: list[Callable[[], None]] = []
-        steps += self._stage_modules(meta, tensors, where, used)
-        steps += self._stage_optimizers(meta, tensors, where, used)
-        steps += self._stage_generators(tensors, where, used)
+        steps += stage_modules(self.checkpoint_modules(), meta.get("modules"), tensors, where, used)
+        steps += stage_optimizers(self.optimizers(), self.lr_schedulers(), meta, tensors, where, used)
+        steps += stage_generators(self.generators(), tensors, where, used)
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         used |= {f"extra.{k}" for k in extra}
         leftover = sorted(set(tensors) - used)
@@ -565,66 +410,3 @@ class Trainer(abc.ABC):
             self.history = {k: [float(x) for x in v] for k, v in history.items()}
 
         return apply
-
-    def _stage_modules(self, meta: dict[str, Any], tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
-        steps = []
-        saved = meta.get("modules")
-        modules = self.checkpoint_modules()
-        if not isinstance(saved, dict) or sorted(saved) != sorted(modules):
-            raise CheckpointError(f"{where}: modules: expected {sorted(modules)}, got {sorted(saved) if isinstance(saved, dict) else saved!r}")
-        for name, module in modules.items():
-            frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
-            live = {k: v for k, v in module.state_dict().items() if k not in frozen}
-            prefix = f"module.{name}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
-            if missing or unexpected:
-                raise CheckpointError(f"{where}: module {name!r}: missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture, or other frozen parameters)")
-            for key, value in state.items():
-                if value.shape != live[key].shape or value.dtype != live[key].dtype:
-                    raise CheckpointError(f"{where}: module {name!r}: {key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}")
-            used |= {prefix + k for k in state}
-            steps.append(lambda module=module, state=state: module.load_state_dict(state, strict=False))
-        return steps
-
-    def _stage_optimizers(self, meta: dict[str, Any], tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
-        steps = []
-        saved, saved_sched = meta.get("optimizers"), meta.get("lr_schedulers")
-        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
-        if not isinstance(saved, dict) or sorted(saved) != sorted(optimizers):
-            raise CheckpointError(f"{where}: optimizers: expected {sorted(optimizers)}, got {sorted(saved) if isinstance(saved, dict) else saved!r} (a checkpoint without optimiser state cannot resume exactly)")
-        if not isinstance(saved_sched, dict) or sorted(saved_sched) != sorted(schedulers):
-            raise CheckpointError(f"{where}: lr_schedulers: expected {sorted(schedulers)}, got {saved_sched!r}")
-        for name, opt in optimizers.items():
-            params = [p for group in opt.param_groups for p in group["params"]]
-            groups = saved[name].get("param_groups") if isinstance(saved[name], dict) else None
-            if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
-                raise CheckpointError(f"{where}: optimizers.{name}: parameter groups do not match this trainer's")
-            prefix = f"optimizer-{name}."
-            mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
-            for key, value in mine.items():
-                pid = key[len(prefix):].split(".", 1)[0]
-                if not pid.isdigit() or int(pid) >= len(params):
-                    raise CheckpointError(f"{where}: optimizers.{name}: tensor {key} names no parameter")
-                if value.ndim > 0 and value.shape != params[int(pid)].shape:
-                    raise CheckpointError(f"{where}: optimizers.{name}: {key}: expected shape {tuple(params[int(pid)].shape)}, got {tuple(value.shape)}")
-            used |= set(mine)
-            steps.append(lambda opt=opt, mine=mine, m=saved[name], prefix=prefix[:-1]: load_optimizer_tensors(opt, mine, m, prefix=prefix))
-        for name, sched in schedulers.items():
-            state = saved_sched[name]
-            if not isinstance(state, dict) or sorted(state) != sorted(sched.state_dict()):
-                raise CheckpointError(f"{where}: lr_schedulers.{name}: expected keys {sorted(sched.state_dict())}")
-            steps.append(lambda sched=sched, state=state: sched.load_state_dict(state))
-        return steps
-
-    def _stage_generators(self, tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
-        steps = []
-        for name, gen in self.generators().items():
-            key = f"generator.{name}"
-            state = tensors.get(key)
-            live = gen.get_state()
-            if state is None or state.dtype != torch.uint8 or state.shape != live.shape:
-                raise CheckpointError(f"{where}: {key}: expected a uint8 generator state of shape {tuple(live.shape)}, got {None if state is None else (state.dtype, tuple(state.shape))}")
-            used.add(key)
-            steps.append(lambda gen=gen, state=state: gen.set_state(state.cpu()))
-        return steps

@@ -17,7 +17,9 @@ checkpoint or the new one, both complete; stale weight files are removed afterwa
 
 Reading (:func:`read_checkpoint`) checks the JSON, the weights' hash and the format, and
 names the file and the field in every error; the trainer then validates the contents
-against itself before touching its live state (:meth:`Trainer.load`).
+against itself before touching its live state (:meth:`Trainer.load`, with
+:func:`stage_modules`, :func:`stage_optimizers`, :func:`stage_generators`: each checks and
+returns the functions that apply, so nothing is changed until everything has been checked).
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
-__all__ = ["FORMAT", "VERSION", "write_checkpoint", "read_checkpoint", "CheckpointError"]
+from diffusiongym.utils.io import load_optimizer_tensors
+
+__all__ = ["FORMAT", "VERSION", "write_checkpoint", "read_checkpoint", "CheckpointError", "tensor_digest", "stage_modules", "stage_optimizers", "stage_generators"]
 
 FORMAT = "diffusiongym.trainer"
 VERSION = 1
@@ -126,3 +133,86 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return meta, tensors
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes (identifies a fixed data set)."""
+    h = hashlib.sha256()
+    for x in tensors:
+        x = x.detach().cpu().contiguous()
+        h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
+
+
+def stage_modules(modules: dict[str, nn.Module], saved: Any, tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
+    """Check the saved trainable state of ``modules`` (keys, shapes, dtypes; frozen parameters
+    are not saved) and return the functions that load it. Adds the tensor names it used to ``used``."""
+    steps = []
+    if not isinstance(saved, dict) or sorted(saved) != sorted(modules):
+        raise CheckpointError(f"{where}: modules: expected {sorted(modules)}, got {sorted(saved) if isinstance(saved, dict) else saved!r}")
+    for name, module in modules.items():
+        frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
+        live = {k: v for k, v in module.state_dict().items() if k not in frozen}
+        prefix = f"module.{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
+        if missing or unexpected:
+            raise CheckpointError(f"{where}: module {name!r}: missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture, or other frozen parameters)")
+        for key, value in state.items():
+            if value.shape != live[key].shape or value.dtype != live[key].dtype:
+                raise CheckpointError(f"{where}: module {name!r}: {key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}")
+        used |= {prefix + k for k in state}
+        steps.append(lambda module=module, state=state: module.load_state_dict(state, strict=False))
+    return steps
+
+def stage_optimizers(
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    meta: dict[str, Any],
+    tensors: dict[str, Tensor],
+    where: Path,
+    used: set[str],
+) -> list[Callable[[], None]]:
+    """Check saved optimiser and learning-rate-scheduler state against the live ones and return
+    the functions that load it."""
+    steps = []
+    saved, saved_sched = meta.get("optimizers"), meta.get("lr_schedulers")
+    if not isinstance(saved, dict) or sorted(saved) != sorted(optimizers):
+        raise CheckpointError(f"{where}: optimizers: expected {sorted(optimizers)}, got {sorted(saved) if isinstance(saved, dict) else saved!r} (a checkpoint without optimiser state cannot resume exactly)")
+    if not isinstance(saved_sched, dict) or sorted(saved_sched) != sorted(schedulers):
+        raise CheckpointError(f"{where}: lr_schedulers: expected {sorted(schedulers)}, got {saved_sched!r}")
+    for name, opt in optimizers.items():
+        params = [p for group in opt.param_groups for p in group["params"]]
+        groups = saved[name].get("param_groups") if isinstance(saved[name], dict) else None
+        if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+            raise CheckpointError(f"{where}: optimizers.{name}: parameter groups do not match this trainer's")
+        prefix = f"optimizer-{name}."
+        mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+        for key, value in mine.items():
+            pid = key[len(prefix):].split(".", 1)[0]
+            if not pid.isdigit() or int(pid) >= len(params):
+                raise CheckpointError(f"{where}: optimizers.{name}: tensor {key} names no parameter")
+            if value.ndim > 0 and value.shape != params[int(pid)].shape:
+                raise CheckpointError(f"{where}: optimizers.{name}: {key}: expected shape {tuple(params[int(pid)].shape)}, got {tuple(value.shape)}")
+        used |= set(mine)
+        steps.append(lambda opt=opt, mine=mine, m=saved[name], prefix=prefix[:-1]: load_optimizer_tensors(opt, mine, m, prefix=prefix))
+    for name, sched in schedulers.items():
+        state = saved_sched[name]
+        if not isinstance(state, dict) or sorted(state) != sorted(sched.state_dict()):
+            raise CheckpointError(f"{where}: lr_schedulers.{name}: expected keys {sorted(sched.state_dict())}")
+        steps.append(lambda sched=sched, state=state: sched.load_state_dict(state))
+    return steps
+
+def stage_generators(generators: dict[str, torch.Generator], tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
+    """Check saved generator states (uint8, the live state's size) and return the setters."""
+    steps = []
+    for name, gen in generators.items():
+        key = f"generator.{name}"
+        state = tensors.get(key)
+        live = gen.get_state()
+        if state is None or state.dtype != torch.uint8 or state.shape != live.shape:
+            raise CheckpointError(f"{where}: {key}: expected a uint8 generator state of shape {tuple(live.shape)}, got {None if state is None else (state.dtype, tuple(state.shape))}")
+        used.add(key)
+        steps.append(lambda gen=gen, state=state: gen.set_state(state.cpu()))
+    return steps

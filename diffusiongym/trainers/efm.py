@@ -40,7 +40,6 @@ The effective sample size ``1 / sum g_i^2`` of every round is logged and a
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections.abc import Callable
@@ -55,121 +54,14 @@ from diffusiongym.policies.control import ModelControl
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import sample
-from diffusiongym.schedulers import Scheduler
-from diffusiongym.timegrid import DEFAULT_T_START
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
-from diffusiongym.trainers.checkpoint import CheckpointError
-from diffusiongym.utils.validation import unknown_name_error
+from diffusiongym.trainers.checkpoint import CheckpointError, tensor_digest
+from diffusiongym.trainers.flow_matching import efm_weights, flow_matching_target, weighted_flow_matching_loss
 
-__all__ = ["EFMConfig", "EFMTrainer", "efm_weights", "flow_matching_target", "tensor_digest", "weighted_flow_matching_loss"]
+__all__ = ["EFMConfig", "EFMTrainer", "efm_weights", "flow_matching_target", "weighted_flow_matching_loss"]
 
 #: per-round statistics recorded with every step of the round
 ROUND_STATS = ("ess", "ess_fraction", "reward", "valid_fraction", "kl", "objective")
-
-
-def efm_weights(log_weights: Tensor, valid: Tensor | None = None) -> tuple[Tensor, float]:
-    """Self-normalised weights ``softmax(log_weights)`` and their effective sample size.
-
-    Parameters
-    ----------
-    log_weights : Tensor, (n,)
-        E.g. ``beta * r``; invalid or non-finite entries get weight 0.
-    valid : Tensor, (n,) bool, optional
-
-    Returns
-    -------
-    weights : Tensor, (n,), summing to 1 (float64)
-    ess : float
-        ``1 / sum_i g_i^2``, between 1 and ``n``.
-    """
-    lw = log_weights.detach().to(torch.float64).flatten()
-    ok = torch.isfinite(lw)
-    if valid is not None:
-        ok = ok & valid.flatten().to(ok.device)
-    if not bool(ok.any()):
-        raise ValueError("log_weights: expected at least one finite, valid entry")
-    lw = torch.where(ok, lw, torch.full_like(lw, -math.inf))
-    g = torch.softmax(lw, 0)
-    return g, float(1.0 / (g**2).sum())
-
-
-def flow_matching_target(parameterization: str, scheduler: Scheduler, x1: Tensor, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """The noisy point ``x_t`` and the conditional regression target of ``parameterization``.
-
-    Parameters
-    ----------
-    x1, x0 : Tensor, (n, *sample_shape)
-        Data and standard normal noise.
-    t : Tensor, (n,)
-
-    Returns
-    -------
-    x_t : Tensor, ``alpha x1 + beta x0``
-    target : Tensor
-        velocity ``d_alpha x1 + d_beta x0``, epsilon ``x0``, endpoint ``x1`` or score ``-x0 / beta``.
-    """
-    alpha, beta, d_alpha, d_beta = (c.to(x1.dtype).reshape(-1, *([1] * (x1.ndim - 1))) for c in scheduler(t.to(torch.float64)))
-    x_t = alpha * x1 + beta * x0
-    if parameterization == "velocity":
-        target = d_alpha * x1 + d_beta * x0
-    elif parameterization == "epsilon":
-        target = x0
-    elif parameterization == "endpoint":
-        target = x1
-    elif parameterization == "score":
-        target = -x0 / beta
-    else:
-        raise unknown_name_error("parameterization", parameterization, ("velocity", "epsilon", "endpoint", "score"))
-    return x_t, target
-
-
-def _loss_weight(parameterization: str, scheduler: Scheduler, t: Tensor) -> Tensor:
-    # The score target -x0/beta has variance 1/beta^2 (unbounded as t -> 1): weight by beta^2,
-    # i.e. the epsilon loss, so every parameterisation has an O(1) per-time scale.
-    if parameterization == "score":
-        return scheduler.beta(t.to(torch.float64)) ** 2
-    return torch.ones_like(t, dtype=torch.float64)
-
-
-def weighted_flow_matching_loss(
-    model: Callable[..., Tensor],
-    parameterization: str,
-    scheduler: Scheduler,
-    x1: Tensor,
-    weights: Tensor | None = None,
-    *,
-    t_range: tuple[float, float] = (DEFAULT_T_START, 1.0),
-    time_power: float = 1.0,
-    generator: torch.Generator | None = None,
-    cond: dict[str, Any] | None = None,
-) -> Tensor:
-    """``sum_i g_i |model(x_t, t) - target|^2`` (mean over dimensions), ``t`` drawn in ``t_range``.
-
-    ``weights`` of shape ``(n,)`` summing to one (uniform when ``None``). ``t = t0 + (t1 - t0)
-    (1 - (1 - U)^time_power)``: ``time_power = 1`` is uniform, larger values put more draws near
-    ``t1`` (the data end). The per-time minimiser (the conditional expectation) does not depend
-    on the time distribution, only how the network's capacity is spread. Scalar, differentiable.
-    """
-    n = x1.shape[0]
-    x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
-    u = torch.rand(n, generator=generator, dtype=x1.dtype, device=x1.device)
-    t = t_range[0] + (t_range[1] - t_range[0]) * (1 - (1 - u) ** time_power)
-    x_t, target = flow_matching_target(parameterization, scheduler, x1, x0, t)
-    err = ((model(x_t, t, **(cond or {})) - target) ** 2).reshape(n, -1).mean(1)
-    err = err * _loss_weight(parameterization, scheduler, t).to(err.dtype)
-    if weights is None:
-        return err.mean()
-    return (weights.to(err.dtype) * err).sum()
-
-
-def tensor_digest(*tensors: Tensor) -> str:
-    """SHA-256 of the tensors' dtypes, shapes and bytes (identifies a fixed data set)."""
-    h = hashlib.sha256()
-    for x in tensors:
-        x = x.detach().cpu().contiguous()
-        h.update(f"{x.dtype}{tuple(x.shape)}".encode())
-        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-    return h.hexdigest()
 
 
 @dataclass

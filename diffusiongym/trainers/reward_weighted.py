@@ -35,7 +35,8 @@ from diffusiongym.discrete.train import cross_entropy_loss
 from diffusiongym.rewards.base import Reward
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.trainers.checkpoint import CheckpointError
-from diffusiongym.trainers.efm import efm_weights, tensor_digest
+from diffusiongym.trainers.checkpoint import tensor_digest
+from diffusiongym.trainers.flow_matching import efm_weights
 from diffusiongym.utils.validation import check_positive_int
 
 __all__ = ["RewardWeightedConfig", "RewardWeightedTrainer"]
