@@ -225,12 +225,15 @@ def test_vector_env_next_step_autoreset_and_registry():
     obs, _ = venv.reset(seed=0)
     assert obs["x"].shape == (3, 2) and bool((obs["x"] == 32).all())
     a = torch.zeros(3, 2, 32)
-    _, r0, te0, _, _ = venv.step(a)
+    _, r0, te0, _, info0 = venv.step(a)
+    assert set(info0) == {"kl", "_kl"} and info0["_kl"].all()  # no NaN reward placeholder before the end
     obs, r1, te1, _, info = venv.step(a)
     assert not te0.any() and te1.all() and bool((obs["x"] < 32).all())
+    assert set(info) == {"kl", "_kl", "reward", "_reward", "valid", "_valid"} and info["_reward"].all() and info["valid"].all()
     torch.testing.assert_close(r1.double(), 2.0 * info["reward"], atol=1e-5, rtol=0)  # zero action -> zero KL
-    obs, r2, te2, _, _ = venv.step(torch.full((3, 2, 32), 5.0))  # ignored: autoreset step
+    obs, r2, te2, _, info2 = venv.step(torch.full((3, 2, 32), 5.0))  # ignored: autoreset step
     assert not te2.any() and bool((r2 == 0).all()) and bool((obs["t"] == 0).all()) and bool((obs["x"] == 32).all())
+    assert not info2["_kl"].any() and "reward" not in info2  # no env stepped
     # same seed, same trajectory
     o1, _ = venv.reset(seed=7)
     s1 = venv.step(torch.ones(3, 2, 32))[0]["x"]

@@ -1,5 +1,7 @@
 """Conformance of the torch vector env (Gymnasium's checker covers single envs only)."""
 
+import warnings
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -7,8 +9,11 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import diffusiongym as dg
+from diffusiongym.envs.simulator import to_action_tensor
 from diffusiongym.policies.agent import ControlAgent
 from diffusiongym.policies.networks import TimeMLP
+
+pytestmark = pytest.mark.filterwarnings("ignore:steps=.*stiff:RuntimeWarning")
 
 
 def make(n=4, **kw):
@@ -34,7 +39,11 @@ def test_metadata_and_spaces_match_returned_values():
         assert _in_space(env.observation_space, obs)
         assert reward.shape == term.shape == trunc.shape == (4,)
         assert term.dtype == trunc.dtype == torch.bool and not trunc.any()
-    assert term.all() and set(info) >= {"reward", "_reward", "valid", "final_x", "_final_x"}
+    assert term.all() and set(info) == {"reward", "_reward", "valid", "_valid", "final_x", "_final_x", "kl_defined", "_kl_defined"}
+    for key in ("reward", "valid", "final_x", "kl_defined"):  # Gymnasium's vector info convention
+        assert info[f"_{key}"].dtype == torch.bool and info[f"_{key}"].shape == (4,) and info[f"_{key}"].all()
+        assert info[key].shape[0] == 4
+    assert info["kl_defined"].dtype == torch.bool and info["kl_defined"].all()
     assert env.action_space.shape == (4, 2) and env.single_action_space.shape == (2,)
     a = torch.as_tensor(env.action_space.sample())
     assert a.shape == (4, 2)
@@ -85,7 +94,11 @@ def test_next_step_autoreset_ignores_action_and_keeps_final_observation():
     assert term.all()
     assert torch.equal(obs["x"], info["final_x"]) and torch.all(obs["t"] == 1.0)
     final = obs["x"].clone()
-    obs, reward, term, trunc, info = env.step(torch.full((4, 2), float("nan")))  # ignored
+    with pytest.raises(ValueError, match="action: expected finite"):  # validated even though ignored
+        env.step(torch.full((4, 2), float("nan")))
+    with pytest.raises(ValueError, match=r"action: expected shape"):
+        env.step(torch.zeros(4, 3))
+    obs, reward, term, trunc, info = env.step(torch.full((4, 2), 0.7))  # ignored
     assert not term.any() and not trunc.any() and torch.all(reward == 0) and info == {}
     assert torch.allclose(obs["t"], torch.full((4, 1), 1e-3))
     assert not torch.equal(obs["x"], final)
@@ -113,12 +126,31 @@ def test_bad_actions_raise():
         env.step(torch.full((4, 2), float("inf")))
     with pytest.raises(ValueError, match="action: expected a tensor on cpu, got meta"):
         env.step(torch.zeros(4, 2, device="meta"))
-    with pytest.raises(TypeError, match="action: expected a torch.Tensor"):
-        env.step(np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match="action: expected dtype torch.float32.*got numpy float64"):
+        env.step(np.zeros((4, 2)))  # never cast silently
+    with pytest.raises(TypeError, match="action: expected a torch.Tensor or numpy.ndarray"):
+        env.step([[0.0, 0.0]] * 4)
     with pytest.raises(ValueError, match="options"):
         env.reset(options={"x0": torch.zeros(4, 2)})
     with pytest.raises(ValueError, match="num_envs"):
         make(0)
+
+
+def test_numpy_and_torch_actions_give_the_same_step():
+    """One rule: a numpy array of the env's dtype is accepted (wrapped without a copy) and acts like the tensor."""
+    a, b = make(), make()
+    a.reset(seed=2)
+    b.reset(seed=2)
+    act = np.linspace(-1, 1, 8, dtype=np.float32).reshape(4, 2)
+    ra, rb = a.step(act), b.step(torch.from_numpy(act.copy()))
+    assert torch.equal(ra[0]["x"], rb[0]["x"]) and torch.equal(ra[1], rb[1])
+    read_only = act.copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy would warn on a read-only array
+        a.step(read_only)
+    wrapped = to_action_tensor("action", act, torch.float32, torch.device("cpu"))
+    assert wrapped.data_ptr() == act.ctypes.data  # no copy on the CPU
 
 
 def test_numpy_boundary_wrapper():

@@ -9,13 +9,15 @@ an ``entry_point`` (single numpy env) and a ``vector_entry_point`` (torch vector
 Keyword arguments are split between the task (``parameterization``, ``scheduler``,
 ``noise``, ``reward``, ``reward_scale``, ``t_start`` and anything else the task factory
 accepts) and the environment (``steps``, ``action_mode``, ``action_scale``, ``device``,
-``dtype``, and ``check_actions`` for the vector env). Unknown ones fail with the list of
-valid ones.
+``dtype``, ``render_mode`` (``None`` or ``"rgb_array"``), ``flat_obs`` for the single env and
+``check_actions`` for the vector env). Unknown ones raise ``TypeError`` with the list of valid
+ones and close matches (so clients that retry without ``render_mode`` on ``TypeError``, such
+as stable-baselines3's ``make_vec_env``, behave). Entry points are strings, so
+``gym.spec(id).to_json()`` round-trips.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -23,63 +25,36 @@ import gymnasium as gym
 
 from diffusiongym.envs.environment import DiffusionEnvironment, make_environment
 from diffusiongym.envs.gym_env import DiffusionEnv
-from diffusiongym.envs.vector_env import DiffusionVectorEnv
+from diffusiongym.envs.simulator import check_real
+from diffusiongym.envs.vector_env import VECTOR_ENV_KWARGS, DiffusionVectorEnv
 from diffusiongym.rewards.base import Reward
-from diffusiongym.tasks import TASKS, Task, make_task, register_task
+from diffusiongym.tasks import TASKS, Task, register_task
 from diffusiongym.timegrid import DEFAULT_T_START
-from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["NAMESPACE", "register_envs", "register_env", "make_env", "make_single_env", "make_vector_env"]
 
 NAMESPACE = "diffusiongym"
-ENV_KWARGS = ("steps", "action_mode", "action_scale", "device", "dtype", "check_actions")
-
-
-def _task_kwargs(task_name: str) -> set[str]:
-    params = inspect.signature(TASKS[task_name]).parameters
-    return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
-def _split(task_name: str, kwargs: dict[str, Any], env_kwargs: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
-    if task_name not in TASKS:
-        raise unknown_name_error("task", task_name, TASKS)
-    task_keys = _task_kwargs(task_name)
-    task_kw, env_kw = {}, {}
-    for key, value in kwargs.items():
-        if key not in env_kwargs and key not in task_keys:
-            raise unknown_name_error(f"{NAMESPACE}/{task_name} keyword argument", key, [*env_kwargs, *task_keys])
-        # a name both accept (e.g. device, steps) goes to both: the model then lives where the batch does
-        if key in env_kwargs:
-            env_kw[key] = value
-        if key in task_keys:
-            task_kw[key] = value
-    return task_kw, env_kw
+ENV_KWARGS = VECTOR_ENV_KWARGS
+# string entry points: gym.spec(id).to_json() round-trips and gym.make reads the classes' metadata
+ENTRY_POINT = "diffusiongym.envs.gym_env:DiffusionEnv"
+VECTOR_ENTRY_POINT = "diffusiongym.envs.vector_env:DiffusionVectorEnv"
 
 
 def make_single_env(task: str, render_mode: str | None = None, **kwargs: Any) -> DiffusionEnv:
-    """``entry_point``: a single numpy :class:`DiffusionEnv` for a registered task name."""
-    task_kw, env_kw = _split(task, kwargs, tuple(k for k in ENV_KWARGS if k != "check_actions"))
-    return DiffusionEnv(make_task(task, **task_kw), render_mode=render_mode, **env_kw)
+    """A single numpy :class:`DiffusionEnv` for a registered task name (what ``gym.make`` builds)."""
+    return DiffusionEnv(task, render_mode=render_mode, **kwargs)
 
 
 def make_vector_env(task: str, num_envs: int = 1, render_mode: str | None = None, **kwargs: Any) -> DiffusionVectorEnv:
-    """``vector_entry_point``: a torch :class:`DiffusionVectorEnv` for a registered task name."""
-    if render_mode is not None:
-        raise ValueError(f"render_mode: expected None (no rendering), got {render_mode!r}")
-    task_kw, env_kw = _split(task, kwargs, ENV_KWARGS)
-    return DiffusionVectorEnv(make_task(task, **task_kw), num_envs, **env_kw)
+    """A torch :class:`DiffusionVectorEnv` for a registered task name (what ``gym.make_vec`` builds)."""
+    return DiffusionVectorEnv(task, num_envs, render_mode=render_mode, **kwargs)
 
 
 def _register_id(name: str) -> None:
     env_id = f"{NAMESPACE}/{name}"
     if env_id in gym.registry:
         return
-    gym.register(
-        id=env_id,
-        entry_point=make_single_env,
-        vector_entry_point=make_vector_env,
-        kwargs={"task": name},
-    )
+    gym.register(id=env_id, entry_point=ENTRY_POINT, vector_entry_point=VECTOR_ENTRY_POINT, kwargs={"task": name})
 
 
 def register_envs() -> None:
@@ -128,7 +103,8 @@ def make_env(
     conditioning : dict, optional
         ``name -> (gymnasium space, sampler(n, generator, device))``.
     env_kwargs
-        ``action_mode``, ``device``, ``dtype``, ``check_actions``.
+        ``action_mode``, ``device``, ``dtype``, ``render_mode``; ``flat_obs`` (single env) or
+        ``check_actions`` (vector env). Unknown names raise ``TypeError``.
     """
     if not isinstance(reward, Reward):
         raise TypeError(f"reward: expected a diffusiongym Reward (wrap a function with CallableReward), got {type(reward).__name__}")
@@ -140,7 +116,9 @@ def make_env(
         env = make_environment(base, parameterization, scheduler=scheduler, noise=noise)
     if env.sample_shape is None:
         raise ValueError("base: the model has no sample_shape; pass sample_shape= to the environment")
-    task = Task("custom", env, reward, float(reward_scale), steps, t_start, float(action_scale), None, dict(conditioning or {}))
+    scale = check_real("reward_scale", reward_scale)
+    action_scale = check_real("action_scale", action_scale, positive=True)
+    task = Task("custom", env, reward, scale, steps, t_start, action_scale, None, dict(conditioning or {}))
     if num_envs is None:
         return DiffusionEnv(task, **env_kwargs)
     return DiffusionVectorEnv(task, num_envs, **env_kwargs)

@@ -16,11 +16,25 @@ Step reward ``-1/2 |u|^2 h`` (0 when ``sigma = 0``: then no KL is defined, and
 ``info["kl_defined"]`` says so); the last step adds ``reward_scale * r(x1)`` (``r`` set to 0
 where invalid, flagged by ``info["valid"]``). So the undiscounted return is exactly
 ``lambda r(x1) - KL``. Actions outside ``[-1, 1]`` are applied as given (never clipped);
-NaN/inf, wrong shapes, dtypes and devices raise.
+NaN/inf, wrong shapes, dtypes and devices raise. Actions may be torch tensors or numpy
+arrays of exactly the env's dtype (numpy is wrapped without a copy on the CPU and never
+cast: a float64 array for a float32 env raises).
+
+Few steps: with a stiff start (memoryless noise near ``t_start``) the first step multiplies
+the state by ``|1 + h b_x|`` (hundreds at ``steps < 5`` and ``t_start = 1e-3``) and injects
+noise of standard deviation ``sqrt(h) sigma``; measured on ``GMM1D-v0``/``GMM2D-v0`` the
+samples blow up (std of ``x1`` 20 to 1000 instead of 1.0-1.4) for ``steps`` 1 to 4 (factor 998
+to 249), and on ``Digits-v0`` (``t_start = 0.01``) for 1 (std 100 instead of 0.75; factor 98),
+with 2 and 3 inflating it to 1.4 and 1.0 (factors 48 and 32; 4 steps: 0.82, factor 24). Grids of
+fewer than :data:`MIN_STABLE_STEPS` steps whose first factor exceeds :data:`STIFF_FACTOR` warn.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+import operator
+import warnings
 from typing import Any
 
 import numpy as np
@@ -29,14 +43,120 @@ from gymnasium import spaces
 from torch import Tensor
 
 from diffusiongym.sampling import StepSchedule
-from diffusiongym.tasks import Task
+from diffusiongym.tasks import TASKS, Task, make_task
 from diffusiongym.timegrid import make_time_grid
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
-__all__ = ["DiffusionSimulator", "ACTION_MODES"]
+__all__ = ["DiffusionSimulator", "ACTION_MODES", "MIN_STABLE_STEPS", "resolve_task", "as_int", "unexpected_kwarg", "check_device", "check_real", "to_action_tensor"]
 
 ACTION_MODES = ("control", "drift", "model")
 DEFAULT_SCALES = {"drift": 10.0, "model": 10.0}
+# fewer steps than this with a first-step amplification |1 + h b_x| above STIFF_FACTOR warns
+MIN_STABLE_STEPS = 5
+STIFF_FACTOR = 30.0
+
+
+def unexpected_kwarg(where: str, key: str, known: Any, context: str = "") -> TypeError:
+    """``TypeError`` for an unknown keyword argument, in Python's own wording (clients such as
+    TorchRL's ``GymEnv`` match ``"unexpected keyword argument 'frameskip'"``), listing the valid
+    names with close matches."""
+    hint = str(unknown_name_error("x", key, known)).split("; ", 1)[1]
+    context = f" ({context})" if context else ""
+    return TypeError(f"{where}.__init__() got an unexpected keyword argument {key!r}{context}; {hint}")
+
+
+def as_int(argument: str, value: Any) -> int:
+    """``value`` as a positive int (numpy integers accepted; bools, floats refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{argument}: expected a positive integer, got {value!r} ({type(value).__name__})")
+    value = operator.index(value)
+    return check_positive_int(argument, value)
+
+
+def check_real(argument: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a finite float (numpy scalars accepted; bools, NaN, inf refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{argument}: expected a finite real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{argument}: expected a {'positive ' if positive else ''}finite number, got {value!r}")
+    return value
+
+
+def check_device(device: Any) -> torch.device:
+    """A usable ``torch.device``; a device this machine lacks (e.g. ``"cuda"`` without a GPU) raises ``ValueError``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from err
+    if dev.type in ("cpu", "meta"):
+        return dev
+    try:
+        torch.empty(0, device=dev)
+    except (AssertionError, RuntimeError) as err:  # CPU-only builds raise AssertionError
+        raise ValueError(f"device: {str(dev)!r} is not available on this machine ({err})") from err
+    return dev
+
+
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def to_action_tensor(argument: str, value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Wrap a numpy action of exactly ``dtype`` as a tensor on ``device`` (no copy on the CPU).
+
+    Tensors and other types pass through unchanged (the shape/dtype checks then name them).
+    A numpy array of another dtype raises ``ValueError``: it is never cast silently.
+    """
+    if not isinstance(value, np.ndarray):
+        return value
+    want = _NUMPY_DTYPES.get(dtype)
+    if want is None or value.dtype != want:
+        raise ValueError(f"{argument}: expected dtype {dtype} ({want.__name__ if want else 'a torch tensor: numpy has no ' + str(dtype)}), got numpy {value.dtype}")
+    if not value.flags.writeable:
+        value = value.copy()  # torch.from_numpy warns on read-only arrays
+    return torch.from_numpy(value).to(device)
+
+
+def resolve_task(task: Task | str, kwargs: dict[str, Any], env_keys: tuple[str, ...], where: str, also: tuple[str, ...] = ()) -> tuple[Task, dict[str, Any]]:
+    """Split ``kwargs`` between the task factory and the env; build the task from its name.
+
+    A name both accept (e.g. ``device``) goes to both, so the model lives where the batch does.
+    Unknown names raise ``TypeError`` listing the valid ones with close matches; with a
+    :class:`Task` instance only ``env_keys`` are accepted. ``also``: the caller's own keyword
+    names, listed in the error message.
+    """
+    context = ""
+    if isinstance(task, Task):
+        task_keys: set[str] = set()
+    elif isinstance(task, str):
+        name = task.removeprefix("diffusiongym/")
+        if name not in TASKS:
+            raise unknown_name_error("task", task, TASKS)
+        params = inspect.signature(TASKS[name]).parameters
+        task_keys = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        context = f"diffusiongym/{name}"
+    else:
+        raise TypeError(f"task: expected a registered task name or a Task, got {type(task).__name__}")
+    task_kw, env_kw = {}, {}
+    for key, value in kwargs.items():
+        if key not in env_keys and key not in task_keys:
+            raise unexpected_kwarg(where, key, {*env_keys, *task_keys, *also}, context)
+        if key in env_keys:
+            env_kw[key] = value
+        if key in task_keys:
+            task_kw[key] = value
+    if kwargs.get("device") is not None:
+        check_device(kwargs["device"])  # before the task factory moves a model there
+    if "reward_scale" in task_kw:
+        task_kw["reward_scale"] = check_real("reward_scale", task_kw["reward_scale"])
+    if kwargs.get("steps") is not None:
+        steps = as_int("steps", kwargs["steps"])
+        env_kw["steps"] = steps
+        if "steps" in task_kw:
+            task_kw["steps"] = steps
+    if isinstance(task, Task):
+        return task, env_kw
+    return make_task(name, **task_kw), env_kw
 
 
 class DiffusionSimulator:
@@ -71,11 +191,11 @@ class DiffusionSimulator:
         check_actions: bool = True,
     ):
         self.task = task
-        self.num_envs = check_positive_int("num_envs", num_envs)
+        self.num_envs = as_int("num_envs", num_envs)
         if action_mode not in ACTION_MODES:
             raise unknown_name_error("action_mode", action_mode, ACTION_MODES)
         self.action_mode = action_mode
-        self.device = torch.device(device)
+        self.device = check_device(device)
         if isinstance(dtype, str):
             if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
                 raise ValueError(f"dtype: expected a torch dtype name such as 'float32', got {dtype!r}")
@@ -84,14 +204,23 @@ class DiffusionSimulator:
             raise ValueError(f"dtype: expected a floating-point torch dtype, got {dtype}")
         self.dtype = dtype
         scale = action_scale if action_scale is not None else DEFAULT_SCALES.get(action_mode, task.action_scale)
-        if not (isinstance(scale, (int, float)) and scale > 0 and np.isfinite(scale)):
-            raise ValueError(f"action_scale: expected a positive finite number, got {scale!r}")
-        self.action_scale = float(scale)
-        self.steps = check_positive_int("steps", steps if steps is not None else task.steps)
+        self.action_scale = check_real("action_scale", scale, positive=True)
+        self.steps = as_int("steps", steps if steps is not None else task.steps)
         self.schedule = StepSchedule.build(task.environment, make_time_grid(self.steps, task.t_start))
         self.deterministic = self.schedule.deterministic
+        stiff = abs(1.0 + self.schedule.h[0] * self.schedule.coef_x[0])
+        if self.steps < MIN_STABLE_STEPS and not self.deterministic and stiff > STIFF_FACTOR:
+            warnings.warn(
+                f"steps={self.steps}: the first Euler-Maruyama step from t_start={task.t_start} is stiff "
+                f"(|1 + h b_x| = {stiff:.3g}); with fewer than {MIN_STABLE_STEPS} steps the samples blow up "
+                "or are badly inflated. Use steps >= 5, a larger t_start, or noise='ode'/a constant noise.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if self.deterministic and action_mode == "control":
             raise ValueError("action_mode: 'control' needs sigma > 0 (with noise='ode' a control has no effect); use 'drift' or 'model'")
+        if not isinstance(check_actions, bool):
+            raise TypeError(f"check_actions: expected a bool, got {check_actions!r}")
         self.check_actions = check_actions
         self.sample_shape = task.sample_shape
         self.times = self.schedule.times.to(device=self.device, dtype=self.dtype)
@@ -139,15 +268,29 @@ class DiffusionSimulator:
         self.cond = {}
         for name, (space, sampler) in self.task.conditioning.items():
             if name in options:
-                value = torch.as_tensor(options[name], device=self.device)
-                if value.shape[:1] != (n,):
-                    raise ValueError(f"options['{name}']: expected a batch of {n}, got shape {tuple(value.shape)}")
-                self.cond[name] = value
+                self.cond[name] = self._check_condition(name, space, options[name])
             else:
                 self.cond[name] = sampler(n, self.generator, self.device)
         self.k = 0
         self._base_out = None
         return self.observation()
+
+    def _check_condition(self, name: str, space: spaces.Space, value: Any) -> Tensor:
+        """Validate a batch of conditioning values at reset (not at the first step)."""
+        argument = f"options[{name!r}]"
+        if isinstance(value, Tensor):
+            arr = value.detach().cpu().numpy()
+        else:
+            arr = np.asarray(value)
+        if arr.shape[:1] != (self.num_envs,):
+            raise ValueError(f"{argument}: expected a batch of {self.num_envs}, got shape {arr.shape}")
+        if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)) and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{argument}: expected integer values in {space}, got dtype {arr.dtype}")
+        bad = [i for i in range(arr.shape[0]) if not space.contains(arr[i].astype(space.dtype) if space.dtype is not None else arr[i])]
+        if bad:
+            raise ValueError(f"{argument}: expected values in {space}, got {arr[bad[0]].tolist()!r} at index {bad[0]}")
+        tensor = torch.as_tensor(arr if not isinstance(value, Tensor) else value, device=self.device)
+        return tensor.long() if isinstance(space, spaces.Discrete) else tensor
 
     def observation(self) -> dict[str, Tensor]:
         assert self.x is not None
@@ -172,8 +315,9 @@ class DiffusionSimulator:
         return self.k >= self.steps
 
     def _check(self, name: str, value: Any, shape: tuple[int, ...]) -> Tensor:
+        value = to_action_tensor(name, value, self.dtype, self.device)
         if not isinstance(value, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor of shape {shape}, got {type(value).__name__}")
+            raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray of shape {shape}, got {type(value).__name__}")
         if tuple(value.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
         if value.dtype != self.dtype:
@@ -194,13 +338,15 @@ class DiffusionSimulator:
             raise RuntimeError("step: call reset() before step()")
         if self.done:
             raise RuntimeError("step: the episode has terminated; call reset() first")
-        n = self.num_envs
-        if self.check_actions:
-            a = self._check("action", action, (n, *self.sample_shape))
-        else:
-            a = action
+        a = self.check_action(action)
         with torch.no_grad():  # the env's dynamics are not differentiated through
             return self._step(a)
+
+    def check_action(self, action: Any) -> Tensor:
+        """Validate a batch of actions (shape, dtype, device, finiteness with ``check_actions``)."""
+        if self.check_actions:
+            return self._check("action", action, (self.num_envs, *self.sample_shape))
+        return to_action_tensor("action", action, self.dtype, self.device)
 
     def _step(self, a: Tensor) -> tuple[dict[str, Tensor], Tensor, bool, dict[str, Any]]:
         n, k, s = self.num_envs, self.k, self.schedule

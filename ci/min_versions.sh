@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Build a fresh venv with the declared minimum versions (ci/constraints-min.txt) and run the
+# Gymnasium env tests on it. Usage: ci/min_versions.sh [venv-dir]   (default /tmp/diffusiongym-min)
+# gymnasium 1.0.0 is below the floor: `import diffusiongym` fails there (gymnasium.vector.AutoresetMode
+# arrived in 1.1.0).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${1:-/tmp/diffusiongym-min}
+python3 -m venv "$VENV"
+PIP="$VENV/bin/pip"
+"$PIP" install "${TORCH_SPEC:-torch==2.13.0}"  # set TORCH_SPEC / PIP_EXTRA_INDEX_URL for a CPU wheel index in CI
+"$PIP" install -c "$ROOT/ci/constraints-min.txt" gymnasium numpy safetensors tqdm pytest
+"$PIP" install --no-deps -e "$ROOT"
+"$VENV/bin/python" - <<'PY'
+import gymnasium, numpy
+assert gymnasium.__version__ == "1.1.0" and numpy.__version__ == "1.24.4", (gymnasium.__version__, numpy.__version__)
+PY
+cd "$ROOT"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
+    tests/test_gym_env.py tests/test_vector_env.py tests/test_discrete.py tests/test_env_bad_inputs.py tests/test_gym_interop.py
