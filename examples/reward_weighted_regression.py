@@ -1,12 +1,13 @@
 """Reward-weighted regression on the Trainer contract: the worked example of ``docs/adding_a_method.md``.
 
-Fine-tune a trainable copy of a velocity model by flow matching on base samples weighted
-by ``g_i = softmax_i(lambda r(x1_i))``::
+Fine-tune a trainable copy of the base model by conditional flow matching (in the base's
+parameterisation, e.g. velocity) on base samples weighted by ``g_i = softmax_i(lambda r(x1_i))``::
 
-    loss = sum_i g_i E_{t, x0} |v_theta(x_t, t) - (d_alpha x1_i + d_beta x0)|^2,  x_t = alpha x1_i + beta x0.
+    loss = sum_i g_i E_{t, x0} |model(x_t, t) - target(x1_i, x0, t)|^2,  x_t = alpha x1_i + beta x0
+    (velocity: target = d_alpha x1_i + d_beta x0)
 
 The weighted samples represent ``p*(x1) ∝ p_base(x1) exp(lambda r(x1))``, so the minimiser is
-the velocity field of ``p*``; sampled with the memoryless noise, the fine-tuned model is the
+the model of ``p*``; sampled with the memoryless noise, the fine-tuned model is the
 optimally controlled process (``docs/maths.md``, "Objective and optimum"). Reward values only:
 no reward gradients.
 
@@ -18,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor
 
 from diffusiongym.policies.control import ModelControl
 from diffusiongym.sampling import sample
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
+from diffusiongym.trainers.flow_matching import weighted_flow_matching_loss
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ class RWRConfig(TrainerConfig):
 
 
 class RewardWeightedRegression(Trainer):
-    """Reward-weighted flow matching of a velocity model's trainable copy (see the module docstring).
+    """Reward-weighted flow matching of the base model's trainable copy (see the module docstring).
 
     Parameters are the contract's: ``(task, reward=None, reward_scale=None, model=None, config=None)``;
     ``model`` defaults to ``task.environment.model.trainable_copy()``.
@@ -52,8 +53,6 @@ class RewardWeightedRegression(Trainer):
     config_class = RWRConfig
 
     def setup(self, model):
-        if self.env.parameterization != "velocity":
-            raise ValueError(f"task: expected a velocity model, got {self.env.parameterization!r}")
         if model is None:
             model = self.build(self.env.model.trainable_copy, "model")
         self.model = model.to(self.device)
@@ -76,7 +75,9 @@ class RewardWeightedRegression(Trainer):
         # 2. weighted conditional flow matching, a few gradient steps on this batch
         losses = []
         for _ in range(cfg.updates_per_iteration):
-            loss = self._loss(x1, g)
+            loss = weighted_flow_matching_loss(
+                self.model, self.env.parameterization, self.env.scheduler, x1, g, t_range=(task.t_start, 1.0), time_power=1.0, generator=gen
+            )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.clip_gradients(self.model.parameters())
@@ -88,15 +89,6 @@ class RewardWeightedRegression(Trainer):
             "reward": float(base.reward[base.valid].mean()),
             "valid_fraction": float(base.valid.float().mean()),
         }
-
-    def _loss(self, x1: Tensor, g: Tensor) -> Tensor:
-        n, gen = x1.shape[0], self.generator
-        t = self.task.t_start + (1 - self.task.t_start) * torch.rand(n, generator=gen, device=x1.device, dtype=x1.dtype)
-        x0 = torch.randn(x1.shape, generator=gen, device=x1.device, dtype=x1.dtype)
-        alpha, beta, d_alpha, d_beta = (c.to(x1.dtype).reshape(-1, *([1] * (x1.ndim - 1))) for c in self.env.scheduler(t.double()))
-        x_t, target = alpha * x1 + beta * x0, d_alpha * x1 + d_beta * x0
-        err = ((self.model(x_t, t) - target) ** 2).reshape(n, -1).mean(1)
-        return (g * err).sum()
 
 
 if __name__ == "__main__":
