@@ -37,8 +37,8 @@ import torch
 
 import diffusiongym as dg
 from diffusiongym.models.digits import digits_environment
-from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.rewards.images import DigitClassifierReward
+from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 
 STEPS, T_START = 50, 1e-2
 
@@ -53,19 +53,19 @@ def make_trainer(target: int = 3, reward_scale: float = 2.0, config: AdjointMatc
 
 
 def default_config(iterations: int = 150, batch_size: int = 32, seed: int = 0) -> AdjointMatchingConfig:
-    return AdjointMatchingConfig(
-        iterations=iterations, batch_size=batch_size, learning_rate=3e-4, loss_times=10, always_last=3, grad_clip=1.0, seed=seed
-    )
+    return AdjointMatchingConfig(iterations=iterations, batch_size=batch_size, lr=3e-4, loss_times=10, always_last=3, max_grad_norm=1.0, seed=seed)
 
 
 @torch.no_grad()
-def evaluate(trainer: AdjointMatching, n: int = 256, seed: int = 1, model: Any = None) -> dict[str, Any]:
+def evaluate(trainer: AdjointMatching, n: int = 256, seed: int = 1, base: bool = False) -> dict[str, Any]:
     """Target-class fraction (classifier argmax), KL and mean log-prob on ``n`` fresh samples
-    of ``model`` (default the fine-tuned one; pass ``trainer.env.model`` for the base)."""
-    model = trainer.model if model is None else model
-    model.eval()
-    is_class = DigitClassifierReward(target=trainer.reward.target, mode="is_class", classifier=trainer.reward.classifier)
-    traj = dg.sample(trainer.env, n, steps=STEPS, t_start=T_START, policy=model, seed=seed, reward=trainer.reward)
+    of the fine-tuned model (``base=True``: of the base model, with the same noise), and ``x1``."""
+    reward = trainer.task.reward
+    if base:
+        traj = dg.sample(trainer.env, n, grid=trainer.times, reward=reward, seed=seed)
+    else:
+        traj = trainer.sample(n, seed)
+    is_class = DigitClassifierReward(target=reward.target, mode="is_class", classifier=reward.classifier)
     frac, _ = is_class(traj.x1)
     return {"target_fraction": float(frac.mean()), "kl": float(traj.kl.mean()), "reward": float(traj.reward.mean()), "x1": traj.x1}
 
@@ -79,19 +79,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--save", default=None, help="checkpoint folder (safetensors + JSON) written at the end")
+    parser.add_argument("--save", default=None, help="trainer checkpoint folder (trainer.json + safetensors) written at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     trainer = make_trainer(args.target, args.reward_scale, default_config(args.iterations, args.batch))
-    ev = evaluate(trainer, args.eval_samples, model=trainer.env.model)
+    ev = evaluate(trainer, args.eval_samples, base=True)
     print(f"iteration=0 target_fraction={ev['target_fraction']:.3f} kl={ev['kl']:.3f} reward={ev['reward']:.3f} seconds=0.0", flush=True)
     train_seconds = 0.0
     done = 0
     while done < args.iterations:
         chunk = min(args.eval_every, args.iterations - done)
         start = time.perf_counter()
-        trainer.train(chunk)
+        trainer.train(chunk, progress=False)
         train_seconds += time.perf_counter() - start
         done += chunk
         ev = evaluate(trainer, args.eval_samples)

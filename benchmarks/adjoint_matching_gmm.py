@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             task, trainer = train(task_id, args.quick, seed, **({"likelihood_ratio": None} if args.plain else {}))
             secs = time.perf_counter() - start
             common = dict(steps=task.steps, t_start=task.t_start, reward=task.reward, reward_scale=task.reward_scale, seed=seed + 10_000)
-            traj = dg.sample(task.environment, N_EVAL, policy=trainer.model, **common)
+            traj = dg.sample(task.environment, N_EVAL, control=trainer.policy, **common)
             opt = dg.sample(task.environment, N_EVAL, control=task.oracle.control(), **common)
             obj, obj_opt = float(traj.objective.mean()), float(opt.objective.mean())
             se = float(traj.objective.std()) / N_EVAL**0.5

@@ -52,23 +52,23 @@ def _measure(method: str, task_id: str, batch: int, steps: int, iterations: int,
             cfg = am_config(task_id, True, 0, batch_size=batch)
             dtype = torch.float64
         else:
-            cfg = am_config(task_id, True, 0, batch_size=batch, residual="control", restarts=0.0, learning_rate=3e-3, minibatch_size=4096,
+            cfg = am_config(task_id, True, 0, batch_size=batch, residual="control", restarts=0.0, lr=3e-3, minibatch_size=4096,
                             likelihood_ratio=None)
             dtype = torch.float32
-        trainer = AdjointMatching.from_task(task, config=cfg, steps=steps, device=device, dtype=dtype)
+        trainer = AdjointMatching(task, config=cfg, steps=steps, device=device, dtype=dtype)
     else:
         from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
 
         cfg = ValueMatchingConfig(batch_size=batch, updates_per_iteration=32, minibatch_size=2048, replay=3, lr=1e-3)
-        trainer = ValueMatching.from_task(task, config=cfg, steps=steps, device=device)
-    trainer.train(1)  # warm-up (allocations, lazy init)
+        trainer = ValueMatching(task, config=cfg, steps=steps, device=device)
+    trainer.train(1, progress=False)  # warm-up (allocations, lazy init)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iterations):
         start = time.perf_counter()
-        trainer.train(1)
+        trainer.train(1, progress=False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

@@ -12,18 +12,18 @@ across that region), which makes the weights' signal unbiased and light-tailed; 
 (``restarts=4``: 4 x batch extra paths per iteration from mixup states at one random grid
 time ``t >= 0.7``) put many states in that region. The numbers are measured on fresh samples
 on the task's own 100-step grid; training uses a 50-step grid (the learnt model is a
-function of ``(x, t)``, so it transfers). ``train(task_id, quick, seed)`` and ``config`` are
-shared with ``benchmarks/adjoint_matching_gmm.py`` (full figures: two-sample tests, learnt
-weights vs p*) and ``benchmarks/adjoint_vs_value.py``.
+function of ``(x, t)``, so it transfers: ``evaluate`` of a trainer on the unmodified task
+around the trained model). ``train(task_id, quick, seed)`` and ``config`` are shared with
+``benchmarks/adjoint_matching_gmm.py`` (full figures: two-sample tests, learnt weights vs p*)
+and ``benchmarks/adjoint_vs_value.py``.
 """
 
 from __future__ import annotations
 
 from adaptation import Result
 
-import diffusiongym as dg
-from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.tasks import make_task
+from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]
 
@@ -49,11 +49,11 @@ TRAIN_STEPS = 50
 
 
 def config(task_id: str, quick: bool, seed: int, **overrides: object) -> AdjointMatchingConfig:
-    iterations, learning_rate = BUDGETS[(task_id, quick)]
+    iterations, lr = BUDGETS[(task_id, quick)]
     options = dict(
-        iterations=iterations, batch_size=1024, loss_times=None, minibatch_size=8192, updates_per_iteration=8,
-        learning_rate=learning_rate, lr_schedule="cosine", grad_clip=None, time_weight="inverse", restarts=4.0,
-        restart_after=0.7, residual="copy", likelihood_ratio=0.1, seed=seed,
+        iterations=iterations, batch_size=1024, loss_times=None, minibatch_size=8192, updates_per_iteration=8, lr=lr,
+        lr_schedule="cosine", max_grad_norm=None, time_weight="inverse", restarts=4.0, restart_after=0.7, residual="copy",
+        likelihood_ratio=0.1, seed=seed,
     )
     options.update(overrides)
     return AdjointMatchingConfig(**options)
@@ -61,13 +61,13 @@ def config(task_id: str, quick: bool, seed: int, **overrides: object) -> Adjoint
 
 def train(task_id: str, quick: bool, seed: int, parameterization: str = "velocity", **overrides: object) -> tuple[object, AdjointMatching]:
     task = make_task(task_id, parameterization=parameterization)
-    trainer = AdjointMatching.from_task(task, config=config(task_id, quick, seed, **overrides), steps=TRAIN_STEPS)
-    trainer.train()
+    trainer = AdjointMatching(task, config=config(task_id, quick, seed, **overrides), steps=TRAIN_STEPS)
+    trainer.train(progress=False)
     return task, trainer
 
 
 def run(task_id: str, quick: bool, seed: int) -> Result:
     task, trainer = train(task_id, quick, seed)
-    n = 4096 if quick else 16384
-    traj = dg.sample(task.environment, n, steps=task.steps, t_start=task.t_start, policy=trainer.model, reward=task.reward, reward_scale=task.reward_scale, seed=seed + 10_000)
-    return Result(float(traj.objective.mean()), float(traj.kl.mean()), float(traj.reward.mean()), task.oracle.base_objective, task.oracle.optimal_objective)
+    judge = AdjointMatching(task, model=trainer.model)  # the task's own 100-step grid
+    ev = judge.evaluate(4096 if quick else 16384, seed=seed + 10_000)
+    return Result(ev["objective"], ev["kl"], ev["reward"], task.oracle.base_objective, task.oracle.optimal_objective)
