@@ -24,6 +24,7 @@ import torch
 
 from diffusiongym.trainers.base import EVALUATION_KEYS, Trainer
 from diffusiongym.discrete.tasks import grid_task
+from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.trainers.efm import EFMConfig, EFMTrainer
 from diffusiongym.trainers.reward_weighted import RewardWeightedConfig, RewardWeightedTrainer
@@ -63,7 +64,15 @@ def make_reward_weighted_discrete(seed: int = 0) -> Trainer:
     return RewardWeightedTrainer(grid_task(size=8, steps=10), config=config)
 
 
+def make_adjoint_matching(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
+    config = AdjointMatchingConfig(
+        iterations=6, batch_size=64, residual="control", hidden=16, layers=1, restarts=0.5, likelihood_ratio=0.1, lr_schedule="cosine", seed=seed
+    )
+    return AdjointMatching(task, config=config, steps=steps)
+
+
 TRAINERS: dict[str, Callable[..., Trainer]] = {
+    "adjoint_matching": make_adjoint_matching,
     "efm": make_efm,
     "reward_weighted_discrete": make_reward_weighted_discrete,
     "reward_weighted_regression": make_rwr,

@@ -26,12 +26,13 @@ See ``docs/adding_a_method.md`` for a worked example.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import inspect
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -216,8 +217,11 @@ class Trainer(abc.ABC):
 
     def clip_gradients(self, parameters: Iterable[Tensor]) -> float:
         """Clip to ``config.max_grad_norm`` (if set); returns the norm before clipping."""
+        params = [p for p in parameters if p.grad is not None]
         limit = self.config.max_grad_norm
-        return float(nn.utils.clip_grad_norm_(list(parameters), math.inf if limit is None else limit))
+        if limit is None:  # norm only: clipping at inf would turn an infinite norm into NaN gradients
+            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))) if params else 0.0
+        return float(nn.utils.clip_grad_norm_(params, limit))
 
     # ------------------------------------------------------------------- training
     def step(self) -> dict[str, float]:
@@ -265,21 +269,37 @@ class Trainer(abc.ABC):
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def sample(self, num_samples: int, seed: int = 0, **kwargs: Any) -> Trajectory:
-        """Fresh trajectories of the current :attr:`policy` (no effect on training's RNG)."""
+    def sample(self, num_samples: int, seed: int = 0, steps: int | None = None, **kwargs: Any) -> Trajectory:
+        """Fresh trajectories of the current :attr:`policy` (no effect on training's RNG), on the
+        task's grid or a uniform grid of ``steps`` steps from ``task.t_start``."""
         n = check_positive_int("num_samples", num_samples)
+        grid = self.times if steps is None else make_time_grid(check_positive_int("steps", steps), self.task.t_start)
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         cond = self.conditioning(n, gen)
-        return sample(
-            self.env, n, grid=self.times, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale,
-            cond=cond, generator=gen, device=self.device, dtype=self.dtype, **kwargs,
-        )
+        with self.eval_mode():
+            return sample(
+                self.env, n, grid=grid, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale,
+                cond=cond, generator=gen, device=self.device, dtype=self.dtype, **kwargs,
+            )
 
-    def evaluate(self, num_samples: int = 4096, seed: int = 0) -> dict[str, float]:
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Put the checkpointed modules in eval mode (no dropout) inside the block; restore after."""
+        modes = {name: m.training for name, m in self.checkpoint_modules().items()}
+        for module in self.checkpoint_modules().values():
+            module.eval()
+        try:
+            yield
+        finally:
+            for name, module in self.checkpoint_modules().items():
+                module.train(modes[name])
+
+    def evaluate(self, num_samples: int = 4096, seed: int = 0, steps: int | None = None) -> dict[str, float]:
         """:data:`EVALUATION_KEYS` of ``num_samples`` fresh samples of the current policy:
         ``objective`` ``E[lambda r] - KL``, ``kl``, ``reward`` (unscaled), ``valid_fraction``
-        and ``gap_closed`` (fraction of the oracle's gap; NaN without an oracle)."""
-        return trajectory_metrics(self.sample(num_samples, seed), self.task)
+        and ``gap_closed`` (fraction of the oracle's gap; NaN without an oracle). ``steps``:
+        evaluate on a grid other than the training one (e.g. finer)."""
+        return trajectory_metrics(self.sample(num_samples, seed, steps=steps), self.task)
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_modules(self) -> dict[str, nn.Module]:

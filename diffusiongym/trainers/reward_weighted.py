@@ -176,11 +176,13 @@ class RewardWeightedTrainer(Trainer):
         return self._policy
 
     @torch.no_grad()
-    def sample(self, num_samples: int, seed: int = 0, **kwargs: Any) -> DiscreteTrajectory:  # type: ignore[override]
-        """Fresh chains of the current :attr:`policy` (no effect on training's RNG)."""
+    def sample(self, num_samples: int, seed: int = 0, steps: int | None = None, **kwargs: Any) -> DiscreteTrajectory:  # type: ignore[override]
+        """Fresh chains of the current :attr:`policy` (no effect on training's RNG), on the task's
+        grid or a uniform grid of ``steps`` jump steps."""
         n = check_positive_int("num_samples", num_samples)
+        times = self.times if steps is None else time_grid(check_positive_int("steps", steps))
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        return sample_chain(self.env, n, times=self.times, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale, generator=gen, **kwargs)
+        return sample_chain(self.env, n, times=times, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale, generator=gen, **kwargs)
 
     def task_fingerprint(self) -> dict[str, Any]:
         t = self.task

@@ -273,13 +273,3 @@ class AdjointMatching(Trainer):
         losses = [self.update(pairs) for _ in range(c.updates_per_iteration if bool(batch.valid.any()) else 0)]
         metrics = trajectory_metrics(dataclasses.replace(traj, valid=batch.valid), self.task)
         return {"loss": sum(losses) / len(losses) if losses else float("nan"), **metrics}
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, seed: int = 0, **kwargs: Any) -> Trajectory:
-        """Fresh trajectories of :attr:`policy`, with the model in eval mode (no dropout)."""
-        training = self.model.training
-        self.model.eval()
-        try:
-            return super().sample(num_samples, seed, **kwargs)
-        finally:
-            self.model.train(training)
