@@ -26,16 +26,15 @@ from pathlib import Path
 
 import torch
 
-from diffusiongym.envs.vector_env import DiffusionVectorEnv
 from diffusiongym.models.digit_classifier import load_digit_classifier
-from diffusiongym.models.digits import IMAGE_SHAPE, digits_environment, digits_task, load_digits_model
-from diffusiongym.policies.networks import TimeMLP
-from diffusiongym.trainers.policy_gradient import PGConfig, PolicyGradientAgent
+from diffusiongym.models.digits import digits_environment, digits_task, load_digits_model
 from diffusiongym.rewards.images import DigitClassifierReward
+from diffusiongym.tasks import Task
+from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig
 
 
-def make_digits_envs(num_envs: int, steps: int, target: int = 3, weights: str | Path | None = None, seed: int = 0) -> DiffusionVectorEnv:
-    """Vector env on the unconditional digits model with the ``log p(target | x)`` reward.
+def make_digits_task(steps: int, target: int = 3, weights: str | Path | None = None) -> Task:
+    """The unconditional digits model with the ``log p(target | x)`` reward.
 
     ``weights``: a folder with ``digits_unet.*`` and ``digit_classifier.*`` (default: the shipped ones).
     """
@@ -45,26 +44,19 @@ def make_digits_envs(num_envs: int, steps: int, target: int = 3, weights: str | 
         env = digits_environment(model=load_digits_model(path=weights / "digits_unet", guidance_scale=0.0))
         reward = DigitClassifierReward(target=target, mode="log_prob", classifier=load_digit_classifier(path=weights / "digit_classifier"))
         task = dataclasses.replace(task, environment=env, reward=reward)
-    envs = DiffusionVectorEnv(task, num_envs)
-    envs.reset(seed=seed)
-    return envs
+    return task
 
 
-def control_network(hidden: int = 256) -> TimeMLP:
-    d = int(torch.tensor(IMAGE_SHAPE).prod())
-    return TimeMLP(d, d, hidden=hidden, layers=3, zero_init=True)
-
-
-def class_stats(agent: PolicyGradientAgent, target: int, episodes: int, seed: int) -> dict[str, float]:
+def class_stats(trainer: PolicyGradient, target: int, episodes: int, seed: int) -> dict[str, float]:
     """Env-measured reward / KL / objective plus ``E p(target | x)`` and the classified fraction."""
-    reward = agent.task.reward
+    reward = trainer.task.reward
     probs, hits, parts = [], [], []
     for e in range(episodes):
-        batch = agent.rollout(seed + e)
-        parts.append(agent._summary(batch))
-        logits_lp = reward.log_probs(batch.states[-1])
-        probs.append(logits_lp[:, target].exp())
-        hits.append((logits_lp.argmax(1) == target).float())
+        batch = trainer.rollout(seed + e)
+        parts.append(trainer.rollout_metrics(batch))
+        log_probs = reward.log_probs(batch.states[-1])
+        probs.append(log_probs[:, target].exp())
+        hits.append((log_probs.argmax(1) == target).float())
     out = {key: sum(p[key] for p in parts) / episodes for key in parts[0]}
     out["prob"] = float(torch.cat(probs).mean())
     out["classified"] = float(torch.cat(hits).mean())
@@ -86,47 +78,48 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--figure", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(args.seed)
     iterations = args.iterations or (5 if args.quick else 60)
-    envs = make_digits_envs(args.num_envs, args.steps, args.target, args.weights, args.seed)
-    config = PGConfig(iterations=iterations, group_size=args.group_size, lr=args.lr, kl_coef=args.kl_coef, num_minibatches=4, seed=args.seed)
-    agent = PolicyGradientAgent(envs, control_network(), config, policy_type="control")
+    task = make_digits_task(args.steps, args.target, args.weights)
+    config = PolicyGradientConfig(
+        iterations=iterations, batch_size=args.num_envs, group_size=args.group_size, lr=args.lr, kl_coef=args.kl_coef,
+        num_minibatches=4, hidden=256, layers=3, seed=args.seed,
+    )
+    trainer = PolicyGradient(task, config=config, policy_type="control")  # a zero-initialised TimeMLP control on the flat image
     eval_episodes = 2 if args.quick else 8
-    before = class_stats(agent, args.target, eval_episodes, seed=10_000)
+    before = class_stats(trainer, args.target, eval_episodes, seed=10_000)
     start = time.perf_counter()
-    agent.train(callback=lambda rec: print(
-        f"iter {int(rec['iteration']):3d} reward={rec['mean_reward']:.3f} kl={rec['kl']:.3f} objective={rec['objective']:.3f} "
+    trainer.train(progress=False, callback=lambda rec: print(
+        f"iter {int(rec['iteration']):3d} reward={rec['reward']:.3f} kl={rec['kl']:.3f} objective={rec['objective']:.3f} "
         f"clip={rec['clip_fraction']:.3f} approx_kl={rec['approx_kl']:.4f}", flush=True))
     seconds = time.perf_counter() - start
-    after = class_stats(agent, args.target, eval_episodes, seed=10_000)
+    after = class_stats(trainer, args.target, eval_episodes, seed=10_000)
     n = eval_episodes * args.num_envs
     for name, s in (("base", before), ("grpo", after)):
-        print(f"{name}: E log p({args.target}|x)={s['mean_reward']:.3f} E p={s['prob']:.3f} classified={s['classified']:.3f} "
+        print(f"{name}: E log p({args.target}|x)={s['reward']:.3f} E p={s['prob']:.3f} classified={s['classified']:.3f} "
               f"kl={s['kl']:.3f} objective={s['objective']:.3f} (n={n})")
     print(f"training seconds={seconds:.1f} iterations={iterations} num_envs={args.num_envs} steps={args.steps}")
     if args.figure is not None:
-        _figure(agent, args, before, after)
-    return {"before": before, "after": after, "history": agent.history, "seconds": seconds}
+        _figure(trainer, args, before, after)
+    return {"before": before, "after": after, "history": trainer.history, "seconds": seconds}
 
 
-def _figure(agent: PolicyGradientAgent, args: argparse.Namespace, before: dict, after: dict) -> None:
+def _figure(trainer: PolicyGradient, args: argparse.Namespace, before: dict, after: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h = agent.history
+    h = trainer.history
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(h["mean_reward"], label="E log p(target|x)")
+    axes[0].plot(h["reward"], label="E log p(target|x)")
     axes[0].plot(h["objective"], label="objective (env return)")
-    axes[0].axhline(before["mean_reward"], ls=":", c="gray", label="base")
+    axes[0].axhline(before["reward"], ls=":", c="gray", label="base")
     axes[0].set_xlabel("iteration")
     axes[0].legend()
     axes[1].plot(h["kl"])
     axes[1].set_xlabel("iteration")
     axes[1].set_ylabel("KL to the base (nats)")
-    x1 = agent.rollout(seed=99).states[-1][:32]
+    x1 = trainer.rollout(seed=99).states[-1][:32]
     grid = x1.reshape(4, 8, 8, 8).permute(0, 2, 1, 3).reshape(32, 64)
     axes[2].imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1)
     axes[2].set_title(f"GRPO samples (target {args.target}): classified {after['classified']:.2f}")

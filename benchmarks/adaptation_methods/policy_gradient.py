@@ -1,27 +1,26 @@
-"""GRPO-style PPO acting through the torch vector env (group-normalised terminal-reward
-advantages, clipped exact Gaussian ratios, exact KL penalty); evaluated on fresh engine samples."""
+"""GRPO-style PPO acting through the torch vector env (group-normalised advantages of the env's
+return lambda r - KL, clipped exact Gaussian ratios, exact KL penalty); evaluated on fresh
+engine samples (``diffusiongym.trainers.policy_gradient.PolicyGradient``).
+
+Quick rows, seed 0: GMM1D 0.8646, GMM2D 0.9053 (with the KL left out of the advantages and 2
+epochs, the previous settings: 0.72 and 0.88; seeds 1 and 2 move these by about +-0.05).
+"""
 
 from __future__ import annotations
 
-import gymnasium as gym
-import torch
 from adaptation import Result
 
-import diffusiongym as dg
-from diffusiongym.policies.networks import ResidualModel, TimeMLP
-from diffusiongym.trainers.policy_gradient import PGConfig, PolicyGradientAgent
+from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]
 
 
 def run(task_id: str, quick: bool, seed: int) -> Result:
-    torch.manual_seed(seed)
-    envs = gym.make_vec(f"diffusiongym/{task_id}", num_envs=256, vectorization_mode="vector_entry_point")
-    task = envs.unwrapped.task
-    d = task.sample_shape[0]
-    policy = ResidualModel(task.environment.model, TimeMLP(d, d, hidden=64, layers=3, zero_init=True))
-    agent = PolicyGradientAgent(envs, policy, PGConfig(iterations=30 if quick else 150, group_size=32, seed=seed))
-    agent.train()
-    n = 4096 if quick else 16384
-    traj = dg.sample(task.environment, n, steps=task.steps, t_start=task.t_start, control=agent.as_control(), reward=task.reward, reward_scale=task.reward_scale, seed=seed + 1)
-    return Result(float(traj.objective.mean()), float(traj.kl.mean()), float(traj.reward.mean()), task.oracle.base_objective, task.oracle.optimal_objective)
+    config = PolicyGradientConfig(
+        iterations=30 if quick else 150, batch_size=256, group_size=32, update_epochs=4, kl_in_return=True, hidden=64, layers=3, seed=seed
+    )
+    trainer = PolicyGradient(task_id, config=config)
+    trainer.train(progress=False)
+    metrics = trainer.evaluate(num_samples=4096 if quick else 16384, seed=seed + 1)
+    oracle = trainer.task.oracle
+    return Result(metrics["objective"], metrics["kl"], metrics["reward"], oracle.base_objective, oracle.optimal_objective)
