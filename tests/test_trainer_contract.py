@@ -27,6 +27,7 @@ from diffusiongym.discrete.tasks import grid_task
 from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.trainers.efm import EFMConfig, EFMTrainer
+from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig
 from diffusiongym.trainers.reward_weighted import RewardWeightedConfig, RewardWeightedTrainer
 from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
 
@@ -71,7 +72,13 @@ def make_adjoint_matching(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10
     return AdjointMatching(task, config=config, steps=steps)
 
 
+def make_policy_gradient(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
+    config = PolicyGradientConfig(iterations=6, batch_size=16, group_size=8, num_minibatches=2, hidden=16, layers=2, seed=seed)
+    return PolicyGradient(task, config=config, steps=steps)
+
+
 TRAINERS: dict[str, Callable[..., Trainer]] = {
+    "policy_gradient": make_policy_gradient,
     "adjoint_matching": make_adjoint_matching,
     "efm": make_efm,
     "reward_weighted_discrete": make_reward_weighted_discrete,
