@@ -27,6 +27,7 @@ from torch import Tensor
 
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.sampling import Trajectory
+from diffusiongym.utils.validation import check_tensor
 
 __all__ = [
     "gaussian_log_prob",
@@ -39,14 +40,27 @@ __all__ = [
 ]
 
 
-def _per_sample(value: Tensor | float, x: Tensor) -> Tensor:
+def _per_sample(argument: str, value: Tensor | float, x: Tensor) -> Tensor:
     """A float or ``(n,)`` tensor as ``(n, 1, ..., 1)`` in ``x``'s dtype (broadcasts over x)."""
-    v = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    try:
+        v = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{argument}: expected a number or a tensor of shape ({x.shape[0]},), got {type(value).__name__}") from err
     if v.ndim == 0:
         v = v.expand(x.shape[0])
     if v.shape != (x.shape[0],):
-        raise ValueError(f"expected a scalar or a tensor of shape ({x.shape[0]},), got {tuple(v.shape)}")
+        raise ValueError(f"{argument}: expected a scalar or a tensor of shape ({x.shape[0]},), got {tuple(v.shape)}")
     return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _check_env_and_policy(env: Any, policy: Any, control: Any) -> None:
+    if not isinstance(env, DiffusionEnvironment):
+        raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
+    if policy is not None and control is not None:
+        raise ValueError("policy, control: give at most one")
+    for name, fn in (("policy", policy), ("control", control)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}: expected a callable (x, t, **cond) -> tensor, got {type(fn).__name__}")
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
@@ -54,9 +68,11 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
 
     ``std`` is a float or a tensor of shape ``(n,)`` (one isotropic std per sample).
     """
+    check_tensor("x", x)
+    check_tensor("mean", mean)
     if x.shape != mean.shape:
         raise ValueError(f"mean: expected shape {tuple(x.shape)} (same as x), got {tuple(mean.shape)}")
-    s = _per_sample(std, x)
+    s = _per_sample("std", std, x)
     d = x[0].numel()
     z2 = (((x - mean) / s) ** 2).reshape(x.shape[0], -1).sum(1)
     return -0.5 * z2 - d * torch.log(s.reshape(-1)) - 0.5 * d * math.log(2 * math.pi)
@@ -86,12 +102,14 @@ def euler_step_log_prob(
     control : Tensor, (n, *sample_shape), optional
         ``u(x, t)``; the base transition without it.
     """
+    for argument, value in (("x_next", x_next), ("x", x), ("drift", drift)):
+        check_tensor(argument, value)
     if drift.shape != x.shape or x_next.shape != x.shape:
         raise ValueError(f"x_next, drift: expected shape {tuple(x.shape)} (same as x), got {tuple(x_next.shape)}, {tuple(drift.shape)}")
-    hh, ss = _per_sample(h, x), _per_sample(sigma, x)
+    hh, ss = _per_sample("h", h, x), _per_sample("sigma", sigma, x)
     if control is not None:
-        if control.shape != x.shape:
-            raise ValueError(f"control: expected shape {tuple(x.shape)} (same as x), got {tuple(control.shape)}")
+        if not isinstance(control, Tensor) or control.shape != x.shape:
+            raise ValueError(f"control: expected shape {tuple(x.shape)} (same as x), got {tuple(control.shape) if isinstance(control, Tensor) else type(control).__name__}")
         drift = drift + ss * control
     std = (hh * ss**2).sqrt().reshape(-1)
     return gaussian_log_prob(x_next, x + hh * drift, std)
@@ -118,23 +136,27 @@ def transition_mean(
     std : Tensor, (n,)
         ``sqrt(h) sigma(t)`` (independent of the policy).
     """
-    if policy is not None and control is not None:
-        raise ValueError("policy, control: give at most one")
+    _check_env_and_policy(env, policy, control)
+    check_tensor("x", x)
+    if cond is not None and not isinstance(cond, dict):
+        raise TypeError(f"cond: expected a dict of conditioning keyword arguments, got {type(cond).__name__}")
     cond = dict(cond or {})
-    tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    if tt.ndim == 0:
-        tt = tt.expand(x.shape[0])
-    hh = _per_sample(h, x)
+    tt = _per_sample("t", t, x).reshape(-1)
+    hh = _per_sample("h", h, x)
     sigma = env.sigma(tt.to(torch.float64)).to(x.dtype)
     std = (hh.reshape(-1) * sigma**2).sqrt()
     if policy is not None:
-        drift = env.with_model(policy).drift(x, tt, **cond)  # same scheduler and noise as the base
+        out = policy(x, tt, **cond)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"policy output: expected shape {tuple(x.shape)} (same as x, the base model's output), got {got}")
+        drift = env.convert(out, x, tt, "drift")  # the policy's drift: same scheduler and noise as the base
     else:
         drift = env.drift(x, tt, **cond)
         if control is not None:
             u = control(x, tt, **cond)
-            if u.shape != x.shape:
-                raise ValueError(f"control output: expected shape {tuple(x.shape)} (same as x), got {tuple(u.shape)}")
+            if not isinstance(u, Tensor) or u.shape != x.shape:
+                raise ValueError(f"control output: expected shape {tuple(x.shape)} (same as x), got {tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__}")
             drift = drift + sigma.reshape(-1, *([1] * (x.ndim - 1))) * u
     return x + hh * drift, std
 
@@ -155,6 +177,7 @@ def step_log_prob(
     Under the base model when neither ``policy`` nor ``control`` is given. Undefined for
     ``sigma = 0`` (raises).
     """
+    _check_env_and_policy(env, policy, control)
     if env.noise.is_deterministic:
         raise ValueError("env: sigma = 0 (noise='ode') makes every transition a point mass; no log-probability")
     mean, std = transition_mean(env, x, t, h, policy=policy, control=control, cond=cond)
@@ -178,6 +201,7 @@ def step_kl(
     running cost ``1/2 h |u|^2``. ``base_mean`` (``x + h b``, e.g. from stored drifts) saves
     one base-model call.
     """
+    _check_env_and_policy(env, policy, control)
     if env.noise.is_deterministic:
         raise ValueError("env: sigma = 0 (noise='ode') defines no KL")
     mean, std = transition_mean(env, x, t, h, policy=policy, control=control, cond=cond)
@@ -201,6 +225,8 @@ def trajectory_log_probs(
     ``traj`` must have been sampled with ``store=("states", ...)``. Row ``k`` is
     ``log p(x_{k+1} | x_k)`` under ``policy`` / ``control`` (the base without either).
     """
+    if not isinstance(traj, Trajectory):
+        raise TypeError(f"traj: expected a Trajectory, got {type(traj).__name__}")
     if traj.states is None:
         raise ValueError("traj: expected a trajectory sampled with store=('states', ...)")
     times = traj.times.to(dtype=traj.states.dtype, device=traj.states.device)
@@ -219,6 +245,8 @@ def path_log_ratio(traj: Trajectory) -> Tensor:
     exactly. Needs ``store=("controls", "noises")``. Its expectation under the control is
     minus the KL; it is the importance weight that turns controlled samples into base ones.
     """
+    if not isinstance(traj, Trajectory):
+        raise TypeError(f"traj: expected a Trajectory, got {type(traj).__name__}")
     if traj.controls is None or traj.noises is None or traj.running_cost is None:
         raise ValueError("traj: expected a stochastic trajectory sampled with store=('controls', 'noises')")
     h = (traj.times[1:] - traj.times[:-1]).to(traj.controls.dtype).to(traj.controls.device)

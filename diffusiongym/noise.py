@@ -15,6 +15,7 @@ KL of a control costs: ``1/2 int |u|^2 dt`` is measured against the *same* sigma
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diffusiongym.schedulers import Scheduler
-from diffusiongym.utils.validation import unknown_name_error
+from diffusiongym.utils.validation import check_real, unknown_name_error
 
 __all__ = ["Noise", "ODE", "Memoryless", "Constant", "CallableNoise", "make_noise", "NOISES"]
 
@@ -71,9 +72,7 @@ class Memoryless(Noise):
     name = "memoryless"
 
     def __init__(self, scale: float = 1.0):
-        if not scale > 0:
-            raise ValueError(f"scale: expected a positive number, got {scale!r}")
-        self.scale = float(scale)
+        self.scale = check_real("scale", scale, positive=True)
 
     def sigma(self, t: Tensor, scheduler: Scheduler) -> Tensor:
         return self.scale * torch.sqrt(2.0 * scheduler.eta(t).clamp(min=0.0))
@@ -95,9 +94,10 @@ class Constant(Noise):
     name = "constant"
 
     def __init__(self, value: float):
-        if not value > 0:
+        value = check_real("value", value)
+        if value <= 0:
             raise ValueError(f"value: expected a positive number (use 'ode' for zero), got {value!r}")
-        self.value = float(value)
+        self.value = value
 
     def sigma(self, t: Tensor, scheduler: Scheduler) -> Tensor:
         return torch.full_like(t, self.value)
@@ -142,8 +142,9 @@ def make_noise(noise: str | float | Noise | Callable[[Tensor], Tensor]) -> Noise
             return Memoryless()
 
         raise unknown_name_error("noise", noise, ["ode", "memoryless"])
-    if isinstance(noise, (int, float)) and not isinstance(noise, bool):
-        return ODE() if noise == 0 else Constant(float(noise))
+    if isinstance(noise, numbers.Real) and not isinstance(noise, bool) and type(noise).__name__ != "bool_":
+        value = check_real("noise", noise, nonnegative=True)
+        return ODE() if value == 0 else Constant(value)
     if callable(noise):
         return CallableNoise(noise)
     raise TypeError(f"noise: expected 'ode', 'memoryless', a float, a callable or a Noise, got {type(noise).__name__}")

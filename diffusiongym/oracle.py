@@ -41,6 +41,7 @@ from diffusiongym.noise import Memoryless
 from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
 from diffusiongym.rewards.base import ConstantReward, Reward
 from diffusiongym.schedulers import Scheduler, make_scheduler
+from diffusiongym.utils.validation import check_real
 
 __all__ = [
     "TiltOracle",
@@ -100,7 +101,7 @@ def gaussian_tilt(reward: Reward, mean: Tensor, cov: Tensor, scale: float) -> tu
     Shapes ``(...,)``, ``(..., d)``, ``(..., d, d)`` for ``mean`` ``(..., d)``. Raises
     ``TypeError`` for a reward without a registered closed form.
     """
-    return _rules(reward)[0](reward, mean, cov, float(scale))
+    return _rules(reward)[0](reward, mean, cov, check_real("scale", scale))
 
 
 def gaussian_expectation(reward: Reward, mean: Tensor, cov: Tensor) -> Tensor:
@@ -195,9 +196,11 @@ class TiltOracle:
     def __init__(self, mixture: GaussianMixture, reward: Reward, reward_scale: float = 1.0, scheduler: str | Scheduler = "linear"):
         if not isinstance(mixture, GaussianMixture):
             raise TypeError(f"mixture: expected a GaussianMixture, got {type(mixture).__name__}")
+        if not isinstance(reward, Reward):
+            raise TypeError(f"reward: expected a diffusiongym Reward, got {type(reward).__name__}")
         self.mixture = mixture
         self.reward = reward
-        self.reward_scale = float(reward_scale)
+        self.reward_scale = check_real("reward_scale", reward_scale)
         self.scheduler = make_scheduler(scheduler)
         self.target, self.optimal_objective = tilt_mixture(mixture, reward, self.reward_scale)
 
@@ -213,6 +216,7 @@ class TiltOracle:
         Raises ``ValueError`` when the gap is (numerically) zero, e.g. for a constant reward:
         then every policy with zero KL is optimal and the fraction is undefined.
         """
+        objective = check_real("objective", objective)
         gap = self.optimal_objective - self.base_objective
         if abs(gap) < 1e-12:
             raise ValueError("objective: the base model is already optimal (zero gap); gap_closed is undefined")
@@ -238,6 +242,7 @@ class TiltOracle:
 def mixture_oracle(mixture: GaussianMixture, reward: Reward, reward_scale: float, scheduler: str | Scheduler = "linear") -> TiltOracle | None:
     """The :class:`TiltOracle` of ``(mixture, reward, reward_scale)``, or ``None`` when the
     reward has no closed-form Gaussian tilt (the task factories' oracle rule)."""
+    reward_scale = check_real("reward_scale", reward_scale)
     if not has_gaussian_tilt(reward):
         return None
     return TiltOracle(mixture, reward, reward_scale, scheduler=scheduler)

@@ -34,7 +34,10 @@ TARGETS = (*PARAMETERIZATIONS, "drift")
 
 
 def check_parameterization(name: str) -> str:
-    """Return ``name`` if it is a known parameterisation, else raise a clear ``ValueError``."""
+    """Return ``name`` if it is a known parameterisation, else raise a clear ``ValueError``
+    (``TypeError`` for a non-string)."""
+    if not isinstance(name, str):
+        raise TypeError(f"parameterization: expected one of {list(PARAMETERIZATIONS)}, got {type(name).__name__}")
     if name not in PARAMETERIZATIONS:
 
         raise unknown_name_error("parameterization", name, PARAMETERIZATIONS)
@@ -108,7 +111,24 @@ def convert(
     """
     import torch
 
+    for argument, value in (("output", output), ("x", x)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{argument}: expected a torch.Tensor, got {type(value).__name__}")
+    if output.shape != x.shape:
+        raise ValueError(f"output: expected shape {tuple(x.shape)} (same as x), got {tuple(output.shape)}")
+    if not isinstance(source, str) or not isinstance(target, str):
+        raise TypeError(f"source, target: expected names such as 'velocity', got {type(source).__name__}, {type(target).__name__}")
+    if source not in PARAMETERIZATIONS:
+        raise unknown_name_error("source", source, PARAMETERIZATIONS)
+    if target not in (*TARGETS, "state"):
+        raise unknown_name_error("target", target, TARGETS)
+    if target == "drift" and sigma is None:
+        raise ValueError("sigma: required for the 'drift' target")
+    if not isinstance(scheduler, Scheduler):
+        raise TypeError(f"scheduler: expected a Scheduler, got {type(scheduler).__name__}")
     tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    if tt.ndim > 1 or (tt.ndim == 1 and tt.shape[0] != x.shape[0]):
+        raise ValueError(f"t: expected a scalar or shape ({x.shape[0]},), got {tuple(tt.shape)}")
     if sigma is not None:
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
     coef_x, coef_out = conversion_coefficients(source, target, *scheduler(tt), sigma=sigma)

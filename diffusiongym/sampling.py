@@ -28,7 +28,7 @@ from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.rewards.base import Reward
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
-from diffusiongym.utils.validation import check_positive_int, check_tensor, unknown_name_error
+from diffusiongym.utils.validation import ArgumentTypeError, check_int, check_positive_int, check_real, check_tensor, unknown_name_error
 
 __all__ = ["Trajectory", "sample", "StepSchedule", "STORABLE"]
 
@@ -149,6 +149,10 @@ class Trajectory:
 def _resolve_generator(seed: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     if seed is not None and generator is not None:
         raise ValueError("seed, generator: give at most one")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if seed is not None:
+        seed = check_int("seed", seed, low=0)
     if generator is not None:
         if generator.device.type != device.type:
             raise ValueError(f"generator: expected a generator on {device}, got one on {generator.device}")
@@ -213,8 +217,29 @@ def sample(
         Where and in which precision to simulate (default: ``x``'s, else CPU float32).
     requires_grad : bool
         Keep the autograd graph through the whole rollout (no in-place updates).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (e.g. ``reward`` a plain function: wrap it in
+        :class:`~diffusiongym.rewards.base.CallableReward`), naming the argument.
+    ValueError
+        A bad value (shapes, ``steps`` outside ``1..100000``, ``reward_scale`` not finite, ...),
+        naming the argument; a ``control`` or ``policy`` output of the wrong shape at the first step.
     """
+    if cond is not None and not isinstance(cond, dict):
+        raise TypeError(f"cond: expected a dict of conditioning keyword arguments, got {type(cond).__name__}")
     cond = dict(cond or {})
+    if reward is not None and not isinstance(reward, Reward):
+        raise TypeError(f"reward: expected a diffusiongym Reward (wrap a function with CallableReward(fn)), got {type(reward).__name__}")
+    reward_scale = check_real("reward_scale", reward_scale)
+    for name, fn in (("control", control), ("policy", policy)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}: expected a callable (x, t, **cond) -> tensor, got {type(fn).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ArgumentTypeError(f"dtype: expected a floating-point torch.dtype such as torch.float32, got {dtype!r}")
+    if not isinstance(store, (str, list, tuple)):
+        raise TypeError(f"store: expected a name or a sequence of names from {list(STORABLE)}, got {type(store).__name__}")
     if isinstance(store, str):
         store = STORABLE if store == "all" else (store,)
     for name in store:
@@ -243,7 +268,7 @@ def sample(
         x = beta0 * torch.randn((n, *env.sample_shape), generator=gen, device=device, dtype=dtype)
     else:
         check_tensor("x", x)
-        if num_samples is not None and num_samples != x.shape[0]:
+        if num_samples is not None and check_positive_int("num_samples", num_samples) != x.shape[0]:
             raise ValueError(f"num_samples: expected {x.shape[0]} (x's batch size), got {num_samples}")
         if env.sample_shape is not None and tuple(x.shape[1:]) != env.sample_shape:
             raise ValueError(f"x: expected shape (n, {', '.join(map(str, env.sample_shape))}), got {tuple(x.shape)}")
@@ -284,11 +309,15 @@ def sample(
             if has_control:
                 if policy is not None:
                     out_policy = policy(x, t_vec, **cond)
+                    if not isinstance(out_policy, Tensor) or out_policy.shape != x.shape:
+                        got = tuple(out_policy.shape) if isinstance(out_policy, Tensor) else type(out_policy).__name__
+                        raise ValueError(f"policy output: expected shape {tuple(x.shape)} (same as x, the base model's output), got {got}")
                     u = output_control(out_policy, out, schedule.coef_out[k] / sig)
                 else:
                     u = control(x, t_vec, **cond)
-                    if u.shape != x.shape:
-                        raise ValueError(f"control output: expected shape {tuple(x.shape)} (same as x), got {tuple(u.shape)}")
+                    if not isinstance(u, Tensor) or u.shape != x.shape:
+                        got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+                        raise ValueError(f"control output: expected shape {tuple(x.shape)} (same as x), got {got}")
                 running[k] = 0.5 * h * (u * u).sum(dim=sum_dims)
                 drift = drift + sig * u
                 if "controls" in storage:
@@ -319,7 +348,7 @@ def sample(
         valid=valid,
         reward=r_values,
         running_cost=running,
-        reward_scale=float(reward_scale),
+        reward_scale=reward_scale,
         **stacked,
         info={"has_control": has_control, "deterministic": schedule.deterministic},
     )

@@ -14,12 +14,13 @@ shape. Derived quantities used by the SDE:
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import Tensor
-from diffusiongym.utils.validation import unknown_name_error
+from diffusiongym.utils.validation import ArgumentTypeError, check_int, check_real, unknown_name_error
 
 __all__ = [
     "Scheduler",
@@ -33,7 +34,11 @@ __all__ = [
 
 def _as_tensor(t: Tensor | float) -> Tensor:
     if isinstance(t, Tensor):
+        if t.dtype == torch.bool or t.is_complex():
+            raise ArgumentTypeError(f"t: expected a real time tensor, got {t.dtype}")
         return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise ArgumentTypeError(f"t: expected a tensor or a real number, got {type(t).__name__}")
     return torch.tensor(float(t), dtype=torch.float64)
 
 
@@ -138,7 +143,10 @@ class DiscreteVPScheduler(Scheduler):
     name = "vp"
 
     def __init__(self, alphas_cumprod: Tensor | Any):
-        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        try:
+            abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ArgumentTypeError(f"alphas_cumprod: expected a 1-D tensor or sequence of numbers, got {type(alphas_cumprod).__name__}") from err
         if abar.numel() < 2:
             raise ValueError(f"alphas_cumprod: expected at least 2 entries, got {abar.numel()}")
         if not torch.all((abar > 0) & (abar < 1)):
@@ -153,12 +161,21 @@ class DiscreteVPScheduler(Scheduler):
     @classmethod
     def from_betas(cls, betas: Tensor | Any) -> "DiscreteVPScheduler":
         """Build from DDPM per-step ``betas`` (``abar = cumprod(1 - betas)``)."""
-        betas = torch.as_tensor(betas, dtype=torch.float64)
+        try:
+            betas = torch.as_tensor(betas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ArgumentTypeError(f"betas: expected a 1-D tensor or sequence of numbers, got {type(betas).__name__}") from err
+        if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas: expected a 1-D tensor with every entry in (0, 1)")
         return cls(torch.cumprod(1.0 - betas, 0))
 
     @classmethod
     def linear_ddpm(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DiscreteVPScheduler":
-        """The DDPM paper's linear ``betas`` (diffusers' default ``DDPMScheduler``)."""
+        """The DDPM paper's linear ``betas`` (diffusers' default ``DDPMScheduler``);
+        ``2 <= num_train_timesteps <= 100000``, ``0 < beta_start, beta_end < 1``."""
+        num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, low=2, high=100_000)
+        beta_start = check_real("beta_start", beta_start, positive=True, high=1.0)
+        beta_end = check_real("beta_end", beta_end, positive=True, high=1.0)
         return cls.from_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64))
 
     def timestep(self, t: Tensor | float) -> Tensor:

@@ -28,6 +28,7 @@ and a velocity base model; ``action_scale = 5`` covers the optimal control
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,9 +41,9 @@ from diffusiongym.oracle import mixture_oracle
 from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
 from diffusiongym.rewards.base import ConstantReward, Reward
 from diffusiongym.timegrid import DEFAULT_T_START
-from diffusiongym.utils.validation import unknown_name_error
+from diffusiongym.utils.validation import MAX_STEPS, check_positive_int, check_real, unexpected_keyword_error, unknown_name_error
 
-__all__ = ["Task", "make_task", "register_task", "TASKS", "gmm_task", "with_reward"]
+__all__ = ["Task", "make_task", "register_task", "TASKS", "gmm_task", "with_reward", "check_reward"]
 
 OracleFactory = Callable[[Reward, float], Any]
 
@@ -77,6 +78,10 @@ class Task:
     oracle_factory : callable or None
         ``oracle_factory(reward, reward_scale) -> oracle or None``: how :func:`with_reward`
         rebuilds the oracle for another reward (``None``: the new task has no oracle).
+
+    Every field is checked on construction (and by ``dataclasses.replace``): a wrong type
+    raises ``TypeError``, a bad value ``ValueError``, both naming the field. ``steps`` is at
+    most 100,000; numpy numbers are accepted and stored as Python ``int`` / ``float``.
     """
 
     name: str
@@ -89,6 +94,23 @@ class Task:
     oracle: Any = None
     conditioning: dict[str, Any] = field(default_factory=dict)
     oracle_factory: OracleFactory | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"name: expected a str, got {type(self.name).__name__}")
+        if not isinstance(self.environment, DiffusionEnvironment):
+            raise TypeError(f"environment: expected a DiffusionEnvironment (the base model), got {type(self.environment).__name__}")
+        self.reward = check_reward(self.reward)
+        self.reward_scale = check_real("reward_scale", self.reward_scale)
+        self.steps = check_positive_int("steps", self.steps, maximum=MAX_STEPS)
+        self.t_start = check_real("t_start", self.t_start, low=0.0)
+        if self.t_start >= 1.0:
+            raise ValueError(f"t_start: expected a number in [0, 1), got {self.t_start!r}")
+        self.action_scale = check_real("action_scale", self.action_scale, positive=True)
+        if not isinstance(self.conditioning, dict):
+            raise TypeError(f"conditioning: expected a dict name -> (space, sampler), got {type(self.conditioning).__name__}")
+        if self.oracle_factory is not None and not callable(self.oracle_factory):
+            raise TypeError(f"oracle_factory: expected a callable (reward, reward_scale) -> oracle, got {type(self.oracle_factory).__name__}")
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -109,20 +131,57 @@ class Task:
         return None
 
 
+def check_reward(reward: Any, argument: str = "reward") -> Reward:
+    """``reward`` if it is a :class:`Reward`; a ``TypeError`` naming ``argument`` otherwise
+    (a plain function must be wrapped: ``CallableReward(fn)``)."""
+    if isinstance(reward, Reward):
+        return reward
+    if callable(reward):
+        raise TypeError(
+            f"{argument}: expected a diffusiongym Reward, got the plain callable {getattr(reward, '__name__', type(reward).__name__)!r}; "
+            "wrap it: CallableReward(fn) with fn(x, **cond) -> (n,) tensor"
+        )
+    raise TypeError(f"{argument}: expected a diffusiongym Reward, got {type(reward).__name__}")
+
+
 TaskFactory = Callable[..., Task]
 TASKS: dict[str, TaskFactory] = {}
 
 
 def register_task(name: str, factory: TaskFactory) -> None:
     """Register ``factory(**kwargs) -> Task`` under ``name`` (e.g. ``"MyTask-v0"``)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name: expected a non-empty str such as 'MyTask-v0', got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory: expected a callable (**kwargs) -> Task, got {type(factory).__name__}")
     TASKS[name] = factory
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
-    """Build a registered task; ``kwargs`` are the factory's (see :func:`gmm_task`)."""
+    """Build a registered task; ``kwargs`` are the factory's (see :func:`gmm_task`).
+
+    An unknown keyword raises ``TypeError`` naming it, with the factory's keywords and close
+    matches; ``reward_scale`` must be finite and ``steps`` an integer in ``1..100000``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"task: expected a registered task name (str), got {type(name).__name__}")
     if name not in TASKS:
         raise unknown_name_error("task", name, TASKS)
-    return TASKS[name](**kwargs)
+    factory = TASKS[name]
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature: let the call check
+        params = {}
+    if params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        known = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        for key in kwargs:
+            if key not in known:
+                raise unexpected_keyword_error(f"make_task({name!r})", key, known)
+    if "reward_scale" in kwargs:
+        kwargs["reward_scale"] = check_real("reward_scale", kwargs["reward_scale"])
+    if kwargs.get("steps") is not None:
+        kwargs["steps"] = check_positive_int("steps", kwargs["steps"], maximum=MAX_STEPS)
+    return factory(**kwargs)
 
 
 def gmm_task(
@@ -144,6 +203,12 @@ def gmm_task(
     reward has no closed-form Gaussian tilt); the mixture stays with the oracle factory, so
     :func:`with_reward` rebuilds the oracle for any other reward.
     """
+    if not isinstance(mixture, GaussianMixture):
+        raise TypeError(f"mixture: expected a GaussianMixture, got {type(mixture).__name__}")
+    reward = check_reward(reward)
+    reward_scale = check_real("reward_scale", reward_scale)
+    steps = check_positive_int("steps", steps, maximum=MAX_STEPS)
+    action_scale = check_real("action_scale", action_scale, positive=True)
     model = GaussianMixtureModel(mixture, scheduler, parameterization)
     env = make_environment(model, parameterization, scheduler=model.scheduler, noise=noise)
     factory = functools.partial(mixture_oracle, mixture, scheduler=model.scheduler)
@@ -157,6 +222,8 @@ def _gmm_reward(reward: str | Reward, target: Any) -> Reward:
     ``"linear"`` (towards the target mode) or ``"constant"`` (zero)."""
     if isinstance(reward, Reward):
         return reward
+    if not isinstance(reward, str):
+        return check_reward(reward)  # raises: a plain function or another type
     target = torch.as_tensor(target, dtype=torch.float64)
     named = {
         "bump": lambda: QuadraticReward(target, 1.0),
@@ -204,8 +271,9 @@ register_task("GMM2D-v0", _preset_factory("GMM2D-v0", "2d", 2.0))
 def with_reward(task: Task, reward: Reward, reward_scale: float | None = None) -> Task:
     """A copy of ``task`` with another reward (and scale); the oracle is rebuilt by
     ``task.oracle_factory`` where the task has one, else dropped."""
-    if not isinstance(reward, Reward):
-        raise TypeError(f"reward: expected a Reward, got {type(reward).__name__}")
-    scale = task.reward_scale if reward_scale is None else float(reward_scale)
+    if not isinstance(task, Task):
+        raise TypeError(f"task: expected a Task, got {type(task).__name__}")
+    reward = check_reward(reward)
+    scale = task.reward_scale if reward_scale is None else check_real("reward_scale", reward_scale)
     oracle = task.oracle_factory(reward, scale) if task.oracle_factory is not None else None
     return replace(task, reward=reward, reward_scale=scale, oracle=oracle)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from diffusiongym.utils.validation import MAX_STEPS, ArgumentTypeError, check_positive_int, check_real
+
 __all__ = ["make_time_grid", "DEFAULT_T_START"]
 
 DEFAULT_T_START = 1e-3
@@ -31,23 +33,39 @@ def make_time_grid(
     Parameters
     ----------
     steps : int, optional
-        Number of uniform Euler steps (ignored when ``grid`` is given).
+        Number of uniform Euler steps, ``1 <= steps <= MAX_STEPS`` (100,000); numpy integers
+        are accepted. Ignored when ``grid`` is given.
     t_start, t_end : float
         End points, ``0 <= t_start < t_end <= 1``.
     grid : 1-D tensor or sequence, optional
-        A user grid; must be strictly increasing inside ``[0, 1]``.
+        A user grid; must be strictly increasing inside ``[0, 1]``, at most ``MAX_STEPS + 1`` points.
+
+    Raises
+    ------
+    TypeError
+        ``steps`` not an integer, ``t_start`` / ``t_end`` not real numbers, ``grid`` not numeric.
+    ValueError
+        Out-of-range values (naming the argument).
     """
     if grid is not None:
-        g = torch.as_tensor(grid, dtype=torch.float64).flatten()
+        try:
+            g = torch.as_tensor(grid, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ArgumentTypeError(f"grid: expected a 1-D tensor or sequence of times, got {type(grid).__name__}") from err
         if g.numel() < 2:
             raise ValueError(f"grid: expected at least 2 time points, got {g.numel()}")
+        if g.numel() > MAX_STEPS + 1:
+            raise ValueError(f"grid: expected at most {MAX_STEPS + 1} time points, got {g.numel()}")
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("grid: expected finite times, got NaN or inf")
         if not torch.all(g[1:] > g[:-1]):
             raise ValueError("grid: expected strictly increasing times")
         if g[0] < 0 or g[-1] > 1:
             raise ValueError(f"grid: expected times inside [0, 1], got [{float(g[0])}, {float(g[-1])}]")
         return g
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    steps = check_positive_int("steps", steps, maximum=MAX_STEPS)
+    t_start = check_real("t_start", t_start)
+    t_end = check_real("t_end", t_end)
     if not 0.0 <= t_start < t_end <= 1.0:
         raise ValueError(f"t_start, t_end: expected 0 <= t_start < t_end <= 1, got t_start={t_start}, t_end={t_end}")
     return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)

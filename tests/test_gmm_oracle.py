@@ -264,7 +264,7 @@ def test_with_reward_rebuilds_the_oracle_from_the_task_factory():
     assert back.oracle.optimal_objective == pytest.approx(task.oracle.optimal_objective, abs=1e-12)
     assert back.oracle.mixture is mix and back.oracle.scheduler is task.environment.scheduler
     assert task.mixture is mix  # transitional alias
-    with pytest.raises(TypeError, match="reward: expected a Reward"):
+    with pytest.raises(TypeError, match="reward: expected a diffusiongym Reward"):
         with_reward(task, lambda x: x[:, 0])
     bare = Task("bare", task.environment, task.reward, oracle=task.oracle)  # no factory: the oracle is dropped
     assert with_reward(bare, dg.ConstantReward(0.0)).oracle is None

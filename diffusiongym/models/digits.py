@@ -42,8 +42,13 @@ from diffusiongym.models.digits_data import (
 )
 from diffusiongym.rewards.base import Reward
 from diffusiongym.rewards.images import DigitClassifierReward
-from diffusiongym.tasks import Task, register_task
+from diffusiongym.tasks import Task, check_reward, register_task
 from diffusiongym.utils.io import load_module, save_module
+from diffusiongym.utils.validation import MAX_STEPS, check_architecture, check_positive_int, check_real, read_json_config
+
+# Architecture sizes accepted from a weights' JSON before anything is allocated (the shipped
+# model: channels 32, emb_dim 128, num_frequencies 16).
+ARCHITECTURE_BOUNDS = {"channels": (8, 1024, int), "emb_dim": (1, 8192, int), "num_frequencies": (1, 1024, int)}
 
 __all__ = [
     "DigitsUNet",
@@ -93,6 +98,10 @@ class DigitsUNet(nn.Module):
     i.e. unconditional), ``guidance_scale`` defaults to ``self.guidance_scale``. Returns the
     velocity, shape of ``x``.
 
+    Precision: the network runs in its parameters' dtype (float32 for the shipped weights);
+    ``x`` of another floating dtype (e.g. float64) is cast to it and the output cast back to
+    ``x``'s dtype, so the model works under any ``torch.get_default_dtype()``.
+
     Parameters
     ----------
     channels : int
@@ -109,6 +118,12 @@ class DigitsUNet(nn.Module):
 
     def __init__(self, channels: int = 32, emb_dim: int = 128, num_frequencies: int = 16, guidance_scale: float = 1.0):
         super().__init__()
+        channels = check_positive_int("channels", channels, maximum=1024)
+        if channels % 8:
+            raise ValueError(f"channels: expected a multiple of 8 (GroupNorm with 8 groups), got {channels}")
+        emb_dim = check_positive_int("emb_dim", emb_dim, maximum=8192)
+        num_frequencies = check_positive_int("num_frequencies", num_frequencies, maximum=1024)
+        guidance_scale = check_real("guidance_scale", guidance_scale)
         self.config = {"channels": channels, "emb_dim": emb_dim, "num_frequencies": num_frequencies}
         self.guidance_scale = float(guidance_scale)
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(200.0), num_frequencies)), persistent=False)
@@ -138,14 +153,23 @@ class DigitsUNet(nn.Module):
         return self.conv_out(nn.functional.silu(self.norm_out(h)))
 
     def forward(self, x: Tensor, t: Tensor | float, label: Tensor | None = None, guidance_scale: float | None = None) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor of shape (n, 1, 8, 8), got {type(x).__name__}")
         if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(f"x: expected shape (n, 1, 8, 8), got {tuple(x.shape)}")
-        n = x.shape[0]
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        t = t.expand(n) if t.ndim == 0 else t.reshape(n)
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        w = self.guidance_scale if guidance_scale is None else check_real("guidance_scale", guidance_scale)
+        n, out_dtype = x.shape[0], x.dtype
+        x = x.to(self.conv_in.weight.dtype)
+        t = torch.as_tensor(t, device=x.device)
+        if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)) or t.numel() not in (1, n):
+            raise ValueError(f"t: expected a time or a tensor of {n} times, got {tuple(t.shape)} {t.dtype}")
+        t = t.to(x.dtype)
+        t = t.reshape(()).expand(n) if t.numel() == 1 else t.reshape(n)
         null = torch.full((n,), NULL_LABEL, dtype=torch.long, device=x.device)
         if label is None:
-            return self._net(x, t, null)
+            return self._net(x, t, null).to(out_dtype)
         label = torch.as_tensor(label, device=x.device)
         if label.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"label: expected an integer tensor, got {label.dtype}")
@@ -153,15 +177,15 @@ class DigitsUNet(nn.Module):
         if label.shape != (n,):
             raise ValueError(f"label: expected shape ({n},), got {tuple(label.shape)}")
         if bool(((label < 0) | (label > NULL_LABEL)).any()):
-            raise ValueError(f"label: expected values in 0..{NUM_CLASSES - 1} (or {NULL_LABEL} for unconditional)")
-        w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+            bad = label[(label < 0) | (label > NULL_LABEL)][:3].tolist()
+            raise ValueError(f"label: expected values in 0..{NUM_CLASSES - 1} (or {NULL_LABEL} for unconditional), got {bad}")
         if w == 1.0:
-            return self._net(x, t, label)
+            return self._net(x, t, label).to(out_dtype)
         if w == 0.0:
-            return self._net(x, t, null)
+            return self._net(x, t, null).to(out_dtype)
         both = self._net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
         cond, uncond = both.chunk(2)
-        return uncond + w * (cond - uncond)
+        return (uncond + w * (cond - uncond)).to(out_dtype)
 
 
 # ------------------------------------------------------------------ weights on disk
@@ -169,20 +193,43 @@ class DigitsUNet(nn.Module):
 # shipped weights) live in diffusiongym.utils.io and are re-exported here.
 
 
+def _checked_stem(path: str | Path | None, default: Path) -> Path:
+    """The weights stem, after checking its JSON's architecture sizes (before any allocation)."""
+    if path is not None and not isinstance(path, (str, Path)):
+        raise TypeError(f"path: expected a str or Path weights stem, got {type(path).__name__}")
+    stem = Path(path) if path is not None else default
+    cfg = stem.with_suffix(".json")
+    if cfg.is_file():
+        check_architecture(f"path ({cfg.name})", read_json_config("path", cfg).get("architecture", {}), ARCHITECTURE_BOUNDS)
+    return stem
+
+
 def load_digits_model(device: torch.device | str = "cpu", guidance_scale: float = 1.0, path: str | Path | None = None) -> DigitsUNet:
-    """The shipped pretrained :class:`DigitsUNet` (eval mode, parameters frozen).
+    """The shipped pretrained :class:`DigitsUNet` (eval mode, parameters frozen, float32 as
+    stored, whatever ``torch.get_default_dtype()`` is).
 
     Parameters
     ----------
     device : torch device
     guidance_scale : float
-        Default classifier-free guidance scale (overridable per call).
+        Default classifier-free guidance scale (overridable per call); finite.
     path : str or Path, optional
-        A weights stem (without suffix); default the shipped ``weights/digits_unet``.
+        A weights stem (without suffix); default the shipped ``weights/digits_unet``. The
+        architecture sizes in its JSON are checked before the network is built.
+
+    Raises
+    ------
+    TypeError
+        An unknown keyword, or an argument of the wrong type.
+    ValueError
+        ``guidance_scale`` not finite, an architecture outside the accepted sizes.
     """
-    model, config = load_module(DigitsUNet, path if path is not None else WEIGHTS_DIR / "digits_unet", device)
+    guidance_scale = check_real("guidance_scale", guidance_scale)
+    stem = _checked_stem(path, WEIGHTS_DIR / "digits_unet")
+    model, config = load_module(DigitsUNet, stem, device)
     assert isinstance(model, DigitsUNet)
-    model.guidance_scale = float(guidance_scale)
+    model.float()  # the stored precision, also when the global default dtype is float64
+    model.guidance_scale = guidance_scale
     model.training_config = config  # type: ignore[attr-defined]
     model.requires_grad_(False)
     return model
@@ -194,6 +241,9 @@ def digits_environment(
 ) -> VelocityEnvironment:
     """:class:`~diffusiongym.envs.environment.VelocityEnvironment` around the shipped model
     with the linear scheduler (the one it was trained with)."""
+    guidance_scale = check_real("guidance_scale", guidance_scale)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module velocity model, got {type(model).__name__}")
     model = model if model is not None else load_digits_model(device, guidance_scale)
     return VelocityEnvironment(model, scheduler="linear", noise=noise, sample_shape=IMAGE_SHAPE)
 
@@ -224,11 +274,16 @@ def digits_task(
     diffusiongym.tasks.Task
         ``conditioning = {"label": (Discrete(10), sample_labels)}``; no oracle.
     """
+    guidance_scale = check_real("guidance_scale", guidance_scale)
+    reward_scale = check_real("reward_scale", reward_scale)
+    steps = check_positive_int("steps", steps, maximum=MAX_STEPS)
+    if reward is not None:
+        reward = check_reward(reward)
     env = digits_environment(noise=noise, guidance_scale=guidance_scale, device=device)
     reward = reward if reward is not None else DigitClassifierReward(target=None, mode="log_prob", device=device)
     conditioning = {"label": (gymnasium.spaces.Discrete(NUM_CLASSES), sample_labels)}
     return Task(
-        "Digits-v0", env, reward, float(reward_scale), int(steps), float(t_start), float(action_scale), oracle=None, conditioning=conditioning
+        "Digits-v0", env, reward, reward_scale, steps, t_start, action_scale, oracle=None, conditioning=conditioning
     )
 
 

@@ -24,7 +24,17 @@ from torch import Tensor, nn
 
 from diffusiongym.parameterization import check_parameterization
 from diffusiongym.schedulers import Scheduler, make_scheduler
-from diffusiongym.utils.validation import unknown_name_error
+from diffusiongym.utils.validation import ArgumentTypeError, check_positive_int, unknown_name_error
+
+
+def _float64(argument: str, value: Any) -> Tensor:
+    try:
+        out = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ArgumentTypeError(f"{argument}: expected numbers (array or tensor), got {type(value).__name__}") from err
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{argument}: expected finite numbers, got NaN or inf")
+    return out
 
 __all__ = ["GaussianMixture", "GaussianMixtureModel", "TrainableGaussianMixtureModel", "Posterior", "gmm_preset", "GMM_PRESETS"]
 
@@ -68,12 +78,12 @@ class GaussianMixture:
     """
 
     def __init__(self, weights: Any, means: Any, covs: Any):
-        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-        mu = torch.as_tensor(means, dtype=torch.float64)
+        w = _float64("weights", weights).flatten()
+        mu = _float64("means", means)
         if mu.ndim != 2 or mu.shape[0] != w.numel():
             raise ValueError(f"means: expected shape ({w.numel()}, d), got {tuple(mu.shape)}")
         k, d = mu.shape
-        s = torch.as_tensor(covs, dtype=torch.float64)
+        s = _float64("covs", covs)
         if s.shape == (k,):
             s = s[:, None, None] * torch.eye(d, dtype=torch.float64)
         elif s.shape == (k, d):
@@ -112,6 +122,7 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64, device: Any = None) -> Tensor:
         """Exact samples, shape ``(n, d)`` (drawn on the CPU in float64, then moved)."""
+        n = check_positive_int("n", n)
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         chol = torch.linalg.cholesky(self.covs)
@@ -172,6 +183,8 @@ class GaussianMixtureModel(nn.Module):
 
     def __init__(self, mixture: GaussianMixture, scheduler: str | Scheduler = "linear", parameterization: str = "velocity"):
         super().__init__()
+        if not isinstance(mixture, GaussianMixture):
+            raise TypeError(f"mixture: expected a GaussianMixture, got {type(mixture).__name__}")
         self.mixture = mixture
         self.scheduler = make_scheduler(scheduler)
         self.parameterization = check_parameterization(parameterization)
@@ -292,6 +305,8 @@ GMM_PRESETS: dict[str, Any] = {
 
 def gmm_preset(name: str) -> GaussianMixture:
     """A preset mixture: ``"1d"``, ``"2d"`` or ``"8gaussians"``."""
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a preset name in {sorted(GMM_PRESETS)}, got {type(name).__name__}")
     if name not in GMM_PRESETS:
         raise unknown_name_error("name", name, GMM_PRESETS)
     return GMM_PRESETS[name]()

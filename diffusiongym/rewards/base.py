@@ -24,6 +24,11 @@ from torch import Tensor
 __all__ = ["Reward", "CallableReward", "ConstantReward"]
 
 
+def _per_sample_rows(x: Tensor) -> Tensor:
+    """``x`` as ``(n, -1)`` rows, also for an empty batch or 1-D ``x``."""
+    return x.flatten(1) if x.ndim > 1 else x[:, None]
+
+
 class Reward(ABC):
     """Base class of rewards on final samples."""
 
@@ -36,9 +41,11 @@ class Reward(ABC):
 
     def is_valid(self, x: Tensor, **cond: Any) -> Tensor:
         """Validity of each sample, shape ``(n,)`` bool. Default: all entries finite."""
-        return torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        return _per_sample_rows(torch.isfinite(x)).all(dim=1)
 
     def __call__(self, x: Tensor, **cond: Any) -> tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor batch of shape (n, *sample_shape), got {type(x).__name__}")
         if x.ndim < 1:
             raise ValueError(f"x: expected a batch of shape (n, *sample_shape), got shape {tuple(x.shape)}")
         values = self.evaluate(x, **cond)
@@ -104,7 +111,7 @@ class ConstantReward(Reward):
         self.range = (self.value, self.value)
 
     def evaluate(self, x: Tensor, **cond: Any) -> Tensor:
-        return x.reshape(x.shape[0], -1).sum(1) * 0 + self.value
+        return _per_sample_rows(x).sum(1) * 0 + self.value
 
     def __repr__(self) -> str:
         return f"ConstantReward({self.value})"

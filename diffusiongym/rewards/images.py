@@ -30,6 +30,7 @@ leaves the tilted target ``p* ∝ p exp(lambda r)`` unchanged. Pillow is an opti
 from __future__ import annotations
 
 import io
+import numbers
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from diffusiongym.models.digit_classifier import load_digit_classifier
 from diffusiongym.rewards.base import Reward
-from diffusiongym.utils.validation import unknown_name_error
+from diffusiongym.utils.validation import ArgumentTypeError, check_real, unknown_name_error
 
 __all__ = [
     "ImageReward",
@@ -61,9 +62,7 @@ class ImageReward(Reward):
     """
 
     def __init__(self, tolerance: float = 0.5):
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance: expected a non-negative number, got {tolerance!r}")
-        self.tolerance = float(tolerance)
+        self.tolerance = check_real("tolerance", tolerance, nonnegative=True)
 
     @staticmethod
     def _check(x: Tensor) -> None:
@@ -71,17 +70,26 @@ class ImageReward(Reward):
             raise TypeError(f"x: expected a torch.Tensor of images, got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(f"x: expected images of shape (n, C, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected floating-point images in [-1, 1], got {x.dtype}")
 
     def is_valid(self, x: Tensor, **cond: Any) -> Tensor:
-        flat = x.detach().reshape(x.shape[0], -1)
+        flat = x.detach().flatten(1)
         finite = torch.isfinite(flat).all(1)
         bound = 1.0 + self.tolerance
         in_range = (flat.abs() <= bound).all(1)  # NaN compares False: already flagged
         return finite & in_range
 
     def __call__(self, x: Tensor, **cond: Any) -> tuple[Tensor, Tensor]:
+        """``(values, valid)`` of shape ``(n,)``; an empty batch (``n = 0``) gives empty tensors."""
         self._check(x)
+        if x.shape[0] == 0:
+            self.check_cond(0, x.device, cond)
+            return x.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=x.device)
         return super().__call__(x, **cond)
+
+    def check_cond(self, n: int, device: torch.device, cond: dict[str, Any]) -> None:
+        """Check the conditioning this reward reads (nothing by default)."""
 
 
 class DigitClassifierReward(ImageReward):
@@ -106,8 +114,12 @@ class DigitClassifierReward(ImageReward):
         super().__init__(tolerance)
         if mode not in self.MODES:
             raise unknown_name_error("mode", mode, self.MODES)
-        if target is not None and (isinstance(target, bool) or not isinstance(target, int) or not 0 <= target <= 9):
-            raise ValueError(f"target: expected a class in 0..9 or None (read from label=), got {target!r}")
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, numbers.Integral):
+                raise ArgumentTypeError(f"target: expected a class in 0..9 or None (read from label=), got {target!r}")
+            if not 0 <= target <= 9:
+                raise ValueError(f"target: expected a class in 0..9 or None (read from label=), got {target!r}")
+            target = int(target)
         if classifier is None:
             classifier = load_digit_classifier(device)
         if not callable(classifier):
@@ -123,22 +135,38 @@ class DigitClassifierReward(ImageReward):
             return torch.full((n,), self.target, dtype=torch.long, device=device)
         if cond.get("label") is None:
             raise ValueError("label: this reward has target=None and reads the class from label=, but none was given")
-        label = torch.as_tensor(cond["label"], device=device).long()
+        label = torch.as_tensor(cond["label"], device=device)
+        if label.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"label: expected integer class labels, got {label.dtype}")
+        label = label.long()
         label = label.expand(n) if label.ndim == 0 else label
         if label.shape != (n,):
             raise ValueError(f"label: expected shape ({n},), got {tuple(label.shape)}")
+        out = (label < 0) | (label > 9)
+        if bool(out.any()):
+            raise ValueError(
+                f"label: expected classes in 0..9 to score, got {label[out][:3].tolist()} "
+                "(the null label 10 asks for no class: give this reward a fixed target= instead)"
+            )
         return label
+
+    def check_cond(self, n: int, device: torch.device, cond: dict[str, Any]) -> None:
+        self._targets(n, device, cond)
 
     def log_probs(self, x: Tensor) -> Tensor:
         """Class log-probabilities, shape ``(n, 10)`` (NaN inputs give NaN rows, never raise)."""
-        return torch.log_softmax(self.classifier(x), dim=1)
+        logits = self.classifier(x)
+        if not isinstance(logits, Tensor) or logits.shape != (x.shape[0], 10):
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"classifier: expected logits of shape ({x.shape[0]}, 10), got {got}")
+        return torch.log_softmax(logits.to(x.dtype), dim=1)
 
     def evaluate(self, x: Tensor, **cond: Any) -> Tensor:
         target = self._targets(x.shape[0], x.device, cond)
         logp = self.log_probs(x)
         if self.mode == "is_class":
             return (logp.argmax(1) == target).to(x.dtype)
-        chosen = logp.gather(1, target.clamp(0, 9)[:, None])[:, 0]
+        chosen = logp.gather(1, target[:, None])[:, 0]
         return chosen if self.mode == "log_prob" else chosen.exp()
 
     def __repr__(self) -> str:
@@ -183,9 +211,11 @@ class JPEGCompressibility(ImageReward):
 
     def __init__(self, quality: int = 75, tolerance: float = 0.5):
         super().__init__(tolerance)
-        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+        if isinstance(quality, bool) or not isinstance(quality, numbers.Integral):
+            raise ArgumentTypeError(f"quality: expected an integer in 1..95, got {quality!r}")
+        if not 1 <= quality <= 95:
             raise ValueError(f"quality: expected an integer in 1..95, got {quality!r}")
-        self.quality = quality
+        self.quality = int(quality)
         self.range = (float("-inf"), 0.0) if self.sign < 0 else (0.0, float("inf"))
 
     def evaluate(self, x: Tensor, **cond: Any) -> Tensor:
@@ -209,7 +239,7 @@ class BrightnessReward(ImageReward):
     range = (0.0, 1.0)
 
     def evaluate(self, x: Tensor, **cond: Any) -> Tensor:
-        return ((x + 1) / 2).reshape(x.shape[0], -1).mean(1)
+        return ((x + 1) / 2).flatten(1).mean(1)
 
 
 class ContrastReward(ImageReward):
@@ -223,5 +253,5 @@ class ContrastReward(ImageReward):
     range = (0.0, 0.5)
 
     def evaluate(self, x: Tensor, **cond: Any) -> Tensor:
-        v = ((x + 1) / 2).reshape(x.shape[0], -1)
+        v = ((x + 1) / 2).flatten(1)
         return torch.sqrt(v.var(1, unbiased=False) + 1e-12)
