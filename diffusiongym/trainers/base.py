@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffusiongym.discrete.tasks import DISCRETE_TASKS, make_discrete_task
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
@@ -74,7 +75,7 @@ def resolve_task(task: Any, reward: Reward | None = None, reward_scale: float | 
     if reward is not None and not isinstance(reward, Reward):
         raise TypeError(f"reward: expected a diffusiongym Reward (wrap a function in CallableReward), got {type(reward).__name__}")
     if isinstance(task, str):
-        task = make_task(task)
+        task = make_discrete_task(task) if task in DISCRETE_TASKS else make_task(task)
     if isinstance(task, DiffusionEnvironment):
         if reward is None:
             raise TypeError("reward: required when the first argument is an environment (or pass a Task)")
@@ -84,9 +85,11 @@ def resolve_task(task: Any, reward: Reward | None = None, reward_scale: float | 
     if reward is not None or reward_scale is not None:
         if isinstance(task, Task):
             task = with_reward(task, reward if reward is not None else task.reward, reward_scale)
-        else:
-            task = dataclasses.replace(task, reward=reward if reward is not None else task.reward,
-                                       reward_scale=task.reward_scale if reward_scale is None else float(reward_scale))
+        else:  # an oracle solves the task's own problem: another reward or scale drops it
+            scale = task.reward_scale if reward_scale is None else float(reward_scale)
+            changed = reward is not None or scale != task.reward_scale
+            oracle = None if changed else getattr(task, "oracle", None)
+            task = dataclasses.replace(task, reward=reward if reward is not None else task.reward, reward_scale=scale, oracle=oracle)
     return dataclasses.replace(task, **options) if options else task
 
 

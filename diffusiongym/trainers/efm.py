@@ -52,7 +52,6 @@ from torch import Tensor, nn
 from diffusiongym.logprob import path_log_ratio
 from diffusiongym.policies.control import ModelControl
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
-from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import sample
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.trainers.checkpoint import CheckpointError, tensor_digest
@@ -174,20 +173,7 @@ class EFMTrainer(Trainer):
     config_class = EFMConfig
     config: EFMConfig
 
-    def __init__(
-        self,
-        task: Any,
-        reward: Reward | None = None,
-        reward_scale: float | None = None,
-        model: nn.Module | None = None,
-        config: EFMConfig | None = None,
-        *,
-        data: tuple[Tensor, ...] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        **task_options: Any,
-    ):
-        super().__init__(task, reward, reward_scale, model, config, device=device, dtype=dtype, **task_options)
+    def setup(self, model: Any, *, data: tuple[Tensor, ...] | None = None) -> None:
         env = self.env
         if env.noise.is_deterministic:
             raise ValueError("task: EFM's policy is a control of the SDE; expected noise with sigma > 0 (e.g. 'memoryless'), got the ODE")

@@ -63,7 +63,6 @@ from diffusiongym.logprob import euler_step_log_prob
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.policies.value import ControlPolicy
-from diffusiongym.rewards.base import Reward
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
@@ -200,20 +199,7 @@ class PolicyGradient(Trainer):
     config_class: ClassVar[type[TrainerConfig]] = PolicyGradientConfig
     config: PolicyGradientConfig
 
-    def __init__(
-        self,
-        task: Any,
-        reward: Reward | None = None,
-        reward_scale: float | None = None,
-        model: nn.Module | None = None,
-        config: PolicyGradientConfig | None = None,
-        *,
-        policy_type: str = "model",
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        **task_options: Any,
-    ):
-        super().__init__(task, reward, reward_scale, model, config, device=device, dtype=dtype, **task_options)
+    def setup(self, model: Any, *, policy_type: str = "model") -> None:
         if policy_type not in POLICY_TYPES:
             raise unknown_name_error("policy_type", policy_type, POLICY_TYPES)
         if self.env.noise.is_deterministic:

@@ -19,7 +19,6 @@ function of the seed (drawn with a generator derived from it) or given; a resume
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +29,8 @@ from torch import Tensor
 
 from diffusiongym.discrete.chain import DiscreteTrajectory, control_from_model, sample_chain, time_grid
 from diffusiongym.discrete.models import PosteriorModel, ResidualPosterior, check_tokens
-from diffusiongym.discrete.tasks import DiscreteTask, make_discrete_task
+from diffusiongym.discrete.tasks import DiscreteTask
 from diffusiongym.discrete.train import cross_entropy_loss
-from diffusiongym.rewards.base import Reward
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.trainers.checkpoint import tensor_digest
@@ -105,27 +103,9 @@ class RewardWeightedTrainer(Trainer):
     config_class = RewardWeightedConfig
     config: RewardWeightedConfig
 
-    def __init__(
-        self,
-        task: DiscreteTask | str,
-        reward: Reward | None = None,
-        reward_scale: float | None = None,
-        model: PosteriorModel | None = None,
-        config: RewardWeightedConfig | None = None,
-        *,
-        data: tuple[Tensor, ...] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        **task_options: Any,
-    ):
-        if isinstance(task, str):
-            task = make_discrete_task(task)
-        if not isinstance(task, DiscreteTask):
-            raise TypeError(f"task: expected a DiscreteTask or a discrete task id, got {type(task).__name__}")
-        super().__init__(task, reward, reward_scale, model, config, device=device, dtype=dtype, **task_options)
-        oracle = self.task.oracle
-        if oracle is not None and (reward is not None or (reward_scale is not None and float(reward_scale) != oracle.reward_scale)):
-            self.task = dataclasses.replace(self.task, oracle=None)
+    def setup(self, model: Any, *, data: tuple[Tensor, ...] | None = None) -> None:
+        if not isinstance(self.task, DiscreteTask):
+            raise TypeError(f"task: expected a DiscreteTask or a discrete task id, got {type(self.task).__name__}")
         base = self.env
         base_device = next((b.device for b in base.buffers()), None) or next((p.device for p in base.parameters()), self.device)
         if base_device != self.device:

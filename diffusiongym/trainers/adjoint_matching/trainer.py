@@ -35,7 +35,6 @@ from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.noise import Memoryless
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.policies.networks import ControlScaledNet, ResidualModel, TimeMLP
-from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import StepSchedule, Trajectory, sample
 from diffusiongym.trainers.adjoint_matching.config import RESIDUALS, TIME_WEIGHTS, AdjointMatchingConfig
 from diffusiongym.trainers.adjoint_matching.lean_adjoint import check_differentiable_reward, lean_adjoint
@@ -128,19 +127,7 @@ class AdjointMatching(Trainer):
     config_class = AdjointMatchingConfig
     config: AdjointMatchingConfig
 
-    def __init__(
-        self,
-        task: Any,
-        reward: Reward | None = None,
-        reward_scale: float | None = None,
-        model: nn.Module | None = None,
-        config: AdjointMatchingConfig | None = None,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        **task_options: Any,
-    ):
-        super().__init__(task, reward, reward_scale, model, config, device=device, dtype=dtype, **task_options)
+    def setup(self, model: Any) -> None:
         check_differentiable_reward(self.task.reward)
         base_env = self.task.environment
         noise = base_env.noise
