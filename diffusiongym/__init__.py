@@ -2,9 +2,15 @@
 
 Conventions: ``t`` runs from 0 (noise) to 1 (data); ``x_t = alpha_t x1 + beta_t x0``;
 controlled dynamics ``dX = (b + sigma u) dt + sigma dB``; step reward
-``-1/2 |u|^2 dt`` plus ``reward_scale * r(x1)`` at the end.
+``-1/2 |u|^2 dt`` plus ``reward_scale * r(x1)`` at the end (``docs/maths.md``).
+
+What a user needs is importable from here, grouped below; everything else is reachable from
+its module (e.g. :mod:`diffusiongym.trainers.adjoint_matching`, :mod:`diffusiongym.logprob`,
+:mod:`diffusiongym.envs.simulator`). Importing the package registers the ``diffusiongym/``
+Gymnasium ids.
 """
 
+# Base-model environments: a model's output turned into the SDE drift
 from diffusiongym.envs.environment import (
     DiffusionEnvironment,
     EndpointEnvironment,
@@ -13,13 +19,16 @@ from diffusiongym.envs.environment import (
     VelocityEnvironment,
     make_environment,
 )
-from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, TrainableGaussianMixtureModel, gmm_preset
 from diffusiongym.noise import ODE, CallableNoise, Constant, Memoryless, Noise, make_noise
-from diffusiongym.oracle import TiltOracle
-from diffusiongym.parameterization import PARAMETERIZATIONS, conversion_coefficients, convert
+from diffusiongym.schedulers import CosineScheduler, DiscreteVPScheduler, LinearScheduler, Scheduler, make_scheduler
+
+# Base models
 from diffusiongym.models.diffusers_bridge import diffusers_environment, load_diffusers_environment
 from diffusiongym.models.digits import digits_task, load_digits_model
+from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, TrainableGaussianMixtureModel, gmm_preset
 from diffusiongym.models.lora import add_lora, load_lora, save_lora
+
+# Rewards
 from diffusiongym.rewards import (
     BrightnessReward,
     CallableReward,
@@ -33,34 +42,98 @@ from diffusiongym.rewards import (
     QuadraticReward,
     Reward,
 )
+
+# Gymnasium environments and their registry
+from diffusiongym.envs.gym_env import DiffusionEnv
+from diffusiongym.envs.registry import NAMESPACE, make_env, register_env, register_envs
+from diffusiongym.envs.vector_env import DiffusionVectorEnv, NumpyVectorEnv
+from diffusiongym.discrete.registry import register_discrete_envs
+
+# Tasks: a base model, a reward, a reward scale and a grid
+from diffusiongym.tasks import TASKS, Task, make_task, register_task
+
+# The engine
+from diffusiongym.logprob import path_log_ratio, step_log_prob
 from diffusiongym.sampling import Trajectory, sample
-from diffusiongym.schedulers import CosineScheduler, DiscreteVPScheduler, LinearScheduler, Scheduler, make_scheduler
 from diffusiongym.timegrid import make_time_grid
+
+# Policies (controls u(x, t, **cond)) and the networks they are built from
+from diffusiongym.policies import ControlAgent, ControlPolicy, ModelControl, ValuePolicy
+from diffusiongym.policies.networks import ResidualModel, SignalScaled, TimeCNN, TimeMLP
+
+# Adaptation methods, one Trainer contract
+from diffusiongym.trainers import (
+    RQL,
+    AdjointMatching,
+    AdjointMatchingConfig,
+    EFMConfig,
+    EFMTrainer,
+    PolicyGradient,
+    PolicyGradientConfig,
+    RewardWeightedConfig,
+    RewardWeightedTrainer,
+    RQLConfig,
+    Trainer,
+    TrainerConfig,
+    ValueMatching,
+    ValueMatchingConfig,
+    load_value_policy,
+)
+
+# Exact optima and statistics
+from diffusiongym.oracle import TiltOracle
 from diffusiongym.utils.stats import energy_distance, null_energy_threshold
+
+from diffusiongym import discrete
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # Gymnasium
+    "DiffusionEnv",
+    "DiffusionVectorEnv",
+    "NumpyVectorEnv",
+    "NAMESPACE",
+    "make_env",
+    "register_env",
+    "register_envs",
+    "register_discrete_envs",
+    # tasks
+    "Task",
+    "TASKS",
+    "make_task",
+    "register_task",
+    # base-model environments
     "DiffusionEnvironment",
     "VelocityEnvironment",
     "EpsilonEnvironment",
     "EndpointEnvironment",
     "ScoreEnvironment",
     "make_environment",
-    "GaussianMixture",
-    "GaussianMixtureModel",
-    "TrainableGaussianMixtureModel",
-    "gmm_preset",
     "Noise",
     "ODE",
     "Memoryless",
     "Constant",
     "CallableNoise",
     "make_noise",
-    "TiltOracle",
-    "PARAMETERIZATIONS",
-    "conversion_coefficients",
-    "convert",
+    "Scheduler",
+    "LinearScheduler",
+    "CosineScheduler",
+    "DiscreteVPScheduler",
+    "make_scheduler",
+    # base models
+    "GaussianMixture",
+    "GaussianMixtureModel",
+    "TrainableGaussianMixtureModel",
+    "gmm_preset",
+    "digits_task",
+    "load_digits_model",
+    "diffusers_environment",
+    "load_diffusers_environment",
+    "add_lora",
+    "save_lora",
+    "load_lora",
+    # rewards
     "Reward",
     "CallableReward",
     "ConstantReward",
@@ -72,62 +145,44 @@ __all__ = [
     "JPEGIncompressibility",
     "BrightnessReward",
     "ContrastReward",
-    "digits_task",
-    "load_digits_model",
-    "diffusers_environment",
-    "load_diffusers_environment",
-    "add_lora",
-    "save_lora",
-    "load_lora",
+    # engine
     "Trajectory",
     "sample",
-    "Scheduler",
-    "LinearScheduler",
-    "CosineScheduler",
-    "DiscreteVPScheduler",
-    "make_scheduler",
     "make_time_grid",
+    "step_log_prob",
+    "path_log_ratio",
+    # policies and networks
+    "ControlAgent",
+    "ValuePolicy",
+    "ControlPolicy",
+    "ModelControl",
+    "TimeMLP",
+    "TimeCNN",
+    "SignalScaled",
+    "ResidualModel",
+    # trainers
+    "Trainer",
+    "TrainerConfig",
+    "ValueMatching",
+    "ValueMatchingConfig",
+    "load_value_policy",
+    "AdjointMatching",
+    "AdjointMatchingConfig",
+    "EFMTrainer",
+    "EFMConfig",
+    "PolicyGradient",
+    "PolicyGradientConfig",
+    "RQL",
+    "RQLConfig",
+    "RewardWeightedTrainer",
+    "RewardWeightedConfig",
+    # oracle and statistics
+    "TiltOracle",
     "energy_distance",
     "null_energy_threshold",
+    # submodule
+    "discrete",
 ]
-
-from diffusiongym.envs.gym_env import DiffusionEnv  # noqa: E402
-from diffusiongym.envs.registry import NAMESPACE, make_env, register_env, register_envs  # noqa: E402
-from diffusiongym.envs.simulator import ACTION_MODES, DiffusionSimulator  # noqa: E402
-from diffusiongym.envs.vector_env import DiffusionVectorEnv, NumpyVectorEnv  # noqa: E402
-from diffusiongym.tasks import TASKS, Task, make_task, register_task  # noqa: E402
-
-from diffusiongym.discrete.registry import register_discrete_envs  # noqa: E402
-
-from diffusiongym import discrete  # noqa: E402
-from diffusiongym.logprob import euler_step_log_prob, path_log_ratio, step_kl, step_log_prob  # noqa: E402
-from diffusiongym.policies import *  # noqa: E402,F403
-from diffusiongym.policies import __all__ as _policy_names  # noqa: E402
-from diffusiongym.trainers import *  # noqa: E402,F403
-from diffusiongym.trainers import __all__ as _trainer_names  # noqa: E402
 
 register_envs()
 register_discrete_envs()
-
-__all__ += [
-    "DiffusionEnv",
-    "DiffusionVectorEnv",
-    "NumpyVectorEnv",
-    "DiffusionSimulator",
-    "ACTION_MODES",
-    "NAMESPACE",
-    "make_env",
-    "register_env",
-    "register_envs",
-    "Task",
-    "TASKS",
-    "make_task",
-    "register_task",
-    "discrete",
-    "step_log_prob",
-    "euler_step_log_prob",
-    "step_kl",
-    "path_log_ratio",
-    *_policy_names,
-    *_trainer_names,
-]

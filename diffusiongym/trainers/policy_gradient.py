@@ -384,5 +384,3 @@ class PolicyGradient(Trainer):
 
 
 # Old names, kept while ``diffusiongym.trainers.__init__`` still imports them.
-PGConfig = PolicyGradientConfig
-PolicyGradientAgent = PolicyGradient
