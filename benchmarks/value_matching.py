@@ -18,17 +18,14 @@ then on fresh samples prints
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adaptation_methods.value_matching import TASKS, make
 
-from adaptation_methods.value_matching import TASKS, train  # noqa: E402
-
-import diffusiongym as dg  # noqa: E402
+import diffusiongym as dg
 
 N_EVAL = 4096
 
@@ -59,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     for task_id in args.tasks:
         start = time.perf_counter()
-        task, trainer = train(task_id, args.quick, args.seed)
+        trainer = make(task_id, args.quick, args.seed)
+        trainer.train(progress=False)
+        task = trainer.task
         secs = time.perf_counter() - start
         common = dict(steps=task.steps, t_start=task.t_start, reward=task.reward, reward_scale=task.reward_scale, seed=args.seed + 10_000)
         traj = dg.sample(task.environment, N_EVAL, control=trainer.policy, store="states", **common)

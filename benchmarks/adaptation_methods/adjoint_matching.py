@@ -12,15 +12,14 @@ across that region), which makes the weights' signal unbiased and light-tailed; 
 (``restarts=4``: 4 x batch extra paths per iteration from mixup states at one random grid
 time ``t >= 0.7``) put many states in that region. The numbers are measured on fresh samples
 on the task's own 100-step grid; training uses a 50-step grid (the learnt model is a
-function of ``(x, t)``, so it transfers: ``evaluate`` of a trainer on the unmodified task
-around the trained model). ``train(task_id, quick, seed)`` and ``config`` are shared with
+function of ``(x, t)``, so it transfers: ``EVAL_STEPS`` makes ``benchmarks/adaptation.py`` evaluate
+on that grid). ``make(task_id, quick, seed)`` and ``config`` are shared with
 ``benchmarks/adjoint_matching_gmm.py`` (full figures: two-sample tests, learnt weights vs p*)
 and ``benchmarks/adjoint_vs_value.py``.
 """
 
 from __future__ import annotations
 
-from adaptation import Result
 
 from diffusiongym.tasks import make_task
 from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
@@ -46,6 +45,7 @@ BUDGETS = {  # (task, quick) -> (iterations, learning rate)
     ("GMM2D-v0", False): (300, 5e-2),
 }
 TRAIN_STEPS = 50
+EVAL_STEPS = 100  # the tasks' own grid
 
 
 def config(task_id: str, quick: bool, seed: int, **overrides: object) -> AdjointMatchingConfig:
@@ -59,15 +59,6 @@ def config(task_id: str, quick: bool, seed: int, **overrides: object) -> Adjoint
     return AdjointMatchingConfig(**options)
 
 
-def train(task_id: str, quick: bool, seed: int, parameterization: str = "velocity", **overrides: object) -> tuple[object, AdjointMatching]:
+def make(task_id: str, quick: bool, seed: int, parameterization: str = "velocity", **overrides: object) -> AdjointMatching:
     task = make_task(task_id, parameterization=parameterization)
-    trainer = AdjointMatching(task, config=config(task_id, quick, seed, **overrides), steps=TRAIN_STEPS)
-    trainer.train(progress=False)
-    return task, trainer
-
-
-def run(task_id: str, quick: bool, seed: int) -> Result:
-    task, trainer = train(task_id, quick, seed)
-    judge = AdjointMatching(task, model=trainer.model)  # the task's own 100-step grid
-    ev = judge.evaluate(4096 if quick else 16384, seed=seed + 10_000)
-    return Result(ev["objective"], ev["kl"], ev["reward"], task.oracle.base_objective, task.oracle.optimal_objective)
+    return AdjointMatching(task, config=config(task_id, quick, seed, **overrides), steps=TRAIN_STEPS)

@@ -4,7 +4,6 @@ judged against the exact tilt oracle."""
 
 from __future__ import annotations
 
-from adaptation import Result
 
 from diffusiongym.discrete import ResidualPosterior
 from diffusiongym.discrete.tasks import grid_task
@@ -14,13 +13,9 @@ from diffusiongym.utils.runtime import seeded
 TASKS = ["DiscreteGrid-v0"]
 
 
-def run(task_id: str, quick: bool, seed: int) -> Result:
+def make(task_id: str, quick: bool, seed: int) -> RewardWeightedTrainer:
     task = grid_task()
-    n_data, n_eval, iterations = (12000, 6000, 300) if quick else (40000, 20000, 1000)
     with seeded(seed):
         model = ResidualPosterior(task.model, hidden=64, layers=2)
-    config = RewardWeightedConfig(iterations=iterations, num_samples=n_data, lr=3e-3, seed=seed)
-    trainer = RewardWeightedTrainer(task, model=model, config=config)
-    trainer.train(progress=False)
-    metrics = trainer.evaluate(n_eval, seed=seed + 2)
-    return Result(metrics["objective"], metrics["kl"], metrics["reward"], task.oracle.base_objective, task.oracle.optimal_objective)
+    config = RewardWeightedConfig(iterations=300 if quick else 1000, num_samples=12000 if quick else 40000, lr=3e-3, seed=seed)
+    return RewardWeightedTrainer(task, model=model, config=config)

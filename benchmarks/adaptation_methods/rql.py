@@ -16,17 +16,10 @@ Run directly for the alpha sweep (reward, KL, gap closed, mean base log-density 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-
-if __name__ == "__main__":  # run as a script: import `adaptation` as benchmarks/adaptation.py does
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adaptation import Result
 
 from diffusiongym.tasks import make_task
 from diffusiongym.trainers.rql import RQL, RQLConfig
@@ -50,19 +43,19 @@ def config(seed: int, alpha: float = 0.03, quick: bool = True) -> RQLConfig:
     )
 
 
-def train_and_measure(task_id: str, cfg: RQLConfig, eval_size: int, seed: int) -> tuple[Result, float]:
-    """Train RQL; returns the :class:`Result` and the mean base log-density of fresh samples."""
-    task = make_task(task_id)
-    trainer = RQL(task, config=cfg, steps=FLOW_STEPS)
+def make(task_id: str, quick: bool, seed: int, cfg: RQLConfig | None = None) -> RQL:
+    cfg = config(seed, ALPHA.get(task_id, 0.1), quick) if cfg is None else cfg
+    return RQL(make_task(task_id), config=cfg, steps=FLOW_STEPS)
+
+
+def train_and_measure(task_id: str, cfg: RQLConfig, eval_size: int, seed: int) -> tuple[dict[str, float], float]:
+    """Train RQL; returns its evaluation and the mean base log-density of the evaluated draws."""
+    trainer = make(task_id, True, seed, cfg)
     trainer.train(progress=False)
     metrics = trainer.evaluate(eval_size, seed=seed + 2)
-    x = trainer.sample(eval_size, seed=seed + 2).x1  # the evaluated draws
-    log_density = float(task.mixture.log_prob(x.double()).mean())
-    return Result(metrics["objective"], metrics["kl"], metrics["reward"], task.oracle.base_objective, task.oracle.optimal_objective), log_density
-
-
-def run(task_id: str, quick: bool, seed: int) -> Result:
-    return train_and_measure(task_id, config(seed, ALPHA.get(task_id, 0.1), quick), 4096 if quick else 16384, seed)[0]
+    x = trainer.sample(eval_size, seed=seed + 2).x1
+    log_density = float(trainer.task.environment.model.mixture.log_prob(x.double()).mean())
+    return metrics, log_density
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         except FloatingPointError as err:
             print(f"alpha={alpha:g} diverged: {err}", flush=True)
             continue
-        print(f"alpha={alpha:g} bc_reversal={args.bc_reversal} normalize_q={args.normalize_q} reward={res.reward:.3f} kl={res.kl:.3f} "
-              f"gap_closed={res.gap_closed:.3f} log_density={logp:.3f} seconds={time.perf_counter() - start:.0f}", flush=True)
+        print(f"alpha={alpha:g} bc_reversal={args.bc_reversal} normalize_q={args.normalize_q} reward={res['reward']:.3f} kl={res['kl']:.3f} "
+              f"gap_closed={res['gap_closed']:.3f} log_density={logp:.3f} seconds={time.perf_counter() - start:.0f}", flush=True)
 
 
 if __name__ == "__main__":

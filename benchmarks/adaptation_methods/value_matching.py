@@ -1,11 +1,9 @@
 """Value Matching rows: learn V, steer with u = -sigma grad V (``diffusiongym.trainers.value_matching``).
 
-``train(task_id, quick, seed)`` is shared with ``benchmarks/value_matching.py`` (full figures).
+``make(task_id, quick, seed)`` is shared with ``benchmarks/value_matching.py`` (full figures).
 """
 
 from __future__ import annotations
-
-from adaptation import Result
 
 from diffusiongym.tasks import make_task
 from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
@@ -29,14 +27,5 @@ def config(task_id: str, quick: bool, seed: int) -> ValueMatchingConfig:
     return ValueMatchingConfig(iterations=ITERATIONS[(task_id, quick)], seed=seed, **options)
 
 
-def train(task_id: str, quick: bool, seed: int) -> tuple[object, ValueMatching]:
-    task = make_task(task_id)
-    trainer = ValueMatching(task, config=config(task_id, quick, seed))
-    trainer.train(progress=False)
-    return task, trainer
-
-
-def run(task_id: str, quick: bool, seed: int) -> Result:
-    task, trainer = train(task_id, quick, seed)
-    metrics = trainer.evaluate(4096 if quick else 16384, seed=seed + 10_000)
-    return Result(metrics["objective"], metrics["kl"], metrics["reward"], task.oracle.base_objective, task.oracle.optimal_objective)
+def make(task_id: str, quick: bool, seed: int) -> ValueMatching:
+    return ValueMatching(make_task(task_id), config=config(task_id, quick, seed))
