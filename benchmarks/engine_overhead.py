@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.batches:
         t = best_times(
             {
-                "hand": lambda: hand_written(model, n, args.steps, 1),
-                "engine": lambda: dg.sample(env, n, steps=args.steps, seed=1),
+                "hand": lambda n=n: hand_written(model, n, args.steps, 1),
+                "engine": lambda n=n: dg.sample(env, n, steps=args.steps, seed=1),
             },
             args.repeats,
         )

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 - same per-step control work as the env
         t = best_times(
             {
-                "engine": lambda: dg.sample(task.environment, n, steps=args.steps, control=zero, reward=task.reward, seed=0),
-                "env": lambda: run_env(env, n, args.steps),
+                "engine": lambda task=task, n=n, zero=zero: dg.sample(task.environment, n, steps=args.steps, control=zero, reward=task.reward, seed=0),
+                "env": lambda env=env, n=n: run_env(env, n, args.steps),
             },
             args.repeats if n < 65536 else 2,
         )

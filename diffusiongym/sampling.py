@@ -53,7 +53,7 @@ class StepSchedule:
     deterministic: bool
 
     @classmethod
-    def build(cls, env: DiffusionEnvironment, times: Tensor) -> "StepSchedule":
+    def build(cls, env: DiffusionEnvironment, times: Tensor) -> StepSchedule:
         left = times[:-1]
         h = times[1:] - left
         sigma = env.sigma(left)

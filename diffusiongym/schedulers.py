@@ -159,7 +159,7 @@ class DiscreteVPScheduler(Scheduler):
         self._log_abar = torch.log(abar.flip(0))
 
     @classmethod
-    def from_betas(cls, betas: Tensor | Any) -> "DiscreteVPScheduler":
+    def from_betas(cls, betas: Tensor | Any) -> DiscreteVPScheduler:
         """Build from DDPM per-step ``betas`` (``abar = cumprod(1 - betas)``)."""
         try:
             betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -170,7 +170,7 @@ class DiscreteVPScheduler(Scheduler):
         return cls(torch.cumprod(1.0 - betas, 0))
 
     @classmethod
-    def linear_ddpm(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DiscreteVPScheduler":
+    def linear_ddpm(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVPScheduler:
         """The DDPM paper's linear ``betas`` (diffusers' default ``DDPMScheduler``);
         ``2 <= num_train_timesteps <= 100000``, ``0 < beta_start, beta_end < 1``."""
         num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, low=2, high=100_000)

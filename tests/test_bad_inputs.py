@@ -40,17 +40,17 @@ NAN = float("nan")
 
 
 # ------------------------------------------------------------------------ shared objects
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gmm2d():
     return make_task("GMM2D-v0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits_model():
     return load_digits_model()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def classifier_reward():
     return DigitClassifierReward(target=None, mode="log_prob")
 

@@ -35,7 +35,7 @@ def test_unknown_kwargs_raise_type_error_with_close_match(env_id):
 def test_numpy_integer_steps_are_accepted_and_bools_floats_refused(env_id):
     env = gym.make(env_id, steps=np.int64(5))
     env.reset(seed=0)
-    for k in range(5):
+    for _ in range(5):
         *_, term, _, _ = env.step(env.action_space.sample())
     assert term
     venv = vec(env_id, steps=np.int32(5), n=np.int64(2))

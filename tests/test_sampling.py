@@ -149,7 +149,7 @@ def test_trajectory_costs():
     ode = dg.sample(task.environment.with_noise("ode"), 16, steps=5, seed=0, reward=task.reward)
     assert ode.running_cost is None and ode.kl is None
     with pytest.raises(ValueError, match="no KL"):
-        ode.total_cost
+        _ = ode.total_cost
 
 
 def test_store_shapes():

@@ -3,7 +3,6 @@ scoped process state, and checkpoints that survive a process killed while writin
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal

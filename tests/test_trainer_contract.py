@@ -9,7 +9,6 @@ is checked by running each trainer twice in subprocesses and comparing parameter
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os

@@ -145,13 +145,13 @@ class DiffusionEnvironment:
         return self.convert(self.output(x, t, **cond), x, t, "epsilon")
 
     # ------------------------------------------------------------------- variants
-    def with_noise(self, noise: str | float | Noise | Callable[[Tensor], Tensor]) -> "DiffusionEnvironment":
+    def with_noise(self, noise: str | float | Noise | Callable[[Tensor], Tensor]) -> DiffusionEnvironment:
         """A shallow copy with another diffusion coefficient (same model object)."""
         new = copy.copy(self)
         new.noise = make_noise(noise)
         return new
 
-    def with_model(self, model: Model) -> "DiffusionEnvironment":
+    def with_model(self, model: Model) -> DiffusionEnvironment:
         """A shallow copy around another model in the same parameterisation (e.g. a fine-tuned copy)."""
         new = copy.copy(self)
         new.model = model

@@ -139,7 +139,7 @@ class GaussianMixture:
         logn = -0.5 * ((y**2 / lam) + torch.log(lam) + math.log(2 * math.pi)).sum(-1)
         return torch.logsumexp(torch.log(w) + logn, dim=1)
 
-    def marginal(self, alpha: float, beta: float) -> "GaussianMixture":
+    def marginal(self, alpha: float, beta: float) -> GaussianMixture:
         """The law of ``alpha X1 + beta X0`` (``p_t`` for scalars alpha, beta)."""
         eye = torch.eye(self.dim, dtype=torch.float64)
         return GaussianMixture(self.weights, alpha * self.means, alpha**2 * self.covs + beta**2 * eye)
@@ -198,7 +198,7 @@ class GaussianMixtureModel(nn.Module):
         post = self.mixture.posterior(x, alpha, beta)
         return _prediction(self.parameterization, post.score, post.x1_hat, tt, beta, d_alpha, d_beta)
 
-    def trainable_copy(self) -> "TrainableGaussianMixtureModel":
+    def trainable_copy(self) -> TrainableGaussianMixtureModel:
         """A copy whose mixture parameters are trainable (:class:`TrainableGaussianMixtureModel`)."""
         return TrainableGaussianMixtureModel(self.mixture, self.scheduler, self.parameterization)
 

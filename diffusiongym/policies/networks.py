@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.noise import Memoryless
 from diffusiongym.schedulers import Scheduler, make_scheduler
 

@@ -177,7 +177,7 @@ class Trainer(abc.ABC):
             raise TypeError(f"{type(self).__name__}: unexpected keyword arguments {unknown}; expected some of {sorted([*accepted, *TASK_OPTIONS, 'device', 'dtype'])}")
         self.setup(model, **method_options)
 
-    def setup(self, model: nn.Module | None) -> None:
+    def setup(self, model: nn.Module | None) -> None:  # noqa: B027 (a hook: methods override it, the default does nothing)
         """Build the method's model, optimiser and schedule (called at the end of ``__init__``;
         ``model`` is the constructor's). Method-specific constructor keywords are declared as
         keyword-only parameters of the override, e.g. ``def setup(self, model, *, data=None)``."""
@@ -376,7 +376,7 @@ class Trainer(abc.ABC):
         }
         return write_checkpoint(path, meta, tensors)
 
-    def load(self, path: str | Path) -> "Trainer":
+    def load(self, path: str | Path) -> Trainer:
         """Restore a checkpoint of this method and task into this trainer; resume is exact.
 
         Everything is read and validated first; on any error (another method or task, other

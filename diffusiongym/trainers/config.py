@@ -93,7 +93,7 @@ class TrainerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainerConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainerConfig:
         """Strict inverse of :meth:`to_dict`: unknown or missing keys and ill-typed values
         raise ``ValueError`` naming ``source`` and the field."""
         if not isinstance(data, dict):
