@@ -2,7 +2,13 @@
 
 A :class:`Task` is the plain description that the Gymnasium environments, the engine
 and the adaptation methods share. ``make_task("GMM2D-v0", ...)`` builds one; users add
-their own with :func:`register_task`. A task knows nothing about how its base model is
+their own with :func:`register_task`. :class:`BaseTask` holds what every task has (``name``,
+``reward``, ``reward_scale``, ``steps``, ``action_scale``, ``oracle``) and checks it; both
+:class:`Task` (a diffusion/flow base model) and
+:class:`~diffusiongym.discrete.tasks.DiscreteTask` (a CTMC base model) derive from it, and
+``make_task`` builds either: ``make_task("DiscreteGrid-v0")`` dispatches to the discrete
+factories, which :mod:`diffusiongym.discrete.tasks` registers with ``register_task(...,
+discrete=True)``. A task knows nothing about how its base model is
 built: the Gaussian-mixture tasks keep their mixture inside the oracle and the oracle
 factory (:func:`gmm_task`).
 
@@ -43,13 +49,57 @@ from diffusiongym.rewards.base import ConstantReward, Reward
 from diffusiongym.timegrid import DEFAULT_T_START
 from diffusiongym.utils.validation import MAX_STEPS, check_positive_int, check_real, unexpected_keyword_error, unknown_name_error
 
-__all__ = ["Task", "make_task", "register_task", "TASKS", "gmm_task", "with_reward", "check_reward"]
+__all__ = ["BaseTask", "Task", "make_task", "register_task", "TASKS", "DISCRETE_TASKS", "gmm_task", "with_reward", "check_reward"]
 
 OracleFactory = Callable[[Reward, float], Any]
 
 
+class BaseTask:
+    """What every reward-adaptation task has, continuous or discrete; the trainers and envs type against it.
+
+    Not a dataclass itself (so each subclass keeps its own positional field order): the
+    dataclass subclasses :class:`Task` and :class:`~diffusiongym.discrete.tasks.DiscreteTask`
+    declare these fields; :meth:`__post_init__` checks them, with the base model checked by the
+    subclass hook ``_check_base_model`` (right after ``name``).
+
+    Attributes
+    ----------
+    name : str
+    reward : Reward
+        ``r(x1)`` on a batch of final states.
+    reward_scale : float
+        ``lambda`` in ``max E[lambda r(x1)] - KL``.
+    steps : int
+        Default number of simulation steps (at most 100,000).
+    action_scale : float
+        Gymnasium action ``a`` maps to the physical control ``action_scale * a``.
+    oracle : object or None
+        The exact optimum where one exists: ``optimal_objective``, ``base_objective``,
+        ``gap_closed(objective)``.
+    """
+
+    name: str
+    reward: Reward
+    reward_scale: float
+    steps: int
+    action_scale: float
+    oracle: Any
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"name: expected a str, got {type(self.name).__name__}")
+        self._check_base_model()
+        self.reward = check_reward(self.reward)
+        self.reward_scale = check_real("reward_scale", self.reward_scale)
+        self.steps = check_positive_int("steps", self.steps, maximum=MAX_STEPS)
+        self.action_scale = check_real("action_scale", self.action_scale, positive=True)
+
+    def _check_base_model(self) -> None:
+        """Raise ``TypeError`` naming the field when the base model has the wrong type (subclasses)."""
+
+
 @dataclass
-class Task:
+class Task(BaseTask):
     """Everything that defines a reward-adaptation problem.
 
     Attributes
@@ -96,21 +146,18 @@ class Task:
     oracle_factory: OracleFactory | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str):
-            raise TypeError(f"name: expected a str, got {type(self.name).__name__}")
-        if not isinstance(self.environment, DiffusionEnvironment):
-            raise TypeError(f"environment: expected a DiffusionEnvironment (the base model), got {type(self.environment).__name__}")
-        self.reward = check_reward(self.reward)
-        self.reward_scale = check_real("reward_scale", self.reward_scale)
-        self.steps = check_positive_int("steps", self.steps, maximum=MAX_STEPS)
+        super().__post_init__()
         self.t_start = check_real("t_start", self.t_start, low=0.0)
         if self.t_start >= 1.0:
             raise ValueError(f"t_start: expected a number in [0, 1), got {self.t_start!r}")
-        self.action_scale = check_real("action_scale", self.action_scale, positive=True)
         if not isinstance(self.conditioning, dict):
             raise TypeError(f"conditioning: expected a dict name -> (space, sampler), got {type(self.conditioning).__name__}")
         if self.oracle_factory is not None and not callable(self.oracle_factory):
             raise TypeError(f"oracle_factory: expected a callable (reward, reward_scale) -> oracle, got {type(self.oracle_factory).__name__}")
+
+    def _check_base_model(self) -> None:
+        if not isinstance(self.environment, DiffusionEnvironment):
+            raise TypeError(f"environment: expected a DiffusionEnvironment (the base model), got {type(self.environment).__name__}")
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -144,30 +191,40 @@ def check_reward(reward: Any, argument: str = "reward") -> Reward:
     raise TypeError(f"{argument}: expected a diffusiongym Reward, got {type(reward).__name__}")
 
 
-TaskFactory = Callable[..., Task]
+TaskFactory = Callable[..., BaseTask]
+# continuous tasks (a Task each; registered as Gymnasium ids by diffusiongym.envs.registry)
 TASKS: dict[str, TaskFactory] = {}
+# discrete (CTMC) tasks (a DiscreteTask each), filled by diffusiongym.discrete.tasks
+DISCRETE_TASKS: dict[str, TaskFactory] = {}
 
 
-def register_task(name: str, factory: TaskFactory) -> None:
-    """Register ``factory(**kwargs) -> Task`` under ``name`` (e.g. ``"MyTask-v0"``)."""
+def register_task(name: str, factory: TaskFactory, *, discrete: bool = False) -> None:
+    """Register ``factory(**kwargs) -> Task`` under ``name`` (e.g. ``"MyTask-v0"``); with
+    ``discrete=True`` a factory of :class:`~diffusiongym.discrete.tasks.DiscreteTask` instead."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"name: expected a non-empty str such as 'MyTask-v0', got {name!r}")
     if not callable(factory):
         raise TypeError(f"factory: expected a callable (**kwargs) -> Task, got {type(factory).__name__}")
-    TASKS[name] = factory
+    if not isinstance(discrete, bool):
+        raise TypeError(f"discrete: expected a bool, got {discrete!r}")
+    (DISCRETE_TASKS if discrete else TASKS)[name] = factory
+    (TASKS if discrete else DISCRETE_TASKS).pop(name, None)  # one name, one kind of task
 
 
-def make_task(name: str, **kwargs: Any) -> Task:
-    """Build a registered task; ``kwargs`` are the factory's (see :func:`gmm_task`).
+def make_task(name: str, **kwargs: Any) -> BaseTask:
+    """Build a registered task, continuous (a :class:`Task`) or discrete (a
+    :class:`~diffusiongym.discrete.tasks.DiscreteTask`, e.g. ``"DiscreteGrid-v0"``); ``kwargs``
+    are the factory's (see :func:`gmm_task`). A ``"diffusiongym/"`` prefix is accepted.
 
     An unknown keyword raises ``TypeError`` naming it, with the factory's keywords and close
     matches; ``reward_scale`` must be finite and ``steps`` an integer in ``1..100000``.
     """
     if not isinstance(name, str):
         raise TypeError(f"task: expected a registered task name (str), got {type(name).__name__}")
-    if name not in TASKS:
-        raise unknown_name_error("task", name, TASKS)
-    factory = TASKS[name]
+    name = name.removeprefix("diffusiongym/")
+    factory = TASKS.get(name) or DISCRETE_TASKS.get(name)
+    if factory is None:
+        raise unknown_name_error("task", name, [*TASKS, *DISCRETE_TASKS])
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins without a signature: let the call check

@@ -28,8 +28,11 @@ from diffusiongym.discrete import (
     total_variation,
 )
 from diffusiongym.discrete.env import DiscreteFlowEnv, DiscreteFlowVectorEnv
-from diffusiongym.discrete.registry import register_discrete_envs
-from diffusiongym.discrete.tasks import grid_task
+from diffusiongym.discrete.registry import DISCRETE_ENV_IDS, register_discrete_envs
+from diffusiongym.discrete.simulator import DiscreteSimulator
+from diffusiongym.discrete.tasks import DiscreteTask, grid_task
+from diffusiongym.envs.registry import register_ids
+from diffusiongym.tasks import BaseTask, Task, make_task
 from diffusiongym.discrete.train import CrossEntropyConfig, reward_weighted_finetune, train_posterior
 
 
@@ -242,3 +245,88 @@ def test_vector_env_next_step_autoreset_and_registry():
     assert torch.equal(s1, s2)
     single = gym.make("diffusiongym/DiscreteGrid-v0")
     assert single.observation_space["x"].nvec.tolist() == [33, 33]
+
+
+def test_vector_env_takes_task_then_num_envs_like_the_continuous_one():
+    venv = DiscreteFlowVectorEnv(grid_task(), 4, steps=3)
+    assert venv.num_envs == 4 and venv.steps == 3
+    assert isinstance(venv.sim, DiscreteSimulator) and venv.sim.num_envs == 4
+    venv = DiscreteFlowVectorEnv("DiscreteGrid-v0", num_envs=2, source="uniform")
+    assert venv.task.path.source == "uniform" and venv.observation_space["x"].shape == (2, 2)
+    with pytest.raises(TypeError, match="num_envs: expected a positive integer"):
+        DiscreteFlowVectorEnv(grid_task(), 2.0)
+
+
+def test_single_and_vector_env_share_the_simulator():
+    """One chain of the vector env and the single env run the same simulator: same seed, same episode."""
+    single = DiscreteFlowEnv(grid_task(source="uniform"), steps=4)
+    venv = DiscreteFlowVectorEnv(grid_task(source="uniform"), 1, steps=4)
+    assert isinstance(single.sim, DiscreteSimulator) and single.sim.num_envs == 1
+    obs_s, _ = single.reset(seed=11)
+    obs_v, _ = venv.reset(seed=11)
+    assert obs_s["x"].tolist() == obs_v["x"][0].tolist()
+    a = np.random.default_rng(0).uniform(-1, 1, (4, 2, 32)).astype(np.float32)
+    for k in range(4):
+        obs_s, r_s, term_s, _, info_s = single.step(a[k])
+        obs_v, r_v, term_v, _, info_v = venv.step(a[k][None])
+        assert obs_s["x"].tolist() == obs_v["x"][0].tolist() and obs_s["t"][0] == float(obs_v["t"][0, 0])
+        assert term_s == bool(term_v[0]) == (k == 3)
+        assert r_s == pytest.approx(float(r_v[0]), rel=1e-6)  # the vector env returns float32 rewards
+        assert info_s["kl"] == float(info_v["kl"][0])
+    assert info_s["reward"] == float(info_v["reward"][0]) and info_s["valid"] == bool(info_v["valid"][0])
+
+
+def test_simulator_steps_only_active_rows():
+    sim = DiscreteSimulator(grid_task(), 3, steps=2)
+    sim.seed(0)
+    sim.reset()
+    active = torch.tensor([True, False, True])
+    obs, rewards, done, info = sim.step(torch.zeros(3, 2, 32, dtype=torch.float64), active)
+    assert sim.k.tolist() == [1, 0, 1] and obs["t"][:, 0].tolist() == [0.5, 0.0, 0.5]
+    assert info["_kl"].tolist() == active.tolist() and float(rewards[1]) == 0.0 and not done.any()
+    obs, rewards, done, info = sim.step(torch.zeros(3, 2, 32, dtype=torch.float64), active)
+    assert done.tolist() == active.tolist() and info["_reward"].tolist() == active.tolist()
+    assert bool((obs["x"][active] < 32).all()) and bool((obs["x"][1] == 32).all())  # last step is exact; row 1 untouched
+    with pytest.raises(RuntimeError, match="terminated"):
+        sim.step(torch.zeros(3, 2, 32, dtype=torch.float64), active)
+    sim.reset(torch.tensor([True, False, False]))
+    assert sim.k.tolist() == [0, 0, 2]
+
+
+def test_one_task_base_and_one_make_task():
+    task = make_task("DiscreteGrid-v0", steps=7)
+    assert isinstance(task, DiscreteTask) and isinstance(task, BaseTask) and task.steps == 7
+    assert isinstance(make_task("diffusiongym/DiscreteGrid-v0"), DiscreteTask)
+    assert isinstance(make_task("GMM1D-v0"), Task) and isinstance(make_task("GMM1D-v0"), BaseTask)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stpes'"):
+        make_task("DiscreteGrid-v0", stpes=3)
+    with pytest.raises(ValueError, match="Did you mean 'DiscreteGrid-v0'"):
+        make_task("DiscreteGrd-v0")
+    # DiscreteTask checks the shared fields as Task does, and its model
+    base = grid_task()
+    with pytest.raises(ValueError, match="^steps: "):
+        DiscreteTask("x", base.model, base.reward, 1.0, 0)
+    with pytest.raises(ValueError, match="^action_scale: "):
+        DiscreteTask("x", base.model, base.reward, 1.0, 5, -1.0)
+    with pytest.raises(TypeError, match="^reward: "):
+        DiscreteTask("x", base.model, lambda x: x, 1.0)
+    with pytest.raises(TypeError, match="^model: "):
+        DiscreteTask("x", object(), base.reward)
+    task = DiscreteTask("x", base.model, base.reward, np.float64(2.0), np.int64(5))
+    assert type(task.reward_scale) is float and type(task.steps) is int
+
+
+def test_register_ids_is_the_one_registration_helper():
+    assert register_discrete_envs() == list(DISCRETE_ENV_IDS)
+    spec = gym.spec("diffusiongym/DiscreteGrid-v0")
+    assert spec.entry_point == "diffusiongym.discrete.env:DiscreteFlowEnv" and spec.kwargs == {"task": "DiscreteGrid-v0"}
+    assert gym.spec("diffusiongym/GMM2D-v0").vector_entry_point == "diffusiongym.envs.vector_env:DiffusionVectorEnv"
+    env_id = "diffusiongym-test/DiscreteGridCopy-v0"
+    try:
+        assert register_ids({env_id: "DiscreteGrid-v0"}, "diffusiongym.discrete.env:DiscreteFlowEnv", "diffusiongym.discrete.env:DiscreteFlowVectorEnv") == [env_id]
+        venv = gym.make_vec(env_id, num_envs=2, vectorization_mode="vector_entry_point", steps=2)
+        assert isinstance(venv.unwrapped, DiscreteFlowVectorEnv) and venv.unwrapped.steps == 2
+        register_ids({env_id: "DiscreteDigits-v0"}, "a:B", "a:C")  # already registered: left as it is
+        assert gym.spec(env_id).kwargs == {"task": "DiscreteGrid-v0"}
+    finally:
+        gym.registry.pop(env_id, None)

@@ -10,22 +10,13 @@ Idempotent.
 
 from __future__ import annotations
 
-import gymnasium as gym
+from diffusiongym.envs.registry import NAMESPACE, register_ids
 
 __all__ = ["register_discrete_envs", "DISCRETE_ENV_IDS"]
 
-DISCRETE_ENV_IDS = {"diffusiongym/DiscreteGrid-v0": "DiscreteGrid-v0", "diffusiongym/DiscreteDigits-v0": "DiscreteDigits-v0"}
+DISCRETE_ENV_IDS = {f"{NAMESPACE}/{name}": name for name in ("DiscreteGrid-v0", "DiscreteDigits-v0")}
 
 
 def register_discrete_envs() -> list[str]:
     """Register the discrete env ids (skipping those already registered); returns the ids."""
-    for env_id, task in DISCRETE_ENV_IDS.items():
-        if env_id in gym.registry:
-            continue
-        gym.register(
-            id=env_id,
-            entry_point="diffusiongym.discrete.env:DiscreteFlowEnv",
-            vector_entry_point="diffusiongym.discrete.env:DiscreteFlowVectorEnv",
-            kwargs={"task": task},
-        )
-    return list(DISCRETE_ENV_IDS)
+    return register_ids(DISCRETE_ENV_IDS, "diffusiongym.discrete.env:DiscreteFlowEnv", "diffusiongym.discrete.env:DiscreteFlowVectorEnv")

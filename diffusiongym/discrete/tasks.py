@@ -11,6 +11,9 @@
     :class:`MLPPosterior` shipped in ``diffusiongym/weights/discrete_digits.*`` (trained by
     ``python -m diffusiongym.discrete.train_digits``), with the shipped logistic digit classifier's
     log-probability of a class as reward (default class 0, ``reward_scale = 1``). No oracle.
+
+Both are registered with :func:`diffusiongym.tasks.register_task` (``discrete=True``), so
+``diffusiongym.make_task("DiscreteGrid-v0")`` builds them as well as :func:`make_discrete_task`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from diffusiongym.discrete.path import MixturePath
 from diffusiongym.discrete.rewards import LogisticClassReward, TableReward
 from diffusiongym.models.gmm import gmm_preset
 from diffusiongym.rewards.base import Reward
+from diffusiongym.tasks import DISCRETE_TASKS, BaseTask, make_task, register_task
 from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["DiscreteTask", "make_discrete_task", "DISCRETE_TASKS", "grid_task", "grid_positions", "load_digits_model", "DIGITS_WEIGHTS"]
@@ -37,8 +41,8 @@ DIGITS_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "discrete_
 
 
 @dataclass
-class DiscreteTask:
-    """A discrete reward-adaptation problem.
+class DiscreteTask(BaseTask):
+    """A discrete reward-adaptation problem (a :class:`~diffusiongym.tasks.BaseTask`).
 
     Attributes
     ----------
@@ -53,6 +57,9 @@ class DiscreteTask:
     action_scale : float
         Gymnasium action ``a`` in [-1, 1] maps to control logits ``c = action_scale * a``.
     oracle : DiscreteTiltOracle or None
+
+    Fields are checked on construction (and by ``dataclasses.replace``) as
+    :class:`~diffusiongym.tasks.BaseTask` does, plus ``model`` (a :class:`PosteriorModel`).
     """
 
     name: str
@@ -62,6 +69,10 @@ class DiscreteTask:
     steps: int = 50
     action_scale: float = 5.0
     oracle: DiscreteTiltOracle | None = None
+
+    def _check_base_model(self) -> None:
+        if not isinstance(self.model, PosteriorModel):
+            raise TypeError(f"model: expected a PosteriorModel (the base posterior), got {type(self.model).__name__}")
 
     @property
     def path(self) -> MixturePath:
@@ -116,16 +127,23 @@ def digits_task(label: int = 0, reward_scale: float = 1.0, steps: int = 32, acti
     return DiscreteTask("DiscreteDigits-v0", model, reward, reward_scale, steps, action_scale, None)
 
 
-DISCRETE_TASKS = {"DiscreteGrid-v0": grid_task, "DiscreteDigits-v0": digits_task}
+register_task("DiscreteGrid-v0", grid_task, discrete=True)
+register_task("DiscreteDigits-v0", digits_task, discrete=True)
 
 
 def make_discrete_task(name: str | DiscreteTask, **kwargs: Any) -> DiscreteTask:
-    """Build a task by id (``"DiscreteGrid-v0"``, ``"DiscreteDigits-v0"``); keyword arguments go to its factory."""
+    """Build a discrete task by id (``"DiscreteGrid-v0"``, ``"DiscreteDigits-v0"``, any namespace
+    prefix dropped) through :func:`~diffusiongym.tasks.make_task`; keyword arguments go to its
+    factory. An instance is returned as is (then no keyword arguments)."""
     if isinstance(name, DiscreteTask):
         if kwargs:
             raise ValueError(f"kwargs: expected none with a DiscreteTask instance, got {sorted(kwargs)}")
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"task: expected a discrete task name or a DiscreteTask, got {type(name).__name__}")
     key = name.split("/")[-1]
     if key not in DISCRETE_TASKS:
         raise unknown_name_error("task", name, DISCRETE_TASKS)
-    return DISCRETE_TASKS[key](**kwargs)
+    task = make_task(key, **kwargs)
+    assert isinstance(task, DiscreteTask)
+    return task

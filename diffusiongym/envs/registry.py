@@ -31,7 +31,7 @@ from diffusiongym.rewards.base import Reward
 from diffusiongym.tasks import TASKS, Task, register_task
 from diffusiongym.timegrid import DEFAULT_T_START
 
-__all__ = ["NAMESPACE", "register_envs", "register_env", "make_env", "make_single_env", "make_vector_env"]
+__all__ = ["NAMESPACE", "register_envs", "register_env", "register_ids", "make_env", "make_single_env", "make_vector_env"]
 
 NAMESPACE = "diffusiongym"
 ENV_KWARGS = VECTOR_ENV_KWARGS
@@ -50,17 +50,29 @@ def make_vector_env(task: str, num_envs: int = 1, render_mode: str | None = None
     return DiffusionVectorEnv(task, num_envs, render_mode=render_mode, **kwargs)
 
 
+def register_ids(ids: dict[str, str], entry_point: str, vector_entry_point: str) -> list[str]:
+    """Register each Gymnasium id of ``ids`` (id -> task name, passed as the env's ``task``) with a
+    single-env ``entry_point`` and a ``vector_entry_point`` (``"module:Class"`` strings, so
+    ``gym.spec(id).to_json()`` round-trips). Ids already registered are left as they are. Returns the ids.
+    """
+    if not isinstance(ids, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ids.items()):
+        raise TypeError(f"ids: expected a dict Gymnasium id -> task name (both str), got {ids!r}")
+    for name, value in (("entry_point", entry_point), ("vector_entry_point", vector_entry_point)):
+        if not isinstance(value, str) or ":" not in value:
+            raise TypeError(f"{name}: expected a 'module:Class' string, got {value!r}")
+    for env_id, task in ids.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point, kwargs={"task": task})
+    return list(ids)
+
+
 def _register_id(name: str) -> None:
-    env_id = f"{NAMESPACE}/{name}"
-    if env_id in gym.registry:
-        return
-    gym.register(id=env_id, entry_point=ENTRY_POINT, vector_entry_point=VECTOR_ENTRY_POINT, kwargs={"task": name})
+    register_ids({f"{NAMESPACE}/{name}": name}, ENTRY_POINT, VECTOR_ENTRY_POINT)
 
 
 def register_envs() -> None:
     """Register every known task as ``diffusiongym/<name>`` (idempotent)."""
-    for name in TASKS:
-        _register_id(name)
+    register_ids({f"{NAMESPACE}/{name}": name for name in TASKS}, ENTRY_POINT, VECTOR_ENTRY_POINT)
 
 
 def register_env(name: str, task_factory: Callable[..., Task]) -> str:
