@@ -24,7 +24,7 @@ from torch import Tensor
 
 from diffusiongym.discrete.chain import base_rates, controlled_step, draw_step, time_grid
 from diffusiongym.discrete.tasks import DISCRETE_TASKS, DiscreteTask, make_discrete_task
-from diffusiongym.envs.simulator import DiffusionSimulator, as_int, check_device, check_real, unexpected_kwarg
+from diffusiongym.envs.simulator import as_int, check_batch, check_device, check_real, unexpected_kwarg
 from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["DiscreteSimulator", "resolve_discrete_task", "ENV_ARGS"]
@@ -156,7 +156,7 @@ class DiscreteSimulator:
         """Validate a batch of normalised actions (the vector envs' rule: a tensor or numpy array of shape
         ``(n, D, K)``, dtype exactly float32, on the env's device, finite); returns it as float64."""
         # the continuous simulator's batch check (reads dtype, device, check_actions): one rule, one wording
-        return DiffusionSimulator._check(self, "actions", actions, (self.num_envs, *self.action_shape)).double()  # type: ignore[arg-type]
+        return check_batch("actions", actions, (self.num_envs, *self.action_shape), self.dtype, self.device, finite=self.check_actions).double()
 
     # -------------------------------------------------------------------- step
     def step(self, actions: Tensor, active: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, Tensor]]:

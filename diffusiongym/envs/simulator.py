@@ -47,7 +47,7 @@ from diffusiongym.tasks import TASKS, Task, make_task
 from diffusiongym.timegrid import make_time_grid
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
-__all__ = ["DiffusionSimulator", "ACTION_MODES", "MIN_STABLE_STEPS", "resolve_task", "as_int", "unexpected_kwarg", "check_device", "check_real", "to_action_tensor"]
+__all__ = ["DiffusionSimulator", "ACTION_MODES", "MIN_STABLE_STEPS", "resolve_task", "as_int", "unexpected_kwarg", "check_device", "check_real", "check_batch", "to_action_tensor"]
 
 ACTION_MODES = ("control", "drift", "model")
 DEFAULT_SCALES = {"drift": 10.0, "model": 10.0}
@@ -157,6 +157,23 @@ def resolve_task(task: Task | str, kwargs: dict[str, Any], env_keys: tuple[str, 
     if isinstance(task, Task):
         return task, env_kw
     return make_task(name, **task_kw), env_kw
+
+
+def check_batch(name: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, finite: bool = True) -> Tensor:
+    """A batched action or state: a torch tensor or numpy array of exactly ``shape``, ``dtype``
+    (numpy wrapped without a copy, never cast) and ``device``; finite when ``finite``."""
+    value = to_action_tensor(name, value, dtype, device)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray of shape {shape}, got {type(value).__name__}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
+    if value.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {value.dtype}")
+    if value.device.type != device.type:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {value.device}")
+    if finite and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    return value
 
 
 class DiffusionSimulator:
@@ -315,18 +332,7 @@ class DiffusionSimulator:
         return self.k >= self.steps
 
     def _check(self, name: str, value: Any, shape: tuple[int, ...]) -> Tensor:
-        value = to_action_tensor(name, value, self.dtype, self.device)
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray of shape {shape}, got {type(value).__name__}")
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
-        if value.dtype != self.dtype:
-            raise ValueError(f"{name}: expected dtype {self.dtype}, got {value.dtype}")
-        if value.device.type != self.device.type:
-            raise ValueError(f"{name}: expected a tensor on {self.device}, got {value.device}")
-        if self.check_actions and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name}: expected finite values, got NaN or inf")
-        return value
+        return check_batch(name, value, shape, self.dtype, self.device, finite=self.check_actions)
 
     # -------------------------------------------------------------------- step
     def step(self, action: Tensor) -> tuple[dict[str, Tensor], Tensor, bool, dict[str, Any]]:

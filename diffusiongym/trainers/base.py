@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffusiongym.discrete.tasks import DISCRETE_TASKS, make_discrete_task
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
@@ -75,7 +74,7 @@ def resolve_task(task: Any, reward: Reward | None = None, reward_scale: float | 
     if reward is not None and not isinstance(reward, Reward):
         raise TypeError(f"reward: expected a diffusiongym Reward (wrap a function in CallableReward), got {type(reward).__name__}")
     if isinstance(task, str):
-        task = make_discrete_task(task) if task in DISCRETE_TASKS else make_task(task)
+        task = make_task(task)
     if isinstance(task, DiffusionEnvironment):
         if reward is None:
             raise TypeError("reward: required when the first argument is an environment (or pass a Task)")
