@@ -64,8 +64,14 @@ def oracle_row(task_id: str, quick: bool, seed: int) -> dict[str, float]:
     """The exact optimal control ``u*`` on the task's grid."""
     task = make_task(task_id)
     traj = sample(
-        task.environment, 4096 if quick else 16384, steps=task.steps, t_start=task.t_start, control=task.oracle.control(),
-        reward=task.reward, reward_scale=task.reward_scale, seed=seed + EVAL_SEED_OFFSET,
+        task.environment,
+        4096 if quick else 16384,
+        steps=task.steps,
+        t_start=task.t_start,
+        control=task.oracle.control(),
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+        seed=seed + EVAL_SEED_OFFSET,
     )
     return trajectory_metrics(traj, task)
 
@@ -94,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
                     res = evaluate(module, train(module, task_id, args.quick, args.seed), args.quick, args.seed)
             secs = time.perf_counter() - start
             kl = "nan" if math.isnan(res["kl"]) else f"{res['kl']:.4f}"
-            print(f"{name} {task_id} gap_closed={res['gap_closed']:.4f} kl={kl} reward={res['reward']:.4f} seconds={secs:.1f}", flush=True)
+            print(
+                f"{name} {task_id} gap_closed={res['gap_closed']:.4f} kl={kl} reward={res['reward']:.4f} seconds={secs:.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatch
 STEPS, T_START = 50, 1e-2
 
 
-def make_trainer(target: int = 3, reward_scale: float = 2.0, config: AdjointMatchingConfig | None = None) -> AdjointMatching:
+def make_trainer(
+    target: int = 3, reward_scale: float = 2.0, config: AdjointMatchingConfig | None = None
+) -> AdjointMatching:
     """Trainer fine-tuning a deepcopy of the unconditional digits UNet towards class ``target``."""
     env = digits_environment(noise="memoryless")
     reward = DigitClassifierReward(target=target, mode="log_prob")
@@ -53,7 +55,15 @@ def make_trainer(target: int = 3, reward_scale: float = 2.0, config: AdjointMatc
 
 
 def default_config(iterations: int = 150, batch_size: int = 32, seed: int = 0) -> AdjointMatchingConfig:
-    return AdjointMatchingConfig(iterations=iterations, batch_size=batch_size, lr=3e-4, loss_times=10, always_last=3, max_grad_norm=1.0, seed=seed)
+    return AdjointMatchingConfig(
+        iterations=iterations,
+        batch_size=batch_size,
+        lr=3e-4,
+        loss_times=10,
+        always_last=3,
+        max_grad_norm=1.0,
+        seed=seed,
+    )
 
 
 @torch.no_grad()
@@ -67,7 +77,12 @@ def evaluate(trainer: AdjointMatching, n: int = 256, seed: int = 1, base: bool =
         traj = trainer.sample(n, seed)
     is_class = DigitClassifierReward(target=reward.target, mode="is_class", classifier=reward.classifier)
     frac, _ = is_class(traj.x1)
-    return {"target_fraction": float(frac.mean()), "kl": float(traj.kl.mean()), "reward": float(traj.reward.mean()), "x1": traj.x1}
+    return {
+        "target_fraction": float(frac.mean()),
+        "kl": float(traj.kl.mean()),
+        "reward": float(traj.reward.mean()),
+        "x1": traj.x1,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,13 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--save", default=None, help="trainer checkpoint folder (trainer.json + safetensors) written at the end")
+    parser.add_argument(
+        "--save", default=None, help="trainer checkpoint folder (trainer.json + safetensors) written at the end"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     trainer = make_trainer(args.target, args.reward_scale, default_config(args.iterations, args.batch))
     ev = evaluate(trainer, args.eval_samples, base=True)
-    print(f"iteration=0 target_fraction={ev['target_fraction']:.3f} kl={ev['kl']:.3f} reward={ev['reward']:.3f} seconds=0.0", flush=True)
+    print(
+        f"iteration=0 target_fraction={ev['target_fraction']:.3f} kl={ev['kl']:.3f} reward={ev['reward']:.3f} seconds=0.0",
+        flush=True,
+    )
     train_seconds = 0.0
     done = 0
     while done < args.iterations:

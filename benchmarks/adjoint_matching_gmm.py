@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the --quick budget of benchmarks/adaptation.py")
     parser.add_argument("--tasks", nargs="*", default=TASKS)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
-    parser.add_argument("--plain", action="store_true", help="no likelihood-ratio steps (the paper's Monte-Carlo lean adjoint)")
+    parser.add_argument(
+        "--plain", action="store_true", help="no likelihood-ratio steps (the paper's Monte-Carlo lean adjoint)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -47,19 +49,31 @@ def main(argv: list[str] | None = None) -> None:
             trainer.train(progress=False)
             task = make_task(task_id)  # the task's own 100-step grid (training used a coarser one)
             secs = time.perf_counter() - start
-            common = dict(steps=task.steps, t_start=task.t_start, reward=task.reward, reward_scale=task.reward_scale, seed=seed + 10_000)
+            common = dict(
+                steps=task.steps,
+                t_start=task.t_start,
+                reward=task.reward,
+                reward_scale=task.reward_scale,
+                seed=seed + 10_000,
+            )
             traj = dg.sample(task.environment, N_EVAL, control=trainer.policy, **common)
             opt = dg.sample(task.environment, N_EVAL, control=task.oracle.control(), **common)
             obj, obj_opt = float(traj.objective.mean()), float(opt.objective.mean())
             se = float(traj.objective.std()) / N_EVAL**0.5
-            target = task.oracle.target.sample(N_TEST, generator=torch.Generator().manual_seed(seed + 77), dtype=torch.float32)
+            target = task.oracle.target.sample(
+                N_TEST, generator=torch.Generator().manual_seed(seed + 77), dtype=torch.float32
+            )
             thr = dg.null_energy_threshold(task.oracle.target, N_TEST, seed=1000)
             ed, ed_opt = dg.energy_distance(traj.x1[:N_TEST], target), dg.energy_distance(opt.x1[:N_TEST], target)
             weights = trainer.model.mixture().weights
             print(f"{task_id} seed {seed}: {trainer.iteration} iterations in {secs:.0f} s")
-            print(f"  gap_closed {task.oracle.gap_closed(obj):.4f} (objective {obj:.4f} +- {se:.4f})  kl {float(traj.kl.mean()):.4f}  reward {float(traj.reward.mean()):.4f}")
+            print(
+                f"  gap_closed {task.oracle.gap_closed(obj):.4f} (objective {obj:.4f} +- {se:.4f})  kl {float(traj.kl.mean()):.4f}  reward {float(traj.reward.mean()):.4f}"
+            )
             print(f"  u* on this grid: gap_closed {task.oracle.gap_closed(obj_opt):.4f}  kl {float(opt.kl.mean()):.4f}")
-            print(f"  energy distance to p* (n={N_TEST}): learnt {ed:.5f}  u* {ed_opt:.5f}  threshold {thr:.5f}  pass={ed < thr}")
+            print(
+                f"  energy distance to p* (n={N_TEST}): learnt {ed:.5f}  u* {ed_opt:.5f}  threshold {thr:.5f}  pass={ed < thr}"
+            )
             print(f"  weights learnt {[round(w, 4) for w in weights.tolist()]}")
             print(f"  weights p*     {[round(w, 4) for w in task.oracle.target.weights.tolist()]}", flush=True)
 

@@ -52,8 +52,17 @@ def _measure(method: str, task_id: str, batch: int, steps: int, iterations: int,
             cfg = am_config(task_id, True, 0, batch_size=batch)
             dtype = torch.float64
         else:
-            cfg = am_config(task_id, True, 0, batch_size=batch, residual="control", restarts=0.0, lr=3e-3, minibatch_size=4096,
-                            likelihood_ratio=None)
+            cfg = am_config(
+                task_id,
+                True,
+                0,
+                batch_size=batch,
+                residual="control",
+                restarts=0.0,
+                lr=3e-3,
+                minibatch_size=4096,
+                likelihood_ratio=None,
+            )
             dtype = torch.float32
         trainer = AdjointMatching(task, config=cfg, steps=steps, device=device, dtype=dtype)
     else:
@@ -96,11 +105,16 @@ def main(argv: list[str] | None = None) -> None:
     for task_id in args.tasks:
         for method in methods:
             queue = ctx.Queue()
-            proc = ctx.Process(target=_measure, args=(method, task_id, args.batch, args.steps, args.iterations, args.device, queue))
+            proc = ctx.Process(
+                target=_measure, args=(method, task_id, args.batch, args.steps, args.iterations, args.device, queue)
+            )
             proc.start()
             sec, mem = queue.get()
             proc.join()
-            print(f"{method} {task_id} batch={args.batch} steps={args.steps} sec_per_iter={sec:.4f} peak_mem_mb={mem:.1f}", flush=True)
+            print(
+                f"{method} {task_id} batch={args.batch} steps={args.steps} sec_per_iter={sec:.4f} peak_mem_mb={mem:.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -88,7 +88,13 @@ def run_variant(variant: str, n: int, steps: int, repeats: int, seed: int) -> di
         times.append(time.perf_counter() - start)
     if variant != "ours_memoryless":  # kept for the agreement check in main()
         torch.save(x, f"/tmp/digits_benchmark_{variant}_{os.getpid()}.pt")
-    return {"variant": variant, "seconds": min(times), "peak_rss_growth_mib": (rss_after - rss_before) / 1024, "peak_rss_mib": rss_after / 1024, "pid": os.getpid()}
+    return {
+        "variant": variant,
+        "seconds": min(times),
+        "peak_rss_growth_mib": (rss_after - rss_before) / 1024,
+        "peak_rss_mib": rss_after / 1024,
+        "pid": os.getpid(),
+    }
 
 
 def main() -> None:
@@ -104,8 +110,23 @@ def main() -> None:
         return
     results = {}
     for variant in ("diffusers", "ours_ode", "ours_memoryless"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--num-samples", str(args.num_samples), "--steps", str(args.steps), "--repeats", str(args.repeats), "--seed", str(args.seed)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--num-samples",
+            str(args.num_samples),
+            "--steps",
+            str(args.steps),
+            "--repeats",
+            str(args.repeats),
+            "--seed",
+            str(args.seed),
+        ]
+        out = subprocess.run(
+            cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     x_d = torch.load(f"/tmp/digits_benchmark_diffusers_{results['diffusers']['pid']}.pt")
     x_o = torch.load(f"/tmp/digits_benchmark_ours_ode_{results['ours_ode']['pid']}.pt")

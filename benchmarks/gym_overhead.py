@@ -35,17 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"threads={torch.get_num_threads()} steps={args.steps} task=GMM2D-v0 (memoryless)")
     print(f"{'batch':>7} {'engine [s]':>11} {'env [s]':>9} {'ratio':>7} {'env steps/s':>12}")
     for n in args.batches:
-        env = gym.make_vec("diffusiongym/GMM2D-v0", num_envs=n, vectorization_mode="vector_entry_point", steps=args.steps)
+        env = gym.make_vec(
+            "diffusiongym/GMM2D-v0", num_envs=n, vectorization_mode="vector_entry_point", steps=args.steps
+        )
         task = env.unwrapped.task
         zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 - same per-step control work as the env
         t = best_times(
             {
-                "engine": lambda task=task, n=n, zero=zero: dg.sample(task.environment, n, steps=args.steps, control=zero, reward=task.reward, seed=0),
+                "engine": lambda task=task, n=n, zero=zero: dg.sample(
+                    task.environment, n, steps=args.steps, control=zero, reward=task.reward, seed=0
+                ),
                 "env": lambda env=env, n=n: run_env(env, n, args.steps),
             },
             args.repeats if n < 65536 else 2,
         )
-        print(f"{n:>7} {t['engine']:>11.4f} {t['env']:>9.4f} {t['env'] / t['engine']:>7.3f} {n * args.steps / t['env']:>12.0f}")
+        print(
+            f"{n:>7} {t['engine']:>11.4f} {t['env']:>9.4f} {t['env'] / t['engine']:>7.3f} {n * args.steps / t['env']:>12.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def make_digits_task(steps: int, target: int = 3, weights: str | Path | None = N
     if weights is not None:
         weights = Path(weights)
         env = digits_environment(model=load_digits_model(path=weights / "digits_unet", guidance_scale=0.0))
-        reward = DigitClassifierReward(target=target, mode="log_prob", classifier=load_digit_classifier(path=weights / "digit_classifier"))
+        reward = DigitClassifierReward(
+            target=target, mode="log_prob", classifier=load_digit_classifier(path=weights / "digit_classifier")
+        )
         task = dataclasses.replace(task, environment=env, reward=reward)
     return task
 
@@ -81,22 +83,38 @@ def main(argv: list[str] | None = None) -> dict:
     iterations = args.iterations or (5 if args.quick else 60)
     task = make_digits_task(args.steps, args.target, args.weights)
     config = PolicyGradientConfig(
-        iterations=iterations, batch_size=args.num_envs, group_size=args.group_size, lr=args.lr, kl_coef=args.kl_coef,
-        num_minibatches=4, hidden=256, layers=3, seed=args.seed,
+        iterations=iterations,
+        batch_size=args.num_envs,
+        group_size=args.group_size,
+        lr=args.lr,
+        kl_coef=args.kl_coef,
+        num_minibatches=4,
+        hidden=256,
+        layers=3,
+        seed=args.seed,
     )
-    trainer = PolicyGradient(task, config=config, policy_type="control")  # a zero-initialised TimeMLP control on the flat image
+    trainer = PolicyGradient(
+        task, config=config, policy_type="control"
+    )  # a zero-initialised TimeMLP control on the flat image
     eval_episodes = 2 if args.quick else 8
     before = class_stats(trainer, args.target, eval_episodes, seed=10_000)
     start = time.perf_counter()
-    trainer.train(progress=False, callback=lambda rec: print(
-        f"iter {int(rec['iteration']):3d} reward={rec['reward']:.3f} kl={rec['kl']:.3f} objective={rec['objective']:.3f} "
-        f"clip={rec['clip_fraction']:.3f} approx_kl={rec['approx_kl']:.4f}", flush=True))
+    trainer.train(
+        progress=False,
+        callback=lambda rec: print(
+            f"iter {int(rec['iteration']):3d} reward={rec['reward']:.3f} kl={rec['kl']:.3f} objective={rec['objective']:.3f} "
+            f"clip={rec['clip_fraction']:.3f} approx_kl={rec['approx_kl']:.4f}",
+            flush=True,
+        ),
+    )
     seconds = time.perf_counter() - start
     after = class_stats(trainer, args.target, eval_episodes, seed=10_000)
     n = eval_episodes * args.num_envs
     for name, s in (("base", before), ("grpo", after)):
-        print(f"{name}: E log p({args.target}|x)={s['reward']:.3f} E p={s['prob']:.3f} classified={s['classified']:.3f} "
-              f"kl={s['kl']:.3f} objective={s['objective']:.3f} (n={n})")
+        print(
+            f"{name}: E log p({args.target}|x)={s['reward']:.3f} E p={s['prob']:.3f} classified={s['classified']:.3f} "
+            f"kl={s['kl']:.3f} objective={s['objective']:.3f} (n={n})"
+        )
     print(f"training seconds={seconds:.1f} iterations={iterations} num_envs={args.num_envs} steps={args.steps}")
     if args.figure is not None:
         _figure(trainer, args, before, after)

@@ -93,8 +93,23 @@ def default_rql_config(seed: int, iterations: int = 6000) -> RQLConfig:
     """gamma 0.99 across real steps; Q normalised for the actor (TD3+BC style). ``alpha`` multiplies
     a BC term in velocity units (``|dv|^2 ~ |da|^2 / h^2``), so it is ~25x stronger than the same
     number on actions for F = 5; 0.01 and 0.001 with policy lr 1e-3 diverged (values -> 1e27)."""
-    return RQLConfig(gamma=0.99, alpha=0.1, normalize_q=True, bc_reversal="initial", reversal_iters=1, batch_size=128, value_hidden=256, value_layers=2, lr=3e-4,
-                     max_grad_norm=10.0, flow_samples=2, value_warmup=1000, tau=0.005, iterations=iterations, seed=seed)
+    return RQLConfig(
+        gamma=0.99,
+        alpha=0.1,
+        normalize_q=True,
+        bc_reversal="initial",
+        reversal_iters=1,
+        batch_size=128,
+        value_hidden=256,
+        value_layers=2,
+        lr=3e-4,
+        max_grad_norm=10.0,
+        flow_samples=2,
+        value_warmup=1000,
+        tau=0.005,
+        iterations=iterations,
+        seed=seed,
+    )
 
 
 def run_seed(seed: int, cfg: PendulumConfig) -> dict[str, Any]:
@@ -112,7 +127,9 @@ def run_seed(seed: int, cfg: PendulumConfig) -> dict[str, Any]:
     curve = [(0, bc_return)]
     while trainer.iteration < rql_config.iterations:
         trainer.train(min(cfg.eval_every, rql_config.iterations - trainer.iteration), progress=False)
-        curve.append((trainer.iteration, float(np.mean(evaluate_policy(env, trainer.model, cfg.eval_episodes, seed=seed)))))
+        curve.append(
+            (trainer.iteration, float(np.mean(evaluate_policy(env, trainer.model, cfg.eval_episodes, seed=seed))))
+        )
     return {"behaviour": behaviour_return, "bc": bc_return, "rql": curve[-1][1], "curve": curve}
 
 
@@ -140,7 +157,9 @@ def plot(rows: list[dict[str, Any]], seeds: list[int], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--iterations", type=int, default=PendulumConfig.rql_iterations, help="RQL iterations (one value update each)")
+    parser.add_argument(
+        "--iterations", type=int, default=PendulumConfig.rql_iterations, help="RQL iterations (one value update each)"
+    )
     parser.add_argument("--episodes", type=int, default=PendulumConfig.episodes)
     parser.add_argument("--figure", default="rql_pendulum.png", help="where to save the learning curves ('' for none)")
     args = parser.parse_args(argv)
@@ -153,10 +172,15 @@ def main(argv: list[str] | None = None) -> None:
         res = run_seed(seed, cfg)
         rows.append(res)
         curve = " ".join(f"{k}:{r:.0f}" for k, r in res["curve"])
-        print(f"seed={seed} behaviour={res['behaviour']:.1f} bc={res['bc']:.1f} rql={res['rql']:.1f} curve=[{curve}] seconds={time.perf_counter() - start:.1f}", flush=True)
+        print(
+            f"seed={seed} behaviour={res['behaviour']:.1f} bc={res['bc']:.1f} rql={res['rql']:.1f} curve=[{curve}] seconds={time.perf_counter() - start:.1f}",
+            flush=True,
+        )
     for key in ("behaviour", "bc", "rql"):
         vals = np.array([r[key] for r in rows])
-        print(f"mean {key}={vals.mean():.1f} +- {vals.std(ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else 0.0:.1f} (s.e.)")
+        print(
+            f"mean {key}={vals.mean():.1f} +- {vals.std(ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else 0.0:.1f} (s.e.)"
+        )
     wins = sum(r["rql"] > r["bc"] for r in rows)
     print(f"rql beats bc on {wins}/{len(rows)} seeds")
     if args.figure:

@@ -30,8 +30,6 @@ import diffusiongym as dg
 N_EVAL = 4096
 
 
-
-
 def value_mse(trainer, task, traj, ks) -> list[tuple[float, float, float]]:
     """``(t_k, mean (V - V*)^2, Var V*)`` on the stored states at grid indices ``ks``."""
     rows = []
@@ -60,21 +58,35 @@ def main(argv: list[str] | None = None) -> None:
         trainer.train(progress=False)
         task = trainer.task
         secs = time.perf_counter() - start
-        common = dict(steps=task.steps, t_start=task.t_start, reward=task.reward, reward_scale=task.reward_scale, seed=args.seed + 10_000)
+        common = dict(
+            steps=task.steps,
+            t_start=task.t_start,
+            reward=task.reward,
+            reward_scale=task.reward_scale,
+            seed=args.seed + 10_000,
+        )
         traj = dg.sample(task.environment, N_EVAL, control=trainer.policy, store="states", **common)
         opt = dg.sample(task.environment, N_EVAL, control=task.oracle.control(), **common)
         obj, obj_opt = float(traj.objective.mean()), float(opt.objective.mean())
         se = float(traj.objective.std()) / N_EVAL**0.5
         print(f"{task_id}: trained {trainer.iteration} iterations in {secs:.1f} s")
-        print(f"  objective {obj:.4f} +- {se:.4f}  gap_closed {task.oracle.gap_closed(obj):.4f}  kl {float(traj.kl.mean()):.4f}  reward {float(traj.reward.mean()):.4f}")
-        print(f"  u* on the same grid: objective {obj_opt:.4f}  gap_closed {task.oracle.gap_closed(obj_opt):.4f}  kl {float(opt.kl.mean()):.4f}  reward {float(opt.reward.mean()):.4f}")
+        print(
+            f"  objective {obj:.4f} +- {se:.4f}  gap_closed {task.oracle.gap_closed(obj):.4f}  kl {float(traj.kl.mean()):.4f}  reward {float(traj.reward.mean()):.4f}"
+        )
+        print(
+            f"  u* on the same grid: objective {obj_opt:.4f}  gap_closed {task.oracle.gap_closed(obj_opt):.4f}  kl {float(opt.kl.mean()):.4f}  reward {float(opt.reward.mean()):.4f}"
+        )
         print(f"  exact: optimal {task.oracle.optimal_objective:.4f}  base {task.oracle.base_objective:.4f}")
         n = 2048
-        target = task.oracle.target.sample(n, generator=torch.Generator().manual_seed(args.seed + 77), dtype=torch.float32)
+        target = task.oracle.target.sample(
+            n, generator=torch.Generator().manual_seed(args.seed + 77), dtype=torch.float32
+        )
         thr = dg.null_energy_threshold(task.oracle.target, n)
         ed, ed_opt = dg.energy_distance(traj.x1[:n], target), dg.energy_distance(opt.x1[:n], target)
         base = task.mixture.sample(n, generator=torch.Generator().manual_seed(args.seed + 78), dtype=torch.float32)
-        print(f"  energy distance to p* (n={n}): learned {ed:.5f}  u* {ed_opt:.5f}  base {dg.energy_distance(base, target):.5f}  threshold {thr:.5f}  pass={ed < thr}")
+        print(
+            f"  energy distance to p* (n={n}): learned {ed:.5f}  u* {ed_opt:.5f}  base {dg.energy_distance(base, target):.5f}  threshold {thr:.5f}  pass={ed < thr}"
+        )
         ks = [0, 10, 25, 50, 75, 90, 99, task.steps]
         rows = value_mse(trainer, task, traj, ks)
         print("  V vs V*: " + "  ".join(f"t={t:.3f}: mse {m:.4f} (var V* {v:.3f})" for t, m, v in rows))

@@ -47,8 +47,32 @@ from diffusiongym.trainers.value_matching_digits import (
 
 RECIPE = {"target": 3, "reward_scale": 10.0, "steps": 25, "mode": "is_class"}
 PHASES = [
-    (5.0, ValueMatchingConfig(iterations=80, batch_size=128, updates_per_iteration=16, minibatch_size=1024, replay=3, lr=1e-3, lr_final_factor=0.1, seed=0)),
-    (10.0, ValueMatchingConfig(iterations=40, batch_size=192, updates_per_iteration=16, minibatch_size=1024, replay=1, lr=5e-4, lr_final_factor=0.1, seed=1)),
+    (
+        5.0,
+        ValueMatchingConfig(
+            iterations=80,
+            batch_size=128,
+            updates_per_iteration=16,
+            minibatch_size=1024,
+            replay=3,
+            lr=1e-3,
+            lr_final_factor=0.1,
+            seed=0,
+        ),
+    ),
+    (
+        10.0,
+        ValueMatchingConfig(
+            iterations=40,
+            batch_size=192,
+            updates_per_iteration=16,
+            minibatch_size=1024,
+            replay=1,
+            lr=5e-4,
+            lr_final_factor=0.1,
+            seed=1,
+        ),
+    ),
 ]
 EVAL_SEED = 123_456
 
@@ -60,7 +84,17 @@ def evaluate(task, control, n: int, seed: int = EVAL_SEED) -> dict[str, float]:
     done = 0
     while done < n:
         m = min(256, n - done)
-        traj = dg.sample(task.environment, m, steps=task.steps, t_start=task.t_start, control=control, reward=task.reward, reward_scale=task.reward_scale, cond={"label": cond_fn(m)}, seed=seed + done)
+        traj = dg.sample(
+            task.environment,
+            m,
+            steps=task.steps,
+            t_start=task.t_start,
+            control=control,
+            reward=task.reward,
+            reward_scale=task.reward_scale,
+            cond={"label": cond_fn(m)},
+            seed=seed + done,
+        )
         totals["fraction"] += float(traj.reward.sum())  # is_class reward: 1 for the target class
         totals["kl"] += float(traj.kl.sum()) if control is not None else 0.0
         totals["reward"] += float(traj.reward.sum())
@@ -80,13 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", type=Path, default=None, help="weights stem of a phase-1 run: run phase 2 only")
     parser.add_argument("--eval-samples", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=None, help="weights stem to write (required to train) or, with --eval-only, to read (default: the shipped diffusiongym/weights/value_digits)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="weights stem to write (required to train) or, with --eval-only, to read (default: the shipped diffusiongym/weights/value_digits)",
+    )
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out instead of training")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     if args.out is None:
         if not args.eval_only:
-            parser.error("--out: required to train (pass diffusiongym/weights/value_digits to regenerate the shipped weights)")
+            parser.error(
+                "--out: required to train (pass diffusiongym/weights/value_digits to regenerate the shipped weights)"
+            )
         args.out = DIGITS_VALUE_WEIGHTS
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -120,11 +161,16 @@ def main(argv: list[str] | None = None) -> None:
 
             def log(rec, offset=offset, lam=lam, config=config):
                 if rec["iteration"] % 10 == 0 or rec["iteration"] == config.iterations - 1:
-                    print(f"  lambda {lam:g} it {offset + int(rec['iteration']):3d}  reward {rec['reward']:.3f}  kl {rec['kl']:.3f}  objective {rec['objective']:.3f}  loss {rec['loss']:.3f}  {time.perf_counter() - start:.0f} s", flush=True)
+                    print(
+                        f"  lambda {lam:g} it {offset + int(rec['iteration']):3d}  reward {rec['reward']:.3f}  kl {rec['kl']:.3f}  objective {rec['objective']:.3f}  loss {rec['loss']:.3f}  {time.perf_counter() - start:.0f} s",
+                        flush=True,
+                    )
 
             trainer.train(callback=log, progress=args.progress)
             done, new = offset, len(trainer.history["loss"])
-            for key in sorted((set(history) | set(trainer.history)) - {"reward_scale"}):  # NaN where a phase lacks a key
+            for key in sorted(
+                (set(history) | set(trainer.history)) - {"reward_scale"}
+            ):  # NaN where a phase lacks a key
                 history.setdefault(key, [math.nan] * done).extend(trainer.history.get(key, [math.nan] * new))
             history.setdefault("reward_scale", []).extend([lam] * len(trainer.history["loss"]))
         policy = ValuePolicy(value_net, task.environment, action_scale=task.action_scale)
@@ -138,10 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     gap = (learned["objective"] - base_obj) / (best - base_obj)
     n = args.eval_samples
     se = lambda p: math.sqrt(max(p * (1 - p), 1e-12) / n)
-    print(f"Digits (unconditional), target class {RECIPE['target']}, lambda {lam}, {task.steps} steps; {len(history.get('loss', []))} iterations, {train_seconds:.0f} s training")
-    print(f"  base:    class-{RECIPE['target']} fraction {base['fraction']:.3f} +- {se(base['fraction']):.3f}  objective {base_obj:.3f}")
-    print(f"  learned: class-{RECIPE['target']} fraction {learned['fraction']:.3f} +- {se(learned['fraction']):.3f}  kl {learned['kl']:.3f}  objective {learned['objective']:.3f}  valid {learned['valid']:.3f}")
-    print(f"  optimum (from the measured base rate): fraction {best_fraction:.3f}  objective {best:.3f}  kl {lam * best_fraction - best:.3f};  gap closed {gap:.3f}")
+    print(
+        f"Digits (unconditional), target class {RECIPE['target']}, lambda {lam}, {task.steps} steps; {len(history.get('loss', []))} iterations, {train_seconds:.0f} s training"
+    )
+    print(
+        f"  base:    class-{RECIPE['target']} fraction {base['fraction']:.3f} +- {se(base['fraction']):.3f}  objective {base_obj:.3f}"
+    )
+    print(
+        f"  learned: class-{RECIPE['target']} fraction {learned['fraction']:.3f} +- {se(learned['fraction']):.3f}  kl {learned['kl']:.3f}  objective {learned['objective']:.3f}  valid {learned['valid']:.3f}"
+    )
+    print(
+        f"  optimum (from the measured base rate): fraction {best_fraction:.3f}  objective {best:.3f}  kl {lam * best_fraction - best:.3f};  gap closed {gap:.3f}"
+    )
     if not args.eval_only:
         info = {
             "recipe": RECIPE,
@@ -150,7 +204,15 @@ def main(argv: list[str] | None = None) -> None:
             "init": str(args.init) if args.init is not None else None,
             "train_seconds": train_seconds,
             "history": history,
-            "metrics": {"eval_samples": n, "eval_seed": EVAL_SEED, "base": base, "learned": learned, "optimal_objective": best, "optimal_fraction": best_fraction, "gap_closed": gap},
+            "metrics": {
+                "eval_samples": n,
+                "eval_seed": EVAL_SEED,
+                "base": base,
+                "learned": learned,
+                "optimal_objective": best,
+                "optimal_fraction": best_fraction,
+                "gap_closed": gap,
+            },
             "produced_by": "python benchmarks/value_matching_digits.py",
         }
         weights, cfg = save_value_net(value_net, args.out, info)

@@ -55,7 +55,9 @@ def _run(n: int, seed: int) -> None:
         recognised = reward.log_probs(info["final_x"]).argmax(1) == labels
     r = info["reward"][info["valid"]]
     print(f"Digits-v0: {n} samples, {env.unwrapped.sim.steps} steps, {secs:.1f}s")
-    print(f"  reward (classifier log p(requested class)): mean={r.mean():.3f} min={r.min():.3f} max={r.max():.3f}  valid={int(info['valid'].sum())}/{n}")
+    print(
+        f"  reward (classifier log p(requested class)): mean={r.mean():.3f} min={r.min():.3f} max={r.max():.3f}  valid={int(info['valid'].sum())}/{n}"
+    )
     print(f"  requested class recognised by the classifier: {recognised.float().mean():.1%}")
 
     env = gym.make_vec("diffusiongym/GMM2D-v0", num_envs=4 * n, vectorization_mode="vector_entry_point")

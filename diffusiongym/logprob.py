@@ -45,7 +45,9 @@ def _per_sample(argument: str, value: Tensor | float, x: Tensor) -> Tensor:
     try:
         v = torch.as_tensor(value, dtype=x.dtype, device=x.device)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{argument}: expected a number or a tensor of shape ({x.shape[0]},), got {type(value).__name__}") from err
+        raise TypeError(
+            f"{argument}: expected a number or a tensor of shape ({x.shape[0]},), got {type(value).__name__}"
+        ) from err
     if v.ndim == 0:
         v = v.expand(x.shape[0])
     if v.shape != (x.shape[0],):
@@ -105,11 +107,15 @@ def euler_step_log_prob(
     for argument, value in (("x_next", x_next), ("x", x), ("drift", drift)):
         check_tensor(argument, value)
     if drift.shape != x.shape or x_next.shape != x.shape:
-        raise ValueError(f"x_next, drift: expected shape {tuple(x.shape)} (same as x), got {tuple(x_next.shape)}, {tuple(drift.shape)}")
+        raise ValueError(
+            f"x_next, drift: expected shape {tuple(x.shape)} (same as x), got {tuple(x_next.shape)}, {tuple(drift.shape)}"
+        )
     hh, ss = _per_sample("h", h, x), _per_sample("sigma", sigma, x)
     if control is not None:
         if not isinstance(control, Tensor) or control.shape != x.shape:
-            raise ValueError(f"control: expected shape {tuple(x.shape)} (same as x), got {tuple(control.shape) if isinstance(control, Tensor) else type(control).__name__}")
+            raise ValueError(
+                f"control: expected shape {tuple(x.shape)} (same as x), got {tuple(control.shape) if isinstance(control, Tensor) else type(control).__name__}"
+            )
         drift = drift + ss * control
     std = (hh * ss**2).sqrt().reshape(-1)
     return gaussian_log_prob(x_next, x + hh * drift, std)
@@ -149,14 +155,18 @@ def transition_mean(
         out = policy(x, tt, **cond)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"policy output: expected shape {tuple(x.shape)} (same as x, the base model's output), got {got}")
+            raise ValueError(
+                f"policy output: expected shape {tuple(x.shape)} (same as x, the base model's output), got {got}"
+            )
         drift = env.convert(out, x, tt, "drift")  # the policy's drift: same scheduler and noise as the base
     else:
         drift = env.drift(x, tt, **cond)
         if control is not None:
             u = control(x, tt, **cond)
             if not isinstance(u, Tensor) or u.shape != x.shape:
-                raise ValueError(f"control output: expected shape {tuple(x.shape)} (same as x), got {tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__}")
+                raise ValueError(
+                    f"control output: expected shape {tuple(x.shape)} (same as x), got {tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__}"
+                )
             drift = drift + sigma.reshape(-1, *([1] * (x.ndim - 1))) * u
     return x + hh * drift, std
 
@@ -233,7 +243,11 @@ def trajectory_log_probs(
     rows = []
     for k in range(len(times) - 1):
         h = float(times[k + 1] - times[k])
-        rows.append(step_log_prob(env, traj.states[k], traj.states[k + 1], float(times[k]), h, policy=policy, control=control, cond=cond))
+        rows.append(
+            step_log_prob(
+                env, traj.states[k], traj.states[k + 1], float(times[k]), h, policy=policy, control=control, cond=cond
+            )
+        )
     return torch.stack(rows)
 
 

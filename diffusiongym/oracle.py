@@ -193,7 +193,9 @@ class TiltOracle:
         ``log E_base[exp(lambda r(X1))]``.
     """
 
-    def __init__(self, mixture: GaussianMixture, reward: Reward, reward_scale: float = 1.0, scheduler: str | Scheduler = "linear"):
+    def __init__(
+        self, mixture: GaussianMixture, reward: Reward, reward_scale: float = 1.0, scheduler: str | Scheduler = "linear"
+    ):
         if not isinstance(mixture, GaussianMixture):
             raise TypeError(f"mixture: expected a GaussianMixture, got {type(mixture).__name__}")
         if not isinstance(reward, Reward):
@@ -239,7 +241,9 @@ class TiltOracle:
         return f"TiltOracle(reward={self.reward!r}, reward_scale={self.reward_scale}, optimal_objective={self.optimal_objective:.4f})"
 
 
-def mixture_oracle(mixture: GaussianMixture, reward: Reward, reward_scale: float, scheduler: str | Scheduler = "linear") -> TiltOracle | None:
+def mixture_oracle(
+    mixture: GaussianMixture, reward: Reward, reward_scale: float, scheduler: str | Scheduler = "linear"
+) -> TiltOracle | None:
     """The :class:`TiltOracle` of ``(mixture, reward, reward_scale)``, or ``None`` when the
     reward has no closed-form Gaussian tilt (the task factories' oracle rule)."""
     reward_scale = check_real("reward_scale", reward_scale)

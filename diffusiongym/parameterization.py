@@ -27,7 +27,14 @@ from torch import Tensor
 from diffusiongym.schedulers import Scheduler
 from diffusiongym.utils.validation import unknown_name_error
 
-__all__ = ["PARAMETERIZATIONS", "TARGETS", "basis_coordinates", "conversion_coefficients", "convert", "check_parameterization"]
+__all__ = [
+    "PARAMETERIZATIONS",
+    "TARGETS",
+    "basis_coordinates",
+    "conversion_coefficients",
+    "convert",
+    "check_parameterization",
+]
 
 PARAMETERIZATIONS = ("velocity", "epsilon", "endpoint", "score")
 TARGETS = (*PARAMETERIZATIONS, "drift")
@@ -39,7 +46,6 @@ def check_parameterization(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"parameterization: expected one of {list(PARAMETERIZATIONS)}, got {type(name).__name__}")
     if name not in PARAMETERIZATIONS:
-
         raise unknown_name_error("parameterization", name, PARAMETERIZATIONS)
     return name
 
@@ -117,7 +123,9 @@ def convert(
     if output.shape != x.shape:
         raise ValueError(f"output: expected shape {tuple(x.shape)} (same as x), got {tuple(output.shape)}")
     if not isinstance(source, str) or not isinstance(target, str):
-        raise TypeError(f"source, target: expected names such as 'velocity', got {type(source).__name__}, {type(target).__name__}")
+        raise TypeError(
+            f"source, target: expected names such as 'velocity', got {type(source).__name__}, {type(target).__name__}"
+        )
     if source not in PARAMETERIZATIONS:
         raise unknown_name_error("source", source, PARAMETERIZATIONS)
     if target not in (*TARGETS, "state"):

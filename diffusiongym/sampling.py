@@ -28,7 +28,14 @@ from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.rewards.base import Reward
 from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
-from diffusiongym.utils.validation import ArgumentTypeError, check_int, check_positive_int, check_real, check_tensor, unknown_name_error
+from diffusiongym.utils.validation import (
+    ArgumentTypeError,
+    check_int,
+    check_positive_int,
+    check_real,
+    check_tensor,
+    unknown_name_error,
+)
 
 __all__ = ["Trajectory", "sample", "StepSchedule", "STORABLE"]
 
@@ -146,7 +153,9 @@ class Trajectory:
         return torch.cat([tail, zero], 0) + self.terminal_cost
 
 
-def _resolve_generator(seed: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+def _resolve_generator(
+    seed: int | None, generator: torch.Generator | None, device: torch.device
+) -> torch.Generator | None:
     if seed is not None and generator is not None:
         raise ValueError("seed, generator: give at most one")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -231,7 +240,9 @@ def sample(
         raise TypeError(f"cond: expected a dict of conditioning keyword arguments, got {type(cond).__name__}")
     cond = dict(cond or {})
     if reward is not None and not isinstance(reward, Reward):
-        raise TypeError(f"reward: expected a diffusiongym Reward (wrap a function with CallableReward(fn)), got {type(reward).__name__}")
+        raise TypeError(
+            f"reward: expected a diffusiongym Reward (wrap a function with CallableReward(fn)), got {type(reward).__name__}"
+        )
     reward_scale = check_real("reward_scale", reward_scale)
     for name, fn in (("control", control), ("policy", policy)):
         if fn is not None and not callable(fn):
@@ -239,12 +250,13 @@ def sample(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ArgumentTypeError(f"dtype: expected a floating-point torch.dtype such as torch.float32, got {dtype!r}")
     if not isinstance(store, (str, list, tuple)):
-        raise TypeError(f"store: expected a name or a sequence of names from {list(STORABLE)}, got {type(store).__name__}")
+        raise TypeError(
+            f"store: expected a name or a sequence of names from {list(STORABLE)}, got {type(store).__name__}"
+        )
     if isinstance(store, str):
         store = STORABLE if store == "all" else (store,)
     for name in store:
         if name not in STORABLE:
-
             raise unknown_name_error("store", name, STORABLE)
     if control is not None and policy is not None:
         raise ValueError("control, policy: give at most one")
@@ -311,7 +323,9 @@ def sample(
                     out_policy = policy(x, t_vec, **cond)
                     if not isinstance(out_policy, Tensor) or out_policy.shape != x.shape:
                         got = tuple(out_policy.shape) if isinstance(out_policy, Tensor) else type(out_policy).__name__
-                        raise ValueError(f"policy output: expected shape {tuple(x.shape)} (same as x, the base model's output), got {got}")
+                        raise ValueError(
+                            f"policy output: expected shape {tuple(x.shape)} (same as x, the base model's output), got {got}"
+                        )
                     u = output_control(out_policy, out, schedule.coef_out[k] / sig)
                 else:
                     u = control(x, t_vec, **cond)

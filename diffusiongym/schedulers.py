@@ -146,7 +146,9 @@ class DiscreteVPScheduler(Scheduler):
         try:
             abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
         except (TypeError, ValueError, RuntimeError) as err:
-            raise ArgumentTypeError(f"alphas_cumprod: expected a 1-D tensor or sequence of numbers, got {type(alphas_cumprod).__name__}") from err
+            raise ArgumentTypeError(
+                f"alphas_cumprod: expected a 1-D tensor or sequence of numbers, got {type(alphas_cumprod).__name__}"
+            ) from err
         if abar.numel() < 2:
             raise ValueError(f"alphas_cumprod: expected at least 2 entries, got {abar.numel()}")
         if not torch.all((abar > 0) & (abar < 1)):
@@ -164,13 +166,17 @@ class DiscreteVPScheduler(Scheduler):
         try:
             betas = torch.as_tensor(betas, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise ArgumentTypeError(f"betas: expected a 1-D tensor or sequence of numbers, got {type(betas).__name__}") from err
+            raise ArgumentTypeError(
+                f"betas: expected a 1-D tensor or sequence of numbers, got {type(betas).__name__}"
+            ) from err
         if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas: expected a 1-D tensor with every entry in (0, 1)")
         return cls(torch.cumprod(1.0 - betas, 0))
 
     @classmethod
-    def linear_ddpm(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVPScheduler:
+    def linear_ddpm(
+        cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+    ) -> DiscreteVPScheduler:
         """The DDPM paper's linear ``betas`` (diffusers' default ``DDPMScheduler``);
         ``2 <= num_train_timesteps <= 100000``, ``0 < beta_start, beta_end < 1``."""
         num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, low=2, high=100_000)

@@ -47,9 +47,25 @@ from diffusiongym.oracle import mixture_oracle
 from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
 from diffusiongym.rewards.base import ConstantReward, Reward
 from diffusiongym.timegrid import DEFAULT_T_START
-from diffusiongym.utils.validation import MAX_STEPS, check_positive_int, check_real, unexpected_keyword_error, unknown_name_error
+from diffusiongym.utils.validation import (
+    MAX_STEPS,
+    check_positive_int,
+    check_real,
+    unexpected_keyword_error,
+    unknown_name_error,
+)
 
-__all__ = ["BaseTask", "Task", "make_task", "register_task", "TASKS", "DISCRETE_TASKS", "gmm_task", "with_reward", "check_reward"]
+__all__ = [
+    "BaseTask",
+    "Task",
+    "make_task",
+    "register_task",
+    "TASKS",
+    "DISCRETE_TASKS",
+    "gmm_task",
+    "with_reward",
+    "check_reward",
+]
 
 OracleFactory = Callable[[Reward, float], Any]
 
@@ -151,13 +167,19 @@ class Task(BaseTask):
         if self.t_start >= 1.0:
             raise ValueError(f"t_start: expected a number in [0, 1), got {self.t_start!r}")
         if not isinstance(self.conditioning, dict):
-            raise TypeError(f"conditioning: expected a dict name -> (space, sampler), got {type(self.conditioning).__name__}")
+            raise TypeError(
+                f"conditioning: expected a dict name -> (space, sampler), got {type(self.conditioning).__name__}"
+            )
         if self.oracle_factory is not None and not callable(self.oracle_factory):
-            raise TypeError(f"oracle_factory: expected a callable (reward, reward_scale) -> oracle, got {type(self.oracle_factory).__name__}")
+            raise TypeError(
+                f"oracle_factory: expected a callable (reward, reward_scale) -> oracle, got {type(self.oracle_factory).__name__}"
+            )
 
     def _check_base_model(self) -> None:
         if not isinstance(self.environment, DiffusionEnvironment):
-            raise TypeError(f"environment: expected a DiffusionEnvironment (the base model), got {type(self.environment).__name__}")
+            raise TypeError(
+                f"environment: expected a DiffusionEnvironment (the base model), got {type(self.environment).__name__}"
+            )
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -270,7 +292,16 @@ def gmm_task(
     env = make_environment(model, parameterization, scheduler=model.scheduler, noise=noise)
     factory = functools.partial(mixture_oracle, mixture, scheduler=model.scheduler)
     return Task(
-        name, env, reward, float(reward_scale), steps, t_start, float(action_scale), factory(reward, float(reward_scale)), {}, factory
+        name,
+        env,
+        reward,
+        float(reward_scale),
+        steps,
+        t_start,
+        float(action_scale),
+        factory(reward, float(reward_scale)),
+        {},
+        factory,
     )
 
 

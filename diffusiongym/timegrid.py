@@ -51,7 +51,9 @@ def make_time_grid(
         try:
             g = torch.as_tensor(grid, dtype=torch.float64).flatten()
         except (TypeError, ValueError, RuntimeError) as err:
-            raise ArgumentTypeError(f"grid: expected a 1-D tensor or sequence of times, got {type(grid).__name__}") from err
+            raise ArgumentTypeError(
+                f"grid: expected a 1-D tensor or sequence of times, got {type(grid).__name__}"
+            ) from err
         if g.numel() < 2:
             raise ValueError(f"grid: expected at least 2 time points, got {g.numel()}")
         if g.numel() > MAX_STEPS + 1:

@@ -68,7 +68,15 @@ class RewardWeightedRegression(Trainer):
         cfg, task, gen = self.config, self.task, self.generator
         # 1. samples of the base model and their self-normalised weights g = softmax(lambda r)
         with torch.no_grad():
-            base = sample(self.env, cfg.batch_size, grid=self.times, reward=task.reward, generator=gen, device=self.device, dtype=self.dtype)
+            base = sample(
+                self.env,
+                cfg.batch_size,
+                grid=self.times,
+                reward=task.reward,
+                generator=gen,
+                device=self.device,
+                dtype=self.dtype,
+            )
         log_w = torch.where(base.valid, task.reward_scale * base.reward, torch.full_like(base.reward, -torch.inf))
         g = torch.softmax(log_w.double(), 0).to(self.dtype)
         x1 = base.x1
@@ -76,7 +84,14 @@ class RewardWeightedRegression(Trainer):
         losses = []
         for _ in range(cfg.updates_per_iteration):
             loss = weighted_flow_matching_loss(
-                self.model, self.env.parameterization, self.env.scheduler, x1, g, t_range=(task.t_start, 1.0), time_power=1.0, generator=gen
+                self.model,
+                self.env.parameterization,
+                self.env.scheduler,
+                x1,
+                g,
+                t_range=(task.t_start, 1.0),
+                time_power=1.0,
+                generator=gen,
             )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -100,7 +100,9 @@ def test_lean_adjoint_arguments():
     with pytest.raises(ValueError, match="times"):
         lean_adjoint(task.environment, torch.zeros(3, 2, 1), make_time_grid(5, 0.1), task.reward, 1.0)
     with pytest.raises(ValueError, match="differentiable"):
-        lean_adjoint(task.environment, torch.zeros(3, 2, 1), make_time_grid(2, 0.1), CallableReward(lambda x: x[:, 0]), 1.0)
+        lean_adjoint(
+            task.environment, torch.zeros(3, 2, 1), make_time_grid(2, 0.1), CallableReward(lambda x: x[:, 0]), 1.0
+        )
 
 
 # ---------------------------------------------------------------- likelihood-ratio steps
@@ -108,8 +110,16 @@ def _oracle_batch(n, steps=50, seed=5):
     task = make_task("GMM1D-v0")
     trainer = AdjointMatching(task, config=AdjointMatchingConfig(hidden=8, layers=1), steps=steps)
     ustar = task.oracle.control()
-    traj = sample(trainer.env, n, grid=trainer.times, control=ustar, store=("states", "noises", "controls"), seed=seed,
-                  reward=task.reward, reward_scale=task.reward_scale)
+    traj = sample(
+        trainer.env,
+        n,
+        grid=trainer.times,
+        control=ustar,
+        store=("states", "noises", "controls"),
+        seed=seed,
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+    )
     return task, trainer, traj, ustar
 
 
@@ -124,8 +134,18 @@ def test_plain_lean_adjoint_misses_the_mode_transfer_but_likelihood_ratio_steps_
     # bound there is 30%; at t = 0.3 measured 2% off (bound 15%).
     task, trainer, traj, ustar = _oracle_batch(8192)
     plain, _ = lean_adjoint(trainer.env, traj.states, trainer.times, task.reward, task.reward_scale)
-    mixed, valid = lean_adjoint(trainer.env, traj.states, trainer.times, task.reward, task.reward_scale, likelihood_ratio=0.1,
-                                noises=traj.noises, cost_to_go=traj.cost_to_go, controls=traj.controls, generator=torch.Generator().manual_seed(0))
+    mixed, valid = lean_adjoint(
+        trainer.env,
+        traj.states,
+        trainer.times,
+        task.reward,
+        task.reward_scale,
+        likelihood_ratio=0.1,
+        noises=traj.noises,
+        cost_to_go=traj.cost_to_go,
+        controls=traj.controls,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert bool(valid.all())
     for k in (5, 15):
         t = torch.full((8192,), trainer.schedule.t[k])
@@ -146,8 +166,16 @@ def test_likelihood_ratio_step_formula():
     x0 = torch.tensor([[0.30], [0.28], [0.32], [-0.6]], dtype=torch.float64)
     z = torch.tensor([[[0.5], [-1.0], [2.0], [0.1]]], dtype=torch.float64)
     u = 0.7 * torch.tanh(x0).unsqueeze(0)  # any function of x_0 as the "policy's" control
-    traj = sample(env, x=x0, grid=times, noises=z, control=lambda x, t: 0.7 * torch.tanh(x),
-                  reward=task.reward, reward_scale=task.reward_scale, store=("states", "noises", "controls"))
+    traj = sample(
+        env,
+        x=x0,
+        grid=times,
+        noises=z,
+        control=lambda x, t: 0.7 * torch.tanh(x),
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+        store=("states", "noises", "controls"),
+    )
     torch.testing.assert_close(traj.controls, u)
     schedule = StepSchedule.build(env, times)
     h, sig = schedule.h[0], schedule.sigma[0]
@@ -162,7 +190,12 @@ def test_likelihood_ratio_step_formula():
     loo = (resid.sum() - resid) / 3
     expected_lr = factor * (z[0] * ((resid - loo) / s_k).unsqueeze(1) + g)
     args = (env, traj.states, times, task.reward, task.reward_scale)
-    kw = dict(noises=traj.noises, cost_to_go=traj.cost_to_go, controls=traj.controls, generator=torch.Generator().manual_seed(0))
+    kw = dict(
+        noises=traj.noises,
+        cost_to_go=traj.cost_to_go,
+        controls=traj.controls,
+        generator=torch.Generator().manual_seed(0),
+    )
     plain, _ = lean_adjoint(*args)
     mixed, valid = lean_adjoint(*args, likelihood_ratio=0.0, **kw)
     assert bool(valid.all())
@@ -181,7 +214,9 @@ def test_centred_costs_leave_one_out_over_valid_paths():
     noises = torch.zeros(1, 4, 1, dtype=torch.float64)
     centred, guess = centred_costs(cost_to_go, noises, valid, torch.ones(1, 1), torch.ones(1, 1, 1), None)
     assert guess is None
-    torch.testing.assert_close(centred[0], torch.tensor([1.0 - 3.0, 2.0 - 2.5, 4.0 - 1.5, 0.0 - 7.0 / 3], dtype=torch.float64))
+    torch.testing.assert_close(
+        centred[0], torch.tensor([1.0 - 3.0, 2.0 - 2.5, 4.0 - 1.5, 0.0 - 7.0 / 3], dtype=torch.float64)
+    )
 
 
 def test_likelihood_ratio_steps_are_unbiased_on_the_base():
@@ -197,14 +232,22 @@ def test_likelihood_ratio_steps_are_unbiased_on_the_base():
     times = torch.linspace(0.85, 1.0, 11, dtype=torch.float64)
     n = 20000
     x0 = torch.full((n, 1), 0.2, dtype=torch.float64)
-    traj = sample(env, x=x0, grid=times, reward=task.reward, reward_scale=task.reward_scale, store=("states", "noises"), seed=3)
+    traj = sample(
+        env, x=x0, grid=times, reward=task.reward, reward_scale=task.reward_scale, store=("states", "noises"), seed=3
+    )
     fake = torch.sin(traj.states[:-1])  # g_k = -sin(x_k) / sigma_k: a function of x_k only
     args = (env, traj.states, times, task.reward, task.reward_scale)
     plain, _ = lean_adjoint(*args)
     estimates = {"plain": plain[0, :, 0]}
     for name, controls in (("lr", None), ("lr+cv", fake)):
-        mixed, _ = lean_adjoint(*args, likelihood_ratio=0.0, noises=traj.noises, cost_to_go=traj.cost_to_go, controls=controls,
-                                generator=torch.Generator().manual_seed(1))
+        mixed, _ = lean_adjoint(
+            *args,
+            likelihood_ratio=0.0,
+            noises=traj.noises,
+            cost_to_go=traj.cost_to_go,
+            controls=controls,
+            generator=torch.Generator().manual_seed(1),
+        )
         assert float((mixed[0] != plain[0]).float().mean()) > 0.5  # likelihood-ratio steps did happen
         estimates[name] = mixed[0, :, 0]
     mean = {k: float(v.mean()) for k, v in estimates.items()}
@@ -335,7 +378,9 @@ def test_constant_reward_keeps_the_mixture_copy_near_the_base(likelihood_ratio):
     # cost-to-go is the constant -lambda plus the (tiny) running cost, which the baseline removes;
     # what is left is noise of the size of the jitter: measured KL 4e-4, weight change 1.4e-3.
     task = with_reward(make_task("GMM1D-v0"), ConstantReward(1.0))
-    cfg = AdjointMatchingConfig(batch_size=256, lr=3e-2, loss_times=None, residual="copy", likelihood_ratio=likelihood_ratio)
+    cfg = AdjointMatchingConfig(
+        batch_size=256, lr=3e-2, loss_times=None, residual="copy", likelihood_ratio=likelihood_ratio
+    )
     trainer = AdjointMatching(task, config=cfg, steps=20, dtype=torch.float64)
     trainer.train(40, progress=False)
     ev = trainer.evaluate(2048, seed=0)
@@ -365,7 +410,9 @@ def test_restart_segment_is_on_policy_and_its_adjoint_is_the_lean_adjoint():
     task = make_task("GMM1D-v0")
     cfg = _copy_config(batch_size=64, restarts=0.5, restart_after=0.6, likelihood_ratio=None)
     trainer = AdjointMatching(task, config=cfg, steps=20, dtype=torch.float64)
-    traj = sample(trainer.env, 64, grid=trainer.times, policy=trainer.model, store="states", seed=0, dtype=torch.float64)
+    traj = sample(
+        trainer.env, 64, grid=trainer.times, policy=trainer.model, store="states", seed=0, dtype=torch.float64
+    )
     restart = trainer.restart(traj.states, {})
     states, adjoint, valid, cond, k = restart
     assert states.shape == (21 - k, 32, 1) and trainer.times[k] >= 0.6 and bool(valid.all()) and cond == {}
@@ -409,10 +456,17 @@ def test_evaluation_keys_and_samples():
 
 def test_bad_arguments():
     for bad, name in (
-        ({"batch_size": 0}, "batch_size"), ({"time_weight": "nope"}, "time_weight"), ({"restarts": -1.0}, "restarts"),
-        ({"restart_after": 1.0}, "restart_after"), ({"residual": "lora"}, "residual"), ({"minibatch_size": 0}, "minibatch_size"),
-        ({"lr_schedule": "step"}, "lr_schedule"), ({"loss_times": 0}, "loss_times"), ({"always_last": -1}, "always_last"),
-        ({"updates_per_iteration": 0}, "updates_per_iteration"), ({"lr": 0.0}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"time_weight": "nope"}, "time_weight"),
+        ({"restarts": -1.0}, "restarts"),
+        ({"restart_after": 1.0}, "restart_after"),
+        ({"residual": "lora"}, "residual"),
+        ({"minibatch_size": 0}, "minibatch_size"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"loss_times": 0}, "loss_times"),
+        ({"always_last": -1}, "always_last"),
+        ({"updates_per_iteration": 0}, "updates_per_iteration"),
+        ({"lr": 0.0}, "lr"),
     ):
         with pytest.raises(ValueError, match=name):
             AdjointMatchingConfig(**bad)
@@ -434,18 +488,49 @@ def test_bad_arguments():
 CASES = {
     # the mixture copy (GMM2D, score model) with time subsets, minibatches, restarts and
     # likelihood-ratio steps (their probe directions come from the trainer's generator)
-    "copy": ("GMM2D-v0", "score", 15, dict(batch_size=32, loss_times=5, always_last=2, seed=7, restarts=0.5, minibatch_size=64,
-                                          likelihood_ratio=0.1, iterations=4, lr_schedule="cosine")),
+    "copy": (
+        "GMM2D-v0",
+        "score",
+        15,
+        dict(
+            batch_size=32,
+            loss_times=5,
+            always_last=2,
+            seed=7,
+            restarts=0.5,
+            minibatch_size=64,
+            likelihood_ratio=0.1,
+            iterations=4,
+            lr_schedule="cosine",
+        ),
+    ),
     # the residual MLP: several updates per iteration, clipping, the cosine schedule
-    "mlp": ("GMM1D-v0", "velocity", 10, dict(batch_size=32, loss_times=None, minibatch_size=64, updates_per_iteration=2,
-                                            max_grad_norm=0.5, hidden=16, layers=1, iterations=4, lr_schedule="cosine", seed=3,
-                                            residual="control")),
+    "mlp": (
+        "GMM1D-v0",
+        "velocity",
+        10,
+        dict(
+            batch_size=32,
+            loss_times=None,
+            minibatch_size=64,
+            updates_per_iteration=2,
+            max_grad_norm=0.5,
+            hidden=16,
+            layers=1,
+            iterations=4,
+            lr_schedule="cosine",
+            seed=3,
+            residual="control",
+        ),
+    ),
 }
 
 
 def _trainer(case):
     task_id, parameterization, steps, options = CASES[case]
-    return AdjointMatching(make_task(task_id, parameterization=parameterization), config=AdjointMatchingConfig(**options), steps=steps)
+    return AdjointMatching(
+        make_task(task_id, parameterization=parameterization), config=AdjointMatchingConfig(**options), steps=steps
+    )
 
 
 def _assert_same_run(left, right):
@@ -487,8 +572,20 @@ def test_save_load_resume_is_bit_identical(tmp_path, case):
 
 def _copy_config(**kw):
     # the benchmark row's settings (benchmarks/adaptation_methods/adjoint_matching.py)
-    base = dict(batch_size=1024, loss_times=None, minibatch_size=8192, updates_per_iteration=8, lr=3e-2,
-                lr_schedule="cosine", max_grad_norm=None, time_weight="inverse", restarts=4.0, restart_after=0.7, residual="copy",
-                likelihood_ratio=0.1, seed=0)
+    base = dict(
+        batch_size=1024,
+        loss_times=None,
+        minibatch_size=8192,
+        updates_per_iteration=8,
+        lr=3e-2,
+        lr_schedule="cosine",
+        max_grad_norm=None,
+        time_weight="inverse",
+        restarts=4.0,
+        restart_after=0.7,
+        residual="copy",
+        likelihood_ratio=0.1,
+        seed=0,
+    )
     base.update(kw)
     return AdjointMatchingConfig(**base)

@@ -31,9 +31,20 @@ def test_mixture_copy_closes_the_gap_and_samples_p_star(task_id):
     iterations, lr = BUDGETS[task_id]
     task = make_task(task_id)
     cfg = AdjointMatchingConfig(
-        iterations=iterations, batch_size=1024, loss_times=None, minibatch_size=8192, updates_per_iteration=8, lr=lr,
-        lr_schedule="cosine", max_grad_norm=None, time_weight="inverse", restarts=4.0, restart_after=0.7, residual="copy",
-        likelihood_ratio=0.1, seed=0,
+        iterations=iterations,
+        batch_size=1024,
+        loss_times=None,
+        minibatch_size=8192,
+        updates_per_iteration=8,
+        lr=lr,
+        lr_schedule="cosine",
+        max_grad_norm=None,
+        time_weight="inverse",
+        restarts=4.0,
+        restart_after=0.7,
+        residual="copy",
+        likelihood_ratio=0.1,
+        seed=0,
     )
     trainer = AdjointMatching(task, config=cfg, steps=50)
     trainer.train(progress=False)

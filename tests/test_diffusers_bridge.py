@@ -38,7 +38,14 @@ class GMMDiffusersModel(nn.Module):
     Nothing here uses diffusiongym's time ``t``.
     """
 
-    def __init__(self, mixture: GaussianMixture, kind: str, prediction_type: str, alphas_cumprod=None, num_train_timesteps: int = 1000):
+    def __init__(
+        self,
+        mixture: GaussianMixture,
+        kind: str,
+        prediction_type: str,
+        alphas_cumprod=None,
+        num_train_timesteps: int = 1000,
+    ):
         super().__init__()
         self.mixture, self.kind, self.prediction_type, self.T = mixture, kind, prediction_type, num_train_timesteps
         if alphas_cumprod is not None:
@@ -50,7 +57,9 @@ class GMMDiffusersModel(nn.Module):
             s = torch.as_tensor(tau / self.T, dtype=sample.dtype)
             alpha, sigma = 1 - s, s
         else:
-            abar = torch.as_tensor(np.exp(np.interp(tau, np.arange(len(self.log_abar)), self.log_abar)), dtype=sample.dtype)
+            abar = torch.as_tensor(
+                np.exp(np.interp(tau, np.arange(len(self.log_abar)), self.log_abar)), dtype=sample.dtype
+            )
             alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         post = self.mixture.posterior(sample, alpha, sigma)
         x0 = post.x1_hat
@@ -73,15 +82,26 @@ def _scheduler(name: str, prediction_type: str):
     return cls(num_train_timesteps=1000, beta_schedule=schedule, prediction_type=prediction_type)
 
 
-def _gmm_env(name: str, prediction_type: str, mixture: GaussianMixture, *, bridge_prediction_type=None, noise="memoryless"):
+def _gmm_env(
+    name: str, prediction_type: str, mixture: GaussianMixture, *, bridge_prediction_type=None, noise="memoryless"
+):
     sched = _scheduler(name, prediction_type)
     kind = "flow" if name == "flow" else "vp"
     abar = None if kind == "flow" else sched.alphas_cumprod
     fake = GMMDiffusersModel(mixture, kind, prediction_type, abar)
-    return diffusers_environment(fake, sched, noise=noise, prediction_type=bridge_prediction_type, sample_shape=(mixture.dim,))
+    return diffusers_environment(
+        fake, sched, noise=noise, prediction_type=bridge_prediction_type, sample_shape=(mixture.dim,)
+    )
 
 
-CASES = [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("ddpm", "sample"), ("ddim", "epsilon"), ("ddim", "v_prediction"), ("flow", "flow")]
+CASES = [
+    ("ddpm", "epsilon"),
+    ("ddpm", "v_prediction"),
+    ("ddpm", "sample"),
+    ("ddim", "epsilon"),
+    ("ddim", "v_prediction"),
+    ("flow", "flow"),
+]
 N = 1500
 # Null calibration (exact-vs-exact draws, 2-D 8-mode ring, n = m = 1500, 200 seed pairs): the energy
 # distance has mean 3.1e-3, 99th percentile 1.2e-2 and maximum 1.8e-2. Measured through the bridge
@@ -95,7 +115,12 @@ THRESHOLD = 0.02
 def test_gmm_conventions_match_exact_mixture(name, prediction_type):
     mixture = gmm_preset("8gaussians")
     env = _gmm_env(name, prediction_type, mixture)
-    expected = {"epsilon": EpsilonEnvironment, "v_prediction": EpsilonEnvironment, "sample": EndpointEnvironment, "flow": VelocityEnvironment}
+    expected = {
+        "epsilon": EpsilonEnvironment,
+        "v_prediction": EpsilonEnvironment,
+        "sample": EndpointEnvironment,
+        "flow": VelocityEnvironment,
+    }
     assert type(env) is expected[prediction_type]
     traj = sample(env, N, steps=100, seed=0, dtype=torch.float64)
     exact = mixture.sample(N, generator=torch.Generator().manual_seed(1))
@@ -208,7 +233,9 @@ def test_class_conditional_unet_and_guidance(tmp_path):
         cond = -unet(x, (1 - t) * 1000, class_labels=label).sample
         uncond = -unet(x, (1 - t) * 1000, class_labels=torch.tensor([10, 10])).sample
     torch.testing.assert_close(env.output(x, t, label=label), cond, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(env.output(x, t, label=label, guidance_scale=3.0), uncond + 3 * (cond - uncond), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        env.output(x, t, label=label, guidance_scale=3.0), uncond + 3 * (cond - uncond), atol=1e-5, rtol=1e-5
+    )
     traj = sample(env, 2, steps=4, seed=0, cond={"label": label})
     assert traj.x1.shape == (2, 1, 8, 8)
     env_no_null = diffusers_environment(unet, sched)
@@ -261,7 +288,7 @@ def test_download_mode_fetches_only_configs_and_safetensors(tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     env = load_diffusers_environment("tiny-org/tiny-ddpm", local_files_only=False, revision="main")
     assert isinstance(env, EpsilonEnvironment) and env.model.num_train_timesteps == 50
-    (repo_id, kwargs), = calls
+    ((repo_id, kwargs),) = calls
     assert repo_id == "tiny-org/tiny-ddpm" and kwargs["revision"] == "main"
     allowed = lambda name: any(fnmatch.fnmatch(name, p) for p in kwargs["allow_patterns"])  # noqa: E731
     assert allowed("unet/diffusion_pytorch_model.safetensors") and allowed("scheduler/scheduler_config.json")

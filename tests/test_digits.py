@@ -81,7 +81,15 @@ def test_class_conditional_samples_are_recognised(model):
     task = digits_task()
     labels = torch.arange(10).repeat_interleave(30)
     reward = DigitClassifierReward(target=None, mode="is_class")
-    traj = sample(task.environment, len(labels), steps=task.steps, t_start=task.t_start, cond={"label": labels}, reward=reward, seed=0)
+    traj = sample(
+        task.environment,
+        len(labels),
+        steps=task.steps,
+        t_start=task.t_start,
+        cond={"label": labels},
+        reward=reward,
+        seed=0,
+    )
     assert bool(traj.valid.all())
     assert float(traj.reward.mean()) >= 0.9
     # samples are not copies of training images: their nearest-training distance is of the order
@@ -103,7 +111,15 @@ def test_digits_task_factory():
     labels = sampler(64, torch.Generator().manual_seed(0), "cpu")
     assert labels.dtype == torch.int64 and labels.shape == (64,) and int(labels.min()) >= 0 and int(labels.max()) <= 9
     torch.testing.assert_close(labels, sample_labels(64, torch.Generator().manual_seed(0)))
-    traj = sample(task.environment, 8, steps=task.steps, t_start=task.t_start, cond={"label": labels[:8]}, reward=task.reward, seed=0)
+    traj = sample(
+        task.environment,
+        8,
+        steps=task.steps,
+        t_start=task.t_start,
+        cond={"label": labels[:8]},
+        reward=task.reward,
+        seed=0,
+    )
     assert traj.reward.shape == (8,) and task.reward.differentiable
     assert float(traj.reward.max()) <= 0.0  # a log-probability
 
@@ -112,7 +128,9 @@ def test_environment_noise_and_save_load_roundtrip(tmp_path, model):
     env = digits_environment(noise="ode", model=model)
     x = torch.randn(2, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(1))
     label = torch.tensor([1, 2])
-    torch.testing.assert_close(env.drift(x, 0.5, label=label), model(x, torch.full((2,), 0.5), label=label))  # ODE drift = v
+    torch.testing.assert_close(
+        env.drift(x, 0.5, label=label), model(x, torch.full((2,), 0.5), label=label)
+    )  # ODE drift = v
     save_module(model, tmp_path / "copy", {"architecture": model.config})
     loaded, config = load_module(DigitsUNet, tmp_path / "copy")
     with torch.no_grad():
@@ -126,7 +144,9 @@ def test_training_is_deterministic():
 
     x, y = digits_dataset("train")
     x, y = x[:64], y[:64]
-    config = DigitsTrainConfig(model_steps=4, model_batch_size=16, log_every=2, classifier_epochs=1, classifier_batch_size=32)
+    config = DigitsTrainConfig(
+        model_steps=4, model_batch_size=16, log_every=2, classifier_epochs=1, classifier_batch_size=32
+    )
     state = torch.get_rng_state()
     m1, h1 = train_flow_model(config, x, y)
     m2, h2 = train_flow_model(config, x, y)

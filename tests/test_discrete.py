@@ -36,7 +36,6 @@ from diffusiongym.tasks import BaseTask, Task, make_task
 from diffusiongym.discrete.train import CrossEntropyConfig, reward_weighted_finetune, train_posterior
 
 
-
 def tiny(source: str = "mask", K: int = 3, D: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     probs = torch.rand((K,) * D, generator=g, dtype=torch.float64) + 0.05
@@ -45,7 +44,9 @@ def tiny(source: str = "mask", K: int = 3, D: int = 2, seed: int = 0):
     return ExactPosterior(probs, path), DiscreteTiltOracle(probs, r, 1.5, path), TableReward(r)
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", {"name": "polynomial", "power": 2.0}], ids=["linear", "cosine", "poly"])
+@pytest.mark.parametrize(
+    "name", ["linear", "cosine", {"name": "polynomial", "power": 2.0}], ids=["linear", "cosine", "poly"]
+)
 def test_kappa_endpoints_and_derivative(name):
     s = make_kappa_scheduler(name)
     t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
@@ -86,7 +87,9 @@ def test_grid_sampling_reproduces_distribution(source):
     assert traj.valid.all()
     tv = total_variation(empirical_probs(traj.x1, 32), task.oracle.probs)
     # reference: TV of an exact i.i.d. sample of the same size (pure sampling noise, ~0.07 here)
-    idx = torch.multinomial(task.oracle.probs.flatten(), n, replacement=True, generator=torch.Generator().manual_seed(1))
+    idx = torch.multinomial(
+        task.oracle.probs.flatten(), n, replacement=True, generator=torch.Generator().manual_seed(1)
+    )
     ref = total_variation(torch.bincount(idx, minlength=1024).double().reshape(32, 32) / n, task.oracle.probs)
     # the factorised Euler step (coordinates jump independently within a step) adds a small bias
     assert tv < ref + 0.03, (tv, ref)
@@ -142,7 +145,9 @@ def test_oracle_formulas_tiny():
 def test_optimal_control_reaches_p_star_on_grid():
     task = grid_task()
     o = task.oracle
-    traj = sample_chain(task.model, 6000, 20, control=o.control(), reward=task.reward, reward_scale=task.reward_scale, seed=0)
+    traj = sample_chain(
+        task.model, 6000, 20, control=o.control(), reward=task.reward, reward_scale=task.reward_scale, seed=0
+    )
     gap = o.gap_closed(float(traj.objective.mean()))
     # objective sd ~ 2 -> standard error ~0.03 of a gap of 6.07: +-0.02 covers 4 se
     assert abs(gap - 1.0) < 0.02, gap
@@ -156,9 +161,19 @@ def test_reward_weighted_finetune_closes_gap_on_grid():
     o, base = task.oracle, task.model
     data = sample_chain(base, 12000, 20, reward=task.reward, seed=1)
     model = ResidualPosterior(base, hidden=64, layers=2)
-    hist = reward_weighted_finetune(model, data.x1, data.reward, task.reward_scale, CrossEntropyConfig(steps=300, lr=3e-3))
+    hist = reward_weighted_finetune(
+        model, data.x1, data.reward, task.reward_scale, CrossEntropyConfig(steps=300, lr=3e-3)
+    )
     assert hist["ess"][0] > 500
-    ev = sample_chain(base, 6000, 20, control=control_from_model(base, model), reward=task.reward, reward_scale=task.reward_scale, seed=2)
+    ev = sample_chain(
+        base,
+        6000,
+        20,
+        control=control_from_model(base, model),
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+        seed=2,
+    )
     gap = o.gap_closed(float(ev.objective.mean()))
     tv = total_variation(empirical_probs(ev.x1, 32), o.target_probs)
     # measured gap ~0.99, TV ~0.10 (0.05 of it is sampling noise, the rest the finite weighted data set)
@@ -169,7 +184,9 @@ def test_reward_weighted_finetune_closes_gap_on_grid():
 def test_train_posterior_learns_and_resumes(tmp_path):
     torch.manual_seed(0)
     target, _, _ = tiny("mask", K=3, D=2)
-    data = torch.multinomial(target.log_probs.exp().flatten(), 4000, replacement=True, generator=torch.Generator().manual_seed(0))
+    data = torch.multinomial(
+        target.log_probs.exp().flatten(), 4000, replacement=True, generator=torch.Generator().manual_seed(0)
+    )
     data = torch.stack([data // 3, data % 3], 1)
     from diffusiongym.discrete import MLPPosterior
 
@@ -232,7 +249,11 @@ def test_vector_env_next_step_autoreset_and_registry():
     assert set(info0) == {"kl", "_kl"} and info0["_kl"].all()  # no NaN reward placeholder before the end
     obs, r1, te1, _, info = venv.step(a)
     assert not te0.any() and te1.all() and bool((obs["x"] < 32).all())
-    assert set(info) == {"kl", "_kl", "reward", "_reward", "valid", "_valid"} and info["_reward"].all() and info["valid"].all()
+    assert (
+        set(info) == {"kl", "_kl", "reward", "_reward", "valid", "_valid"}
+        and info["_reward"].all()
+        and info["valid"].all()
+    )
     torch.testing.assert_close(r1.double(), 2.0 * info["reward"], atol=1e-5, rtol=0)  # zero action -> zero KL
     obs, r2, te2, _, info2 = venv.step(torch.full((3, 2, 32), 5.0))  # ignored: autoreset step
     assert not te2.any() and bool((r2 == 0).all()) and bool((obs["t"] == 0).all()) and bool((obs["x"] == 32).all())
@@ -286,7 +307,9 @@ def test_simulator_steps_only_active_rows():
     assert info["_kl"].tolist() == active.tolist() and float(rewards[1]) == 0.0 and not done.any()
     obs, rewards, done, info = sim.step(torch.zeros(3, 2, 32, dtype=torch.float64), active)
     assert done.tolist() == active.tolist() and info["_reward"].tolist() == active.tolist()
-    assert bool((obs["x"][active] < 32).all()) and bool((obs["x"][1] == 32).all())  # last step is exact; row 1 untouched
+    assert bool((obs["x"][active] < 32).all()) and bool(
+        (obs["x"][1] == 32).all()
+    )  # last step is exact; row 1 untouched
     with pytest.raises(RuntimeError, match="terminated"):
         sim.step(torch.zeros(3, 2, 32, dtype=torch.float64), active)
     sim.reset(torch.tensor([True, False, False]))
@@ -319,11 +342,17 @@ def test_one_task_base_and_one_make_task():
 def test_register_ids_is_the_one_registration_helper():
     assert register_discrete_envs() == list(DISCRETE_ENV_IDS)
     spec = gym.spec("diffusiongym/DiscreteGrid-v0")
-    assert spec.entry_point == "diffusiongym.discrete.env:DiscreteFlowEnv" and spec.kwargs == {"task": "DiscreteGrid-v0"}
+    assert spec.entry_point == "diffusiongym.discrete.env:DiscreteFlowEnv" and spec.kwargs == {
+        "task": "DiscreteGrid-v0"
+    }
     assert gym.spec("diffusiongym/GMM2D-v0").vector_entry_point == "diffusiongym.envs.vector_env:DiffusionVectorEnv"
     env_id = "diffusiongym-test/DiscreteGridCopy-v0"
     try:
-        assert register_ids({env_id: "DiscreteGrid-v0"}, "diffusiongym.discrete.env:DiscreteFlowEnv", "diffusiongym.discrete.env:DiscreteFlowVectorEnv") == [env_id]
+        assert register_ids(
+            {env_id: "DiscreteGrid-v0"},
+            "diffusiongym.discrete.env:DiscreteFlowEnv",
+            "diffusiongym.discrete.env:DiscreteFlowVectorEnv",
+        ) == [env_id]
         venv = gym.make_vec(env_id, num_envs=2, vectorization_mode="vector_entry_point", steps=2)
         assert isinstance(venv.unwrapped, DiscreteFlowVectorEnv) and venv.unwrapped.steps == 2
         register_ids({env_id: "DiscreteDigits-v0"}, "a:B", "a:C")  # already registered: left as it is

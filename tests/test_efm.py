@@ -51,12 +51,26 @@ def test_exact_model_has_zero_loss_gradient_in_expectation():
     c = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     model = lambda x, t: base(x, t) + c
     x1 = task.oracle.mixture.sample(200_000, generator=torch.Generator().manual_seed(1))
-    loss = weighted_flow_matching_loss(model, "velocity", task.environment.scheduler, x1, t_range=(0.01, 0.99), generator=torch.Generator().manual_seed(2))
+    loss = weighted_flow_matching_loss(
+        model,
+        "velocity",
+        task.environment.scheduler,
+        x1,
+        t_range=(0.01, 0.99),
+        generator=torch.Generator().manual_seed(2),
+    )
     (grad,) = torch.autograd.grad(loss, c)
     assert grad.abs().max() < 0.03 * 2 / 2  # loss is a mean over the 2 dimensions: gradient halved
     # while a shifted model is not a minimiser
     model2 = lambda x, t: base(x, t) + c + 0.2
-    loss2 = weighted_flow_matching_loss(model2, "velocity", task.environment.scheduler, x1, t_range=(0.01, 0.99), generator=torch.Generator().manual_seed(2))
+    loss2 = weighted_flow_matching_loss(
+        model2,
+        "velocity",
+        task.environment.scheduler,
+        x1,
+        t_range=(0.01, 0.99),
+        generator=torch.Generator().manual_seed(2),
+    )
     (grad2,) = torch.autograd.grad(loss2, c)
     torch.testing.assert_close(grad2, torch.full_like(grad2, 0.2), atol=0.03, rtol=0)
 
@@ -90,6 +104,7 @@ def _two_sample_threshold(task, n=2000, draws=10):
     shows (its distance to p* reached 1.5e-3 / 3.1e-3), while a mode-mass error of 0.08 (ED 0.02)
     or the base (ED 1.8 in 1-D) fails it by an order of magnitude or more.
     """
+
     def ps(seed):
         return task.oracle.target.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
@@ -164,7 +179,13 @@ def _same_history(a, b):
     assert sorted(a) == sorted(b)
     for key in a:
         if key != "seconds":
-            torch.testing.assert_close(torch.tensor(a[key], dtype=torch.float64), torch.tensor(b[key], dtype=torch.float64), rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(
+                torch.tensor(a[key], dtype=torch.float64),
+                torch.tensor(b[key], dtype=torch.float64),
+                rtol=0,
+                atol=0,
+                equal_nan=True,
+            )
 
 
 @pytest.mark.parametrize("mode,stop", [("online", 7), ("online", 5), ("offline", 4)])

@@ -48,16 +48,31 @@ def test_numpy_integer_steps_are_accepted_and_bools_floats_refused(env_id):
 
 
 @pytest.mark.parametrize("env_id", CONTINUOUS + DISCRETE)
-@pytest.mark.parametrize("name,bad", [("reward_scale", float("nan")), ("reward_scale", float("inf")), ("reward_scale", True), ("action_scale", True), ("action_scale", float("nan")), ("action_scale", 0.0), ("action_scale", "5")])
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("reward_scale", float("nan")),
+        ("reward_scale", float("inf")),
+        ("reward_scale", True),
+        ("action_scale", True),
+        ("action_scale", float("nan")),
+        ("action_scale", 0.0),
+        ("action_scale", "5"),
+    ],
+)
 def test_bad_scales_are_refused_naming_the_argument(env_id, name, bad):
     with pytest.raises((TypeError, ValueError), match=f"^{name}: expected"):
-        DiscreteFlowEnv(env_id, **{name: bad}) if env_id in DISCRETE else dg.envs.gym_env.DiffusionEnv(env_id.split("/")[1], **{name: bad})
+        DiscreteFlowEnv(env_id, **{name: bad}) if env_id in DISCRETE else dg.envs.gym_env.DiffusionEnv(
+            env_id.split("/")[1], **{name: bad}
+        )
     with pytest.raises((TypeError, ValueError), match=f"{name}: expected"):
         gym.make(env_id, **{name: bad})
 
 
 def test_numpy_scales_are_accepted():
-    env = gym.make("diffusiongym/GMM1D-v0", steps=5, reward_scale=np.float32(0.5), action_scale=np.float64(2.0)).unwrapped
+    env = gym.make(
+        "diffusiongym/GMM1D-v0", steps=5, reward_scale=np.float32(0.5), action_scale=np.float64(2.0)
+    ).unwrapped
     assert env.task.reward_scale == 0.5 and env.action_scale == 2.0
     env = gym.make("diffusiongym/DiscreteGrid-v0", reward_scale=np.float64(0.5), action_scale=np.int64(2)).unwrapped
     assert env.reward_scale == 0.5 and env.action_scale == 2.0
@@ -131,7 +146,11 @@ def test_one_action_rule_for_the_continuous_and_discrete_vector_envs():
 
 def test_labels_are_checked_at_reset_not_step():
     env = gym.make("diffusiongym/Digits-v0", steps=5).unwrapped
-    for bad, match in ((10, r"options\['label'\]: expected values in Discrete\(10\)"), (-1, "expected values in"), (2.5, "expected integer values")):
+    for bad, match in (
+        (10, r"options\['label'\]: expected values in Discrete\(10\)"),
+        (-1, "expected values in"),
+        (2.5, "expected integer values"),
+    ):
         with pytest.raises(ValueError, match=match):
             env.reset(seed=0, options={"label": bad})
     obs, _ = env.reset(seed=0, options={"label": np.int64(3)})
@@ -193,7 +212,14 @@ def test_render_before_reset_and_without_a_mode():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("env_id,shape", [("diffusiongym/GMM2D-v0", (2, 2)), ("diffusiongym/Digits-v0", (2, 1, 8, 8)), ("diffusiongym/DiscreteGrid-v0", (2, 2, 32))])
+@pytest.mark.parametrize(
+    "env_id,shape",
+    [
+        ("diffusiongym/GMM2D-v0", (2, 2)),
+        ("diffusiongym/Digits-v0", (2, 1, 8, 8)),
+        ("diffusiongym/DiscreteGrid-v0", (2, 2, 32)),
+    ],
+)
 def test_vector_envs_on_the_gpu_take_numpy_and_cuda_actions(env_id, shape):
     venv = vec(env_id, device="cuda")
     obs, _ = venv.reset(seed=0)

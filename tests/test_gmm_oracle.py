@@ -21,7 +21,11 @@ from diffusiongym.oracle import (
 from diffusiongym.parameterization import PARAMETERIZATIONS
 from diffusiongym.tasks import Task, make_task, with_reward
 
-SCHEDULERS = {"linear": dg.LinearScheduler(), "cosine": dg.CosineScheduler(), "vp": dg.DiscreteVPScheduler.linear_ddpm()}
+SCHEDULERS = {
+    "linear": dg.LinearScheduler(),
+    "cosine": dg.CosineScheduler(),
+    "vp": dg.DiscreteVPScheduler.linear_ddpm(),
+}
 QUAD = torch.linspace(-8, 8, 40001, dtype=torch.float64)  # 1-D quadrature grid, spacing 4e-4
 
 
@@ -54,10 +58,15 @@ def test_score_is_gradient_of_log_marginal(sched_name):
     mix = dg.gmm_preset("2d")
     model = dg.GaussianMixtureModel(mix, sched, "score")
     for t in (0.1, 0.5, 0.9):
-        a, b = float(sched.alpha(torch.tensor(t, dtype=torch.float64))), float(sched.beta(torch.tensor(t, dtype=torch.float64)))
+        a, b = (
+            float(sched.alpha(torch.tensor(t, dtype=torch.float64))),
+            float(sched.beta(torch.tensor(t, dtype=torch.float64))),
+        )
         x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
         (grad,) = torch.autograd.grad(mix.marginal(a, b).log_prob(x).sum(), x)
-        torch.testing.assert_close(model(x.detach(), torch.full((64,), t, dtype=torch.float64)), grad, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(
+            model(x.detach(), torch.full((64,), t, dtype=torch.float64)), grad, rtol=1e-8, atol=1e-8
+        )
 
 
 def test_posterior_mean_matches_quadrature_1d():
@@ -74,7 +83,11 @@ def test_posterior_mean_matches_quadrature_1d():
             assert abs(float(got) - float(expected)) < 1e-6
 
 
-@pytest.mark.parametrize("reward", [dg.QuadraticReward([1.5], 2.0), dg.LinearReward([0.7]), dg.ConstantReward(0.3)], ids=["quadratic", "linear", "constant"])
+@pytest.mark.parametrize(
+    "reward",
+    [dg.QuadraticReward([1.5], 2.0), dg.LinearReward([0.7]), dg.ConstantReward(0.3)],
+    ids=["quadratic", "linear", "constant"],
+)
 def test_tilt_matches_quadrature_1d(reward):
     mix = dg.gmm_preset("1d")
     lam = 1.3
@@ -192,7 +205,11 @@ def test_quadratic_tilt_matches_the_information_form():
     def quad(m, prec):
         return (m[..., None, :] @ prec @ m[..., None])[..., 0, 0]
 
-    log_z_ref = 0.5 * torch.logdet(cov_ref) - 0.5 * torch.logdet(cov) - 0.5 * (quad(mean, p_inv) + s * float(c @ a_mat @ c) - quad(mean_ref, torch.linalg.inv(cov_ref)))
+    log_z_ref = (
+        0.5 * torch.logdet(cov_ref)
+        - 0.5 * torch.logdet(cov)
+        - 0.5 * (quad(mean, p_inv) + s * float(c @ a_mat @ c) - quad(mean_ref, torch.linalg.inv(cov_ref)))
+    )
     torch.testing.assert_close(new_cov, cov_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(new_mean, mean_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(log_z, log_z_ref, rtol=1e-10, atol=1e-10)

@@ -15,7 +15,13 @@ from gymnasium.utils.env_checker import check_env
 import diffusiongym as dg
 
 IDS = sorted(env_id for env_id in gym.registry if env_id.startswith("diffusiongym/"))
-BUILTIN = ["diffusiongym/GMM1D-v0", "diffusiongym/GMM2D-v0", "diffusiongym/Digits-v0", "diffusiongym/DiscreteGrid-v0", "diffusiongym/DiscreteDigits-v0"]
+BUILTIN = [
+    "diffusiongym/GMM1D-v0",
+    "diffusiongym/GMM2D-v0",
+    "diffusiongym/Digits-v0",
+    "diffusiongym/DiscreteGrid-v0",
+    "diffusiongym/DiscreteDigits-v0",
+]
 STEPS = 5  # >= MIN_STABLE_STEPS: no stiff-grid warning
 
 
@@ -56,11 +62,16 @@ def test_render_modes_none_and_rgb_array(env_id):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Box observation space (minimum|maximum) value is -?infinity")
         check_env(gym.make(env_id, steps=STEPS, render_mode="rgb_array").unwrapped)  # Gymnasium's render checks
-    venv = gym.make_vec(env_id, num_envs=2, vectorization_mode="vector_entry_point", steps=STEPS, render_mode="rgb_array")
+    venv = gym.make_vec(
+        env_id, num_envs=2, vectorization_mode="vector_entry_point", steps=STEPS, render_mode="rgb_array"
+    )
     venv.reset(seed=0)
     vframes = venv.render()
     assert len(vframes) == 2 and vframes[0].shape == frames[0].shape and vframes[0].dtype == np.uint8
-    with pytest.raises(ValueError, match="render_mode"), pytest.warns(UserWarning, match="not in the possible render_modes"):
+    with (
+        pytest.raises(ValueError, match="render_mode"),
+        pytest.warns(UserWarning, match="not in the possible render_modes"),
+    ):
         gym.make(env_id, render_mode="human_typo")
 
 
@@ -159,7 +170,14 @@ def test_vector_env_conformance_and_dict_info_to_list(env_id):
 
 
 def test_kl_defined_is_per_env_with_a_mask():
-    venv = gym.make_vec("diffusiongym/GMM1D-v0", num_envs=2, vectorization_mode="vector_entry_point", steps=STEPS, noise="ode", action_mode="drift")
+    venv = gym.make_vec(
+        "diffusiongym/GMM1D-v0",
+        num_envs=2,
+        vectorization_mode="vector_entry_point",
+        steps=STEPS,
+        noise="ode",
+        action_mode="drift",
+    )
     venv.reset(seed=0)
     for _ in range(STEPS):
         *_, info = venv.step(torch.zeros(2, 1))
@@ -172,7 +190,11 @@ def test_flat_obs_matches_flatten_observation(env_id):
     flat = gym.make(env_id, steps=STEPS, flat_obs=True)
     recipe = gym.wrappers.FlattenObservation(gym.make(env_id, steps=STEPS))
     space = flat.observation_space
-    assert isinstance(space, gym.spaces.Box) and space.dtype == np.float32 and space.shape == recipe.observation_space.shape
+    assert (
+        isinstance(space, gym.spaces.Box)
+        and space.dtype == np.float32
+        and space.shape == recipe.observation_space.shape
+    )
     a, _ = flat.reset(seed=4)
     b, _ = recipe.reset(seed=4)
     np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -202,7 +224,9 @@ def test_stable_baselines3_sac_on_flat_observations():
 
     env = gym.make("diffusiongym/GMM1D-v0", steps=10, flat_obs=True)
     sb3_check_env(env.unwrapped, warn=False)
-    model = sb3.SAC("MlpPolicy", env, learning_starts=50, batch_size=32, seed=0, device="cpu", policy_kwargs={"net_arch": [32, 32]})
+    model = sb3.SAC(
+        "MlpPolicy", env, learning_starts=50, batch_size=32, seed=0, device="cpu", policy_kwargs={"net_arch": [32, 32]}
+    )
     model.learn(300)
     assert model.num_timesteps == 300 and model.replay_buffer.observations.shape[-1] == 2
     obs, _ = env.reset(seed=0)
@@ -260,14 +284,21 @@ def test_cleanrl_style_sac_loop_on_flat_observations():
             o, a, r, o2, d = (torch.as_tensor(np.asarray(buffer[k])[idx], dtype=torch.float32) for k in buffer)
             with torch.no_grad():
                 a2, logp2 = act(o2)
-                q_next = torch.min(q1_t(torch.cat([o2, a2], 1)), q2_t(torch.cat([o2, a2], 1)))[:, 0] - log_alpha.exp() * logp2
+                q_next = (
+                    torch.min(q1_t(torch.cat([o2, a2], 1)), q2_t(torch.cat([o2, a2], 1)))[:, 0]
+                    - log_alpha.exp() * logp2
+                )
                 target = r + (1 - d) * q_next  # gamma = 1: the return is the objective
-            q_loss = ((q1(torch.cat([o, a], 1))[:, 0] - target) ** 2).mean() + ((q2(torch.cat([o, a], 1))[:, 0] - target) ** 2).mean()
+            q_loss = ((q1(torch.cat([o, a], 1))[:, 0] - target) ** 2).mean() + (
+                (q2(torch.cat([o, a], 1))[:, 0] - target) ** 2
+            ).mean()
             q_opt.zero_grad()
             q_loss.backward()
             q_opt.step()
             pi, logp = act(o)
-            a_loss = (log_alpha.exp().detach() * logp - torch.min(q1(torch.cat([o, pi], 1)), q2(torch.cat([o, pi], 1)))[:, 0]).mean()
+            a_loss = (
+                log_alpha.exp().detach() * logp - torch.min(q1(torch.cat([o, pi], 1)), q2(torch.cat([o, pi], 1)))[:, 0]
+            ).mean()
             a_opt.zero_grad()
             a_loss.backward()
             a_opt.step()
@@ -295,7 +326,16 @@ def test_stable_baselines3_make_vec_env_and_ppo(env_id):
 
     venv = make_vec_env(env_id, n_envs=2, seed=0, env_kwargs={"steps": STEPS})
     assert venv.render_mode == "rgb_array"  # make_vec_env's default, no TypeError fallback needed
-    model = PPO("MultiInputPolicy", venv, n_steps=16, batch_size=16, n_epochs=1, seed=0, device="cpu", policy_kwargs={"net_arch": [16]})
+    model = PPO(
+        "MultiInputPolicy",
+        venv,
+        n_steps=16,
+        batch_size=16,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+        policy_kwargs={"net_arch": [16]},
+    )
     model.learn(32)
     assert model.num_timesteps >= 32
     frames = venv.get_images()

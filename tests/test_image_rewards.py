@@ -50,7 +50,9 @@ def test_contrast_closed_form_and_gradient():
     torch.testing.assert_close(x.grad[0].abs(), torch.full((1, 8, 8), 0.5 / (64 * 0.5) / 2))
 
 
-@pytest.mark.parametrize("reward", [BrightnessReward(), ContrastReward(), JPEGCompressibility(), JPEGIncompressibility()], ids=repr)
+@pytest.mark.parametrize(
+    "reward", [BrightnessReward(), ContrastReward(), JPEGCompressibility(), JPEGIncompressibility()], ids=repr
+)
 def test_invalid_images_are_flagged_not_raised(reward):
     x = _images(4)
     x[1, 0, 2, 3] = float("nan")

@@ -62,7 +62,9 @@ def module_files(package_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, modules: dict[str, Path], package: str) -> list[str]:
+def _targets(
+    node: ast.Import | ast.ImportFrom, module: str, is_package: bool, modules: dict[str, Path], package: str
+) -> list[str]:
     """Package modules that ``node`` (in ``module``) imports."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
@@ -90,7 +92,9 @@ def _import_nodes(node: ast.AST, in_function: bool) -> list[tuple[ast.Import | a
     for child in ast.iter_child_nodes(node):
         if isinstance(child, (ast.Import, ast.ImportFrom)):
             out.append((child, in_function))
-        out.extend(_import_nodes(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))))
+        out.extend(
+            _import_nodes(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+        )
     return out
 
 
@@ -150,7 +154,13 @@ def graph() -> tuple[dict[str, set[str]], dict[str, list[tuple[int, str]]]]:
 # ------------------------------------------------------------------------------ rules
 def test_the_package_is_found(graph):
     module_level, _ = graph
-    for name in ("diffusiongym", "diffusiongym.tasks", "diffusiongym.oracle", "diffusiongym.models.digits", "diffusiongym.trainers.base"):
+    for name in (
+        "diffusiongym",
+        "diffusiongym.tasks",
+        "diffusiongym.oracle",
+        "diffusiongym.models.digits",
+        "diffusiongym.trainers.base",
+    ):
         assert name in module_level
     assert "diffusiongym.envs.environment" in module_level["diffusiongym.tasks"]
 
@@ -172,8 +182,15 @@ def test_full_import_graph_is_acyclic(graph):
 def test_no_function_level_internal_imports(graph):
     _, function_level = graph
     allowed = set(ALLOWED) | TEMPORARY_ALLOWED
-    offenders = [f"{m}:{line} imports {t}" for m, hits in sorted(function_level.items()) for line, t in hits if (m, t) not in allowed]
-    assert not offenders, "function-level imports of package modules (move them to the top of the module):\n" + "\n".join(offenders)
+    offenders = [
+        f"{m}:{line} imports {t}"
+        for m, hits in sorted(function_level.items())
+        for line, t in hits
+        if (m, t) not in allowed
+    ]
+    assert not offenders, (
+        "function-level imports of package modules (move them to the top of the module):\n" + "\n".join(offenders)
+    )
 
 
 def test_allow_lists_have_no_stale_entries(graph):
@@ -189,7 +206,10 @@ def test_maths_citations_name_existing_sections():
     cited = set()
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         text = re.sub(r"\s+", " ", path.read_text())
-        cited |= {(path.relative_to(PACKAGE_DIR.parent).as_posix(), name) for name in re.findall(r'docs/maths\.md`*, "([^"]+)"', text)}
+        cited |= {
+            (path.relative_to(PACKAGE_DIR.parent).as_posix(), name)
+            for name in re.findall(r'docs/maths\.md`*, "([^"]+)"', text)
+        }
     assert cited, "expected docstrings citing docs/maths.md sections"
     missing = sorted((where, name) for where, name in cited if name not in headings)
     assert not missing, f"citations of sections that docs/maths.md does not have: {missing}"

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import diffusiongym as dg
-from diffusiongym.logprob import euler_step_log_prob, gaussian_log_prob, path_log_ratio, step_kl, step_log_prob, trajectory_log_probs
+from diffusiongym.logprob import (
+    euler_step_log_prob,
+    gaussian_log_prob,
+    path_log_ratio,
+    step_kl,
+    step_log_prob,
+    trajectory_log_probs,
+)
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.tasks import make_task
 
@@ -44,7 +51,9 @@ def test_control_log_probs_match_stored_means_and_noises(parameterization, sched
     task = _task(parameterization, scheduler)
     env = task.environment
     control = lambda x, t, **c: 0.3 * torch.sin(x) + t[:, None]  # noqa: E731  any smooth control
-    traj = dg.sample(env, 64, steps=task.steps, t_start=task.t_start, control=control, seed=0, dtype=torch.float64, store="all")
+    traj = dg.sample(
+        env, 64, steps=task.steps, t_start=task.t_start, control=control, seed=0, dtype=torch.float64, store="all"
+    )
     h = (traj.times[1:] - traj.times[:-1])[:, None, None]
     sigma = env.sigma(traj.times[:-1])[:, None, None]
     mean = traj.states[:-1] + h * (traj.drifts + sigma * traj.controls)
@@ -61,7 +70,11 @@ def _independent_log_probs_base(traj, env) -> torch.Tensor:
     std = (h * env.sigma(traj.times[:-1]) ** 2).sqrt()
     mean = traj.states[:-1] + h[:, None, None] * traj.drifts
     d = traj.states.shape[-1]
-    return -0.5 * (((traj.states[1:] - mean) / std[:, None, None]) ** 2).sum(-1) - d * std.log()[:, None] - 0.5 * d * math.log(2 * math.pi)
+    return (
+        -0.5 * (((traj.states[1:] - mean) / std[:, None, None]) ** 2).sum(-1)
+        - d * std.log()[:, None]
+        - 0.5 * d * math.log(2 * math.pi)
+    )
 
 
 @pytest.mark.parametrize("parameterization,scheduler", CASES, ids=IDS)
@@ -69,7 +82,9 @@ def test_policy_log_probs_kl_and_path_ratio(parameterization, scheduler):
     task = _task(parameterization, scheduler)
     env = task.environment
     policy = _random_policy(task)
-    traj = dg.sample(env, 64, steps=task.steps, t_start=task.t_start, policy=policy, seed=1, dtype=torch.float64, store="all")
+    traj = dg.sample(
+        env, 64, steps=task.steps, t_start=task.t_start, policy=policy, seed=1, dtype=torch.float64, store="all"
+    )
     h = (traj.times[1:] - traj.times[:-1])[:, None, None]
     sigma = env.sigma(traj.times[:-1])[:, None, None]
     mean = traj.states[:-1] + h * (traj.drifts + sigma * traj.controls)
@@ -112,8 +127,15 @@ def test_euler_step_log_prob_from_stored_drift_equals_step_log_prob():
     with torch.no_grad():
         drift = env.drift(x, t)
     sigma = env.sigma(t)
-    torch.testing.assert_close(euler_step_log_prob(x_next, x, drift, h, sigma, control(x, t)), step_log_prob(env, x, x_next, t, h, control=control), rtol=0, atol=1e-10)
-    torch.testing.assert_close(euler_step_log_prob(x_next, x, drift, h, sigma), step_log_prob(env, x, x_next, t, h), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        euler_step_log_prob(x_next, x, drift, h, sigma, control(x, t)),
+        step_log_prob(env, x, x_next, t, h, control=control),
+        rtol=0,
+        atol=1e-10,
+    )
+    torch.testing.assert_close(
+        euler_step_log_prob(x_next, x, drift, h, sigma), step_log_prob(env, x, x_next, t, h), rtol=0, atol=1e-10
+    )
     with pytest.raises(ValueError, match="control"):
         euler_step_log_prob(x_next, x, drift, h, sigma, torch.zeros(16, 3, dtype=torch.float64))
 

@@ -95,7 +95,9 @@ def test_default_targets_without_attention_and_copy_modes():
     x, t = _inputs()
     with torch.no_grad():
         ref = env.model(x, t)
-        assert torch.equal(shared(x, t), ref) and torch.equal(copied(x, t), ref) and torch.equal(inplace_base(x, t), ref)
+        assert (
+            torch.equal(shared(x, t), ref) and torch.equal(copied(x, t), ref) and torch.equal(inplace_base(x, t), ref)
+        )
 
 
 # Margin (measured before choosing the threshold): tiny flow UNet, lambda = 50, 6 iterations of
@@ -235,7 +237,9 @@ def test_digits_unet_accepts_lora_and_one_adjoint_matching_step():
         assert torch.equal(model(x, t, label=label, guidance_scale=2.0), base(x, t, label=label, guidance_scale=2.0))
     env = digits_environment(model=base)
     config = AdjointMatchingConfig(batch_size=2, loss_times=None, seed=0)
-    trainer = AdjointMatching(env, BrightnessReward(tolerance=float("inf")), 10.0, model=model, config=config, steps=3, t_start=0.05)
+    trainer = AdjointMatching(
+        env, BrightnessReward(tolerance=float("inf")), 10.0, model=model, config=config, steps=3, t_start=0.05
+    )
     trainer.train(1, progress=False)
     assert any(not torch.equal(v, torch.zeros_like(v)) for n, v in lora_state_dict(model).items() if ".lora_B." in n)
     assert all(p.grad is None for p in base.parameters())
@@ -275,6 +279,8 @@ def test_missing_peft_names_the_extra(unet_dir, monkeypatch):
 
 
 def test_import_diffusiongym_does_not_import_peft():
-    code = "import sys, diffusiongym; print(sorted(m for m in ('peft', 'transformers', 'accelerate') if m in sys.modules))"
+    code = (
+        "import sys, diffusiongym; print(sorted(m for m in ('peft', 'transformers', 'accelerate') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

@@ -69,7 +69,11 @@ SCRIPT = textwrap.dedent(
 
 
 def test_everything_works_with_sockets_refusing_to_connect(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k not in ("TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("HF_") and k not in ("TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
+    }
     env["HF_HOME"] = str(tmp_path / "hf_home")  # an empty default cache: nothing is cached there
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
@@ -77,7 +81,7 @@ def test_everything_works_with_sockets_refusing_to_connect(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
-    report = json.loads(line[len("REPORT"):])
+    report = json.loads(line[len("REPORT") :])
     import gymnasium as gym
 
     import diffusiongym  # noqa: F401  (registers the ids)

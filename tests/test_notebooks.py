@@ -35,7 +35,9 @@ def execute_notebook(path: Path, timeout: int = 120) -> object:
     old = {k: os.environ.get(k) for k in ("MPLBACKEND", "OMP_NUM_THREADS")}
     os.environ.update(MPLBACKEND="Agg", OMP_NUM_THREADS="1")
     try:
-        client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+        client = nbclient.NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        )
         client.execute()
     finally:
         for k, v in old.items():
@@ -50,7 +52,9 @@ def execute_notebook(path: Path, timeout: int = 120) -> object:
 @pytest.mark.parametrize("name,timeout", NOTEBOOKS, ids=[n for n, _ in NOTEBOOKS])
 def test_notebook_runs(name, timeout):
     nb = execute_notebook(NOTEBOOK_DIR / name, timeout)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     assert not errors
 
 

@@ -6,7 +6,11 @@ import torch
 import diffusiongym as dg
 from diffusiongym.parameterization import PARAMETERIZATIONS, conversion_coefficients, convert
 
-SCHEDULERS = {"linear": dg.LinearScheduler(), "cosine": dg.CosineScheduler(), "vp": dg.DiscreteVPScheduler.linear_ddpm()}
+SCHEDULERS = {
+    "linear": dg.LinearScheduler(),
+    "cosine": dg.CosineScheduler(),
+    "vp": dg.DiscreteVPScheduler.linear_ddpm(),
+}
 PAIRS = list(itertools.product(PARAMETERIZATIONS, PARAMETERIZATIONS))
 
 
@@ -39,7 +43,9 @@ def test_conversions_agree_with_definitions(sched_name):
     for source in PARAMETERIZATIONS:
         for target, value in truth.items():
             torch.testing.assert_close(convert(truth[source], x, t, sched, source, target), value, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(convert(truth[source], x, t, sched, source, "drift", sigma=sigma), drift, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            convert(truth[source], x, t, sched, source, "drift", sigma=sigma), drift, rtol=1e-9, atol=1e-9
+        )
 
 
 def test_memoryless_velocity_drift_is_two_v_minus_kappa_x():

@@ -28,7 +28,15 @@ def _rng_guard():
 
 
 def _small(task_id="GMM1D-v0", steps=10, policy_type="model", **overrides):
-    options = {"iterations": 3, "batch_size": 8, "group_size": 4, "num_minibatches": 2, "hidden": 8, "layers": 2, "seed": 5}
+    options = {
+        "iterations": 3,
+        "batch_size": 8,
+        "group_size": 4,
+        "num_minibatches": 2,
+        "hidden": 8,
+        "layers": 2,
+        "seed": 5,
+    }
     options.update(overrides)
     return PolicyGradient(task_id, config=PolicyGradientConfig(**options), policy_type=policy_type, steps=steps)
 
@@ -57,7 +65,14 @@ def test_rollout_through_env_matches_engine_log_probs_and_kl(policy_type):
     else:
         model = net
         kw = {"control": net}
-    trainer = PolicyGradient(task, model=model, config=PolicyGradientConfig(batch_size=8, group_size=4), policy_type=policy_type, dtype=torch.float64, steps=10)
+    trainer = PolicyGradient(
+        task,
+        model=model,
+        config=PolicyGradientConfig(batch_size=8, group_size=4),
+        policy_type=policy_type,
+        dtype=torch.float64,
+        steps=10,
+    )
     batch = trainer.rollout(seed=3)
     times = trainer.sim.times
     kl = torch.zeros(8, dtype=torch.float64)
@@ -80,7 +95,16 @@ def test_rollout_through_env_matches_engine_log_probs_and_kl(policy_type):
         obs, *_ = envs.step(act(obs))
     torch.testing.assert_close(obs["x"], batch.states[-1], rtol=0, atol=1e-12)
     # ... and diffusiongym.sample accepts it
-    traj = dg.sample(task.environment, 16, steps=10, t_start=task.t_start, control=trainer.policy, reward=task.reward, seed=0, dtype=torch.float64)
+    traj = dg.sample(
+        task.environment,
+        16,
+        steps=10,
+        t_start=task.t_start,
+        control=trainer.policy,
+        reward=task.reward,
+        seed=0,
+        dtype=torch.float64,
+    )
     assert float(traj.kl.min()) > 0
 
 
@@ -88,9 +112,13 @@ def test_ratio_is_one_at_the_first_update():
     # One epoch of one minibatch: the only update's ratios are computed at the sampling
     # policy, so they equal 1 up to float32 rounding of the means / std (~1e-4 relative at
     # most): nothing is clipped and approx_kl ~ 0.
-    trainer = _small("GMM2D-v0", steps=20, iterations=1, batch_size=16, group_size=8, update_epochs=1, num_minibatches=1, hidden=32)
+    trainer = _small(
+        "GMM2D-v0", steps=20, iterations=1, batch_size=16, group_size=8, update_epochs=1, num_minibatches=1, hidden=32
+    )
     with torch.no_grad():
-        trainer.model.net.head.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))  # a non-trivial policy
+        trainer.model.net.head.weight.normal_(
+            0, 0.1, generator=torch.Generator().manual_seed(0)
+        )  # a non-trivial policy
     record = trainer.step()
     assert record["clip_fraction"] == 0.0
     assert abs(record["approx_kl"]) < 1e-6
@@ -98,7 +126,9 @@ def test_ratio_is_one_at_the_first_update():
 
 
 def test_grpo_closes_most_of_the_gmm2d_gap():
-    trainer = PolicyGradient("GMM2D-v0", config=PolicyGradientConfig(iterations=8, batch_size=256, group_size=32, seed=0), steps=50)
+    trainer = PolicyGradient(
+        "GMM2D-v0", config=PolicyGradientConfig(iterations=8, batch_size=256, group_size=32, seed=0), steps=50
+    )
     before = trainer.evaluate(1024, seed=1)
     history = trainer.train(progress=False)
     after = trainer.evaluate(1024, seed=1)
@@ -127,7 +157,12 @@ print(json.dumps({"params": digest, "history": {k: v for k, v in history.items()
 
 def test_two_fresh_processes_are_bit_identical():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    outs = [subprocess.run([sys.executable, "-c", _REPEAT_SCRIPT], capture_output=True, text=True, env=env, check=True).stdout for _ in range(2)]
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", _REPEAT_SCRIPT], capture_output=True, text=True, env=env, check=True
+        ).stdout
+        for _ in range(2)
+    ]
     first, second = (json.loads(o.strip().splitlines()[-1]) for o in outs)
     assert first == second
     assert first["history"]["kl"][1] > 0  # it trained
@@ -154,7 +189,9 @@ def test_resume_is_bit_identical(tmp_path, policy_type):
     resumed.train(progress=False)
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
-    assert {k: v for k, v in full.history.items() if k != "seconds"} == {k: v for k, v in resumed.history.items() if k != "seconds"}
+    assert {k: v for k, v in full.history.items() if k != "seconds"} == {
+        k: v for k, v in resumed.history.items() if k != "seconds"
+    }
     assert resumed.generator.get_state().equal(full.generator.get_state())
 
 
@@ -184,7 +221,11 @@ def test_errors():
     with pytest.raises(ValueError, match="kl_coef"):
         PolicyGradientConfig(kl_coef=-1.0)
     with pytest.raises(ValueError, match="sigma > 0"):
-        PolicyGradient(task.environment.with_noise("ode"), reward=task.reward, config=PolicyGradientConfig(batch_size=8, group_size=4))
+        PolicyGradient(
+            task.environment.with_noise("ode"),
+            reward=task.reward,
+            config=PolicyGradientConfig(batch_size=8, group_size=4),
+        )
     with pytest.raises(ValueError, match="policy_type"):
         PolicyGradient(task, config=PolicyGradientConfig(batch_size=8, group_size=4), policy_type="modle")
     with pytest.raises(TypeError, match="model"):
@@ -204,7 +245,9 @@ def _digits_weights():
     for stem in ("digits_unet", "digit_classifier"):
         cfg = folder / f"{stem}.json"
         # the weights ship with the package: a missing or placeholder file is a failure, not a skip
-        assert cfg.exists() and not json.loads(cfg.read_text()).get("placeholder", False), f"{cfg}: run `python -m diffusiongym.train.digits`"
+        assert cfg.exists() and not json.loads(cfg.read_text()).get("placeholder", False), (
+            f"{cfg}: run `python -m diffusiongym.train.digits`"
+        )
     return folder
 
 
@@ -218,7 +261,9 @@ def test_grpo_raises_digits_class_log_prob():
     from diffusiongym.rewards.images import DigitClassifierReward
 
     folder = _digits_weights()
-    reward = DigitClassifierReward(target=3, mode="log_prob", classifier=load_digit_classifier(path=folder / "digit_classifier"))
+    reward = DigitClassifierReward(
+        target=3, mode="log_prob", classifier=load_digit_classifier(path=folder / "digit_classifier")
+    )
     env = digits_environment(model=load_digits_model(path=folder / "digits_unet", guidance_scale=0.0))
     task = dataclasses.replace(digits_task(guidance_scale=0.0, steps=20, reward=reward), environment=env)
     config = PolicyGradientConfig(iterations=6, batch_size=64, group_size=16, lr=1e-3, num_minibatches=4, hidden=256)

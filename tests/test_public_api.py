@@ -15,7 +15,13 @@ def test_all_names_resolve():
 
 def test_ids_live_under_the_namespace_with_both_entry_points():
     ids = [env_id for env_id in gym.registry if env_id.startswith("diffusiongym/")]
-    assert {"diffusiongym/GMM1D-v0", "diffusiongym/GMM2D-v0", "diffusiongym/Digits-v0", "diffusiongym/DiscreteGrid-v0", "diffusiongym/DiscreteDigits-v0"} <= set(ids)
+    assert {
+        "diffusiongym/GMM1D-v0",
+        "diffusiongym/GMM2D-v0",
+        "diffusiongym/Digits-v0",
+        "diffusiongym/DiscreteGrid-v0",
+        "diffusiongym/DiscreteDigits-v0",
+    } <= set(ids)
     for env_id in ids:
         spec = gym.spec(env_id)
         assert spec.entry_point is not None and spec.vector_entry_point is not None

@@ -44,7 +44,9 @@ def _assert_same(a, b):
 
 def test_gap_closed_against_the_exact_oracle(task):
     # the benchmark's quick budget on a 20-step chain: 12000 base samples weighted softmax(2 r)
-    trainer = RewardWeightedTrainer(task, model=_model(task, 0, hidden=64), config=RewardWeightedConfig(iterations=300, lr=3e-3, seed=0))
+    trainer = RewardWeightedTrainer(
+        task, model=_model(task, 0, hidden=64), config=RewardWeightedConfig(iterations=300, lr=3e-3, seed=0)
+    )
     trainer.train(progress=False)
     assert trainer.history["ess"][0] > 500  # softmax(2 r) on 12000 base draws (measured ~1000)
     metrics = trainer.evaluate(6000, seed=2)
@@ -95,7 +97,9 @@ def test_default_model_and_given_data_resume(tmp_path, task):
     first = RewardWeightedTrainer("DiscreteGrid-v0", config=cfg, data=(data.x1, data.reward), steps=20)
     first.train(3, progress=False)
     first.save(tmp_path / "ckpt")
-    resumed = RewardWeightedTrainer("DiscreteGrid-v0", config=cfg, data=(data.x1, data.reward), steps=20).load(tmp_path / "ckpt")
+    resumed = RewardWeightedTrainer("DiscreteGrid-v0", config=cfg, data=(data.x1, data.reward), steps=20).load(
+        tmp_path / "ckpt"
+    )
     resumed.train(progress=False)
     _assert_same(straight, resumed)
     # other data, no data, another task or method: refused before anything changes
@@ -107,7 +111,9 @@ def test_default_model_and_given_data_resume(tmp_path, task):
     with pytest.raises(CheckpointError, match="data_digest"):
         RewardWeightedTrainer("DiscreteGrid-v0", config=cfg, steps=20).load(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="steps"):
-        RewardWeightedTrainer("DiscreteGrid-v0", config=cfg, data=(data.x1, data.reward), steps=10).load(tmp_path / "ckpt")
+        RewardWeightedTrainer("DiscreteGrid-v0", config=cfg, data=(data.x1, data.reward), steps=10).load(
+            tmp_path / "ckpt"
+        )
 
 
 def test_errors(task):

@@ -49,7 +49,11 @@ def _without_seconds(history: dict[str, list[float]]) -> str:
 
 
 def _state(trainer: RQL) -> dict[str, torch.Tensor]:
-    out = {f"{name}.{k}": v.clone() for name, m in {**trainer.checkpoint_modules(), "target": trainer.value_target}.items() for k, v in m.state_dict().items()}
+    out = {
+        f"{name}.{k}": v.clone()
+        for name, m in {**trainer.checkpoint_modules(), "target": trainer.value_target}.items()
+        for k, v in m.state_dict().items()
+    }
     out["generator"] = trainer.generator.get_state().clone()
     for name, opt in trainer.optimizers().items():
         for pid, state in opt.state_dict()["state"].items():
@@ -116,7 +120,13 @@ def test_flow_log_density_matches_gaussian_pushforward():
 def _toy_dataset(n: int = 64, done: float = 0.0) -> OfflineDataset:
     g = torch.Generator().manual_seed(0)
     s = torch.randn(n, 3, generator=g)
-    return OfflineDataset(s, torch.randn(n, 2, generator=g), torch.randn(n, generator=g), torch.randn(n, 3, generator=g), torch.full((n,), done))
+    return OfflineDataset(
+        s,
+        torch.randn(n, 2, generator=g),
+        torch.randn(n, generator=g),
+        torch.randn(n, 3, generator=g),
+        torch.full((n,), done),
+    )
 
 
 def test_td_target_is_f_free_and_ablation_discounts_the_chain():
@@ -147,7 +157,17 @@ def test_chain_discount_ablation_changes_learned_values():
     values = {}
     for chain in (False, True):
         pol = FlowPolicy(1, 1, flow_steps=3, hidden=16, layers=1)
-        cfg = RQLConfig(gamma=0.5, chain_discount=chain, value_warmup=10_000, lr=1e-2, value_hidden=32, value_layers=1, batch_size=64, iterations=200, seed=0)
+        cfg = RQLConfig(
+            gamma=0.5,
+            chain_discount=chain,
+            value_warmup=10_000,
+            lr=1e-2,
+            value_hidden=32,
+            value_layers=1,
+            batch_size=64,
+            iterations=200,
+            seed=0,
+        )
         agent = RQL(OfflineTask(data), model=pol, config=cfg)
         agent.train(progress=False)
         assert "policy_loss" not in agent.history
@@ -164,11 +184,19 @@ def test_bc_towards_the_current_reversal_is_only_an_integrator_error():
     # 1e-30 contraction) the term is ~0 however far the policy is from the data, while the
     # "initial" target (the frozen initial flow's reversal) measures that distance.
     g = torch.Generator().manual_seed(0)
-    data = OfflineDataset(torch.zeros(64, 0), torch.randn(64, 2, generator=g), torch.zeros(64), torch.zeros(64, 0), torch.ones(64))
+    data = OfflineDataset(
+        torch.zeros(64, 0), torch.randn(64, 2, generator=g), torch.zeros(64), torch.zeros(64, 0), torch.ones(64)
+    )
     bcs = {}
     for mode in ("current", "initial"):
         policy = FlowPolicy(2, 0, 10, base=lambda x, t: -x, hidden=8, layers=1)
-        agent = RQL(OfflineTask(data), model=policy, config=RQLConfig(bc_reversal=mode, reversal_iters=30, batch_size=64, value_hidden=8, value_layers=1, seed=0))
+        agent = RQL(
+            OfflineTask(data),
+            model=policy,
+            config=RQLConfig(
+                bc_reversal=mode, reversal_iters=30, batch_size=64, value_hidden=8, value_layers=1, seed=0
+            ),
+        )
         with torch.no_grad():
             policy.net[-1].bias.fill_(1.0)  # the policy now drifts by +1 per unit time: 1 away from the data's flow
         bcs[mode] = agent.update(data.batch(64, torch.Generator().manual_seed(1)))["bc"]
@@ -198,20 +226,34 @@ def test_bad_inputs_raise(gmm2d):
     with pytest.raises(TypeError, match="dataset: expected an OfflineDataset"):
         RQL(gmm2d, dataset=data.states, steps=10)
     with pytest.raises(ValueError, match="dataset: expected states of dim 3"):
-        RQL(OfflineTask(OfflineDataset(torch.zeros(4, 1), torch.zeros(4, 2), torch.zeros(4), torch.zeros(4, 1), torch.zeros(4))), model=pol)
+        RQL(
+            OfflineTask(
+                OfflineDataset(torch.zeros(4, 1), torch.zeros(4, 2), torch.zeros(4), torch.zeros(4, 1), torch.zeros(4))
+            ),
+            model=pol,
+        )
     with pytest.raises(ValueError, match="dataset: expected states of dim 0"):
         RQL(gmm2d, dataset=data, steps=10)
     with pytest.raises(ValueError, match="model: expected an unconditional FlowPolicy on the task's grid"):
-        RQL(gmm2d, model=diffusion_policy(gmm2d, flow_steps=5, hidden=8, layers=1), config=RQLConfig(dataset_size=8), steps=10)
+        RQL(
+            gmm2d,
+            model=diffusion_policy(gmm2d, flow_steps=5, hidden=8, layers=1),
+            config=RQLConfig(dataset_size=8),
+            steps=10,
+        )
     with pytest.raises(ValueError, match="x: expected shape"):
         pol(torch.zeros(4, 3), torch.zeros(4, 3), 0.5)
     with pytest.raises(ValueError, match="s: expected shape"):
         pol(torch.zeros(4, 2), torch.zeros(4, 2), 0.5)
     with pytest.raises(ValueError, match="rewards"):
         OfflineDataset(torch.zeros(4, 1), torch.zeros(4, 2), torch.zeros(5), torch.zeros(4, 1), torch.zeros(4))
-    nan_data = OfflineDataset(torch.zeros(8, 3), torch.zeros(8, 2), torch.full((8,), float("nan")), torch.zeros(8, 3), torch.ones(8))
+    nan_data = OfflineDataset(
+        torch.zeros(8, 3), torch.zeros(8, 2), torch.full((8,), float("nan")), torch.zeros(8, 3), torch.ones(8)
+    )
     with pytest.raises(FloatingPointError, match="value_loss"):
-        RQL(OfflineTask(nan_data), model=pol, config=RQLConfig(batch_size=4, value_hidden=8, value_layers=1)).train(2, progress=False)
+        RQL(OfflineTask(nan_data), model=pol, config=RQLConfig(batch_size=4, value_hidden=8, value_layers=1)).train(
+            2, progress=False
+        )
     offline = RQL(OfflineTask(data), model=pol)
     with pytest.raises(TypeError, match="evaluate: an offline task"):
         offline.evaluate(8)
@@ -221,14 +263,35 @@ def test_bad_inputs_raise(gmm2d):
 
 # ------------------------------------------------------------ the contract
 def _offline_trainer(seed: int = 3) -> RQL:
-    cfg = RQLConfig(batch_size=32, value_hidden=16, value_layers=1, flow_samples=2, value_warmup=2, policy_delay=2, iterations=9, lr_schedule="cosine", seed=seed)
+    cfg = RQLConfig(
+        batch_size=32,
+        value_hidden=16,
+        value_layers=1,
+        flow_samples=2,
+        value_warmup=2,
+        policy_delay=2,
+        iterations=9,
+        lr_schedule="cosine",
+        seed=seed,
+    )
     with seeded(0):
         policy = FlowPolicy(2, 3, 3, hidden=16, layers=1)
     return RQL(OfflineTask(_toy_dataset(128)), model=policy, config=cfg)
 
 
 def _gmm_trainer(seed: int = 0, task: str = "GMM2D-v0") -> RQL:
-    cfg = RQLConfig(batch_size=32, dataset_size=128, value_hidden=16, value_layers=1, policy_hidden=16, policy_layers=1, flow_samples=2, reversal_iters=1, iterations=6, seed=seed)
+    cfg = RQLConfig(
+        batch_size=32,
+        dataset_size=128,
+        value_hidden=16,
+        value_layers=1,
+        policy_hidden=16,
+        policy_layers=1,
+        flow_samples=2,
+        reversal_iters=1,
+        iterations=6,
+        seed=seed,
+    )
     return RQL(task, config=cfg, steps=5)
 
 
@@ -294,7 +357,11 @@ def test_evaluate_is_the_exact_terminal_kl(gmm2d):
     # At construction the policy is the base ODE (F = 10 Euler steps): its KL to the exact mixture is
     # the Euler discretisation's, small but positive (about 0.09 nats); evaluate must agree exactly with
     # flow_kl_to_density on the same draws, and objective = lambda reward - KL (all samples valid).
-    trainer = RQL(gmm2d, config=RQLConfig(dataset_size=64, value_hidden=8, value_layers=1, policy_hidden=8, policy_layers=1), steps=10)
+    trainer = RQL(
+        gmm2d,
+        config=RQLConfig(dataset_size=64, value_hidden=8, value_layers=1, policy_hidden=8, policy_layers=1),
+        steps=10,
+    )
     metrics = trainer.evaluate(num_samples=512, seed=4)
     assert tuple(metrics) == EVALUATION_KEYS and all(isinstance(v, float) for v in metrics.values())
     kl, x = flow_kl_to_density(trainer.model, gmm2d.mixture.log_prob, n=512, seed=4)
@@ -320,8 +387,14 @@ def _chain_dataset(n: int, seed: int) -> OfflineDataset:
     g = torch.Generator().manual_seed(seed)
     a0, a1 = 2 * torch.rand(n, 1, generator=g) - 1, 2 * torch.rand(n, 1, generator=g) - 1
     s0, s1 = torch.zeros(n, 2), torch.cat([a0, torch.ones(n, 1)], 1)
-    r1 = -(a0[:, 0] - 0.5) ** 2 - (a1[:, 0] + 0.5) ** 2
-    return OfflineDataset(torch.cat([s0, s1]), torch.cat([a0, a1]), torch.cat([torch.zeros(n), r1]), torch.cat([s1, s1]), torch.cat([torch.zeros(n), torch.ones(n)]))
+    r1 = -((a0[:, 0] - 0.5) ** 2) - (a1[:, 0] + 0.5) ** 2
+    return OfflineDataset(
+        torch.cat([s0, s1]),
+        torch.cat([a0, a1]),
+        torch.cat([torch.zeros(n), r1]),
+        torch.cat([s1, s1]),
+        torch.cat([torch.zeros(n), torch.ones(n)]),
+    )
 
 
 def _chain_return(policy: FlowPolicy, n: int = 2048) -> float:
@@ -329,7 +402,7 @@ def _chain_return(policy: FlowPolicy, n: int = 2048) -> float:
     with torch.no_grad():
         a0 = policy.sample(torch.zeros(n, 2), generator=g).clamp(-1, 1)
         a1 = policy.sample(torch.cat([a0, torch.ones(n, 1)], 1), generator=g).clamp(-1, 1)
-    return float((-(a0[:, 0] - 0.5) ** 2 - (a1[:, 0] + 0.5) ** 2).mean())
+    return float((-((a0[:, 0] - 0.5) ** 2) - (a1[:, 0] + 0.5) ** 2).mean())
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +426,20 @@ def test_rql_beats_behaviour_cloning_on_a_two_step_chain(chain_bc, bc_reversal):
     policy = copy.deepcopy(bc_policy)
     bc_return = _chain_return(policy)
     assert abs(bc_return + 7 / 6) < 0.3  # the clone is close to the behaviour
-    cfg = RQLConfig(gamma=0.9, alpha=0.05, bc_reversal=bc_reversal, batch_size=64, value_hidden=32, value_layers=2, lr=3e-3, value_warmup=100, tau=0.05, normalize_q=True, iterations=300, seed=0)
+    cfg = RQLConfig(
+        gamma=0.9,
+        alpha=0.05,
+        bc_reversal=bc_reversal,
+        batch_size=64,
+        value_hidden=32,
+        value_layers=2,
+        lr=3e-3,
+        value_warmup=100,
+        tau=0.05,
+        normalize_q=True,
+        iterations=300,
+        seed=0,
+    )
     RQL(OfflineTask(data), model=policy, config=cfg).train(progress=False)
     rql_return = _chain_return(policy)
     assert rql_return > bc_return + 0.4
@@ -363,8 +449,24 @@ def test_rql_beats_behaviour_cloning_on_a_two_step_chain(chain_bc, bc_reversal):
 @pytest.fixture(scope="module")
 def trained_gmm2d(gmm2d):
     """RQL trained offline on 2048 base ODE samples of GMM2D-v0, 300 iterations (shared by two tests)."""
-    cfg = RQLConfig(alpha=0.3, bc_reversal="initial", reversal_iters=1, gamma=1.0, batch_size=128, value_hidden=128, value_layers=2, policy_hidden=64, policy_layers=2, lr=1e-3,
-                    flow_samples=2, value_warmup=50, iterations=300, dataset_size=2048, dataset_steps=100, seed=0)
+    cfg = RQLConfig(
+        alpha=0.3,
+        bc_reversal="initial",
+        reversal_iters=1,
+        gamma=1.0,
+        batch_size=128,
+        value_hidden=128,
+        value_layers=2,
+        policy_hidden=64,
+        policy_layers=2,
+        lr=1e-3,
+        flow_samples=2,
+        value_warmup=50,
+        iterations=300,
+        dataset_size=2048,
+        dataset_steps=100,
+        seed=0,
+    )
     trainer = RQL(gmm2d, config=cfg, steps=10)
     trainer.train(progress=False)
     return trainer
@@ -394,7 +496,14 @@ def test_trained_flow_acts_on_the_gym_env_in_drift_mode(trained_gmm2d):
     trainer = trained_gmm2d
     policy = trainer.model
     steps, n = policy.flow_steps, 64
-    env = gym.make_vec("diffusiongym/GMM2D-v0", num_envs=n, vectorization_mode="vector_entry_point", noise="ode", action_mode="drift", steps=steps)
+    env = gym.make_vec(
+        "diffusiongym/GMM2D-v0",
+        num_envs=n,
+        vectorization_mode="vector_entry_point",
+        noise="ode",
+        action_mode="drift",
+        steps=steps,
+    )
     x0 = policy.noise(n, torch.Generator().manual_seed(3))
     with torch.no_grad():
         own = policy.sample(x0=x0)
@@ -407,9 +516,28 @@ def test_trained_flow_acts_on_the_gym_env_in_drift_mode(trained_gmm2d):
         torch.testing.assert_close(info["final_x"], own, rtol=1e-5, atol=1e-5)
         assert not bool(torch.as_tensor(info["kl_defined"]).any())  # sigma = 0: no Girsanov KL
     with pytest.raises(ValueError, match="time grid"):
-        drift_agent(policy, gym.make_vec("diffusiongym/GMM2D-v0", num_envs=2, vectorization_mode="vector_entry_point", noise="ode", action_mode="drift", steps=steps + 1))
+        drift_agent(
+            policy,
+            gym.make_vec(
+                "diffusiongym/GMM2D-v0",
+                num_envs=2,
+                vectorization_mode="vector_entry_point",
+                noise="ode",
+                action_mode="drift",
+                steps=steps + 1,
+            ),
+        )
     with pytest.raises(ValueError, match="action_mode"):
-        drift_agent(policy, gym.make_vec("diffusiongym/GMM2D-v0", num_envs=2, vectorization_mode="vector_entry_point", action_mode="control", steps=steps))
+        drift_agent(
+            policy,
+            gym.make_vec(
+                "diffusiongym/GMM2D-v0",
+                num_envs=2,
+                vectorization_mode="vector_entry_point",
+                action_mode="control",
+                steps=steps,
+            ),
+        )
     env.close()
 
 
@@ -418,7 +546,11 @@ def test_offline_task_and_diffusion_dataset(gmm2d):
     assert data.state_dim == 0 and data.action_dim == 2 and len(data) == 64
     assert bool((data.dones == 1).all())
     task = OfflineTask(data, name="GMM2D-offline")
-    trainer = RQL(task, model=FlowPolicy(2, 0, 4, hidden=8, layers=1), config=RQLConfig(batch_size=16, value_hidden=8, value_layers=1, iterations=2))
+    trainer = RQL(
+        task,
+        model=FlowPolicy(2, 0, 4, hidden=8, layers=1),
+        config=RQLConfig(batch_size=16, value_hidden=8, value_layers=1, iterations=2),
+    )
     trainer.train(progress=False)
     assert trainer.task_fingerprint()["name"] == "GMM2D-offline"
     assert trainer.act(n=5).shape == (5, 2)

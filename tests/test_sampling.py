@@ -77,7 +77,15 @@ def test_intermediate_marginals(noise, null_threshold):
 def test_oracle_control_reaches_tilted_target(null_threshold):
     task = make_task("GMM2D-v0")
     n = 2000
-    traj = dg.sample(task.environment, n, steps=200, control=task.oracle.control(), reward=task.reward, reward_scale=task.reward_scale, seed=5)
+    traj = dg.sample(
+        task.environment,
+        n,
+        steps=200,
+        control=task.oracle.control(),
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+        seed=5,
+    )
     target = task.oracle.target.sample(n, generator=torch.Generator().manual_seed(6), dtype=torch.float32)
     assert dg.energy_distance(traj.x1, target) < dg.null_energy_threshold(task.oracle.target, n)
     # Mean return = optimal objective within 4 Monte-Carlo standard errors + 0.03 (Euler bias at
@@ -139,7 +147,15 @@ def test_policy_model_equals_its_control():
 
 def test_trajectory_costs():
     task = make_task("GMM1D-v0")
-    traj = dg.sample(task.environment, 128, steps=20, control=task.oracle.control(), reward=task.reward, reward_scale=task.reward_scale, seed=0)
+    traj = dg.sample(
+        task.environment,
+        128,
+        steps=20,
+        control=task.oracle.control(),
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+        seed=0,
+    )
     assert traj.running_cost.shape == (20, 128)
     torch.testing.assert_close(traj.cost_to_go[0], traj.total_cost)
     torch.testing.assert_close(traj.cost_to_go[-1], -task.reward_scale * traj.reward)
@@ -200,9 +216,10 @@ def test_null_energy_threshold_is_factor_times_the_largest_null_distance():
     target = make_task("GMM1D-v0").oracle.target
     draw = lambda s: target.sample(300, generator=torch.Generator().manual_seed(s))  # noqa: E731
     null = [dg.energy_distance(draw(50 + 2 * i), draw(51 + 2 * i)) for i in range(3)]
-    assert dg.null_energy_threshold(target, 300, draws=3, factor=2.0, seed=50) == pytest.approx(2.0 * max(null), rel=1e-12)
+    assert dg.null_energy_threshold(target, 300, draws=3, factor=2.0, seed=50) == pytest.approx(
+        2.0 * max(null), rel=1e-12
+    )
     with pytest.raises(ValueError, match="n"):
         dg.null_energy_threshold(target, 1)
     with pytest.raises(ValueError, match="draws"):
         dg.null_energy_threshold(target, 100, draws=0)
-

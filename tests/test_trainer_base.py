@@ -163,7 +163,11 @@ while True:
 @pytest.mark.parametrize("delay", [0.3, 0.7, 1.1])
 def test_a_process_killed_while_saving_leaves_a_complete_checkpoint(tmp_path, delay):
     folder = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(tests=str(ROOT / "tests"), folder=str(folder))], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER.format(tests=str(ROOT / "tests"), folder=str(folder))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)

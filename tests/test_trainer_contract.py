@@ -47,11 +47,15 @@ def _example():
 
 def make_rwr(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
     rwr = _example()
-    return rwr.RewardWeightedRegression(task, config=rwr.RWRConfig(iterations=6, batch_size=64, updates_per_iteration=2, seed=seed), steps=steps)
+    return rwr.RewardWeightedRegression(
+        task, config=rwr.RWRConfig(iterations=6, batch_size=64, updates_per_iteration=2, seed=seed), steps=steps
+    )
 
 
 def make_value_matching(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
-    config = ValueMatchingConfig(iterations=6, batch_size=32, updates_per_iteration=2, minibatch_size=64, replay=1, seed=seed)
+    config = ValueMatchingConfig(
+        iterations=6, batch_size=32, updates_per_iteration=2, minibatch_size=64, replay=1, seed=seed
+    )
     return ValueMatching(task, config=config, steps=steps)
 
 
@@ -67,20 +71,38 @@ def make_reward_weighted_discrete(seed: int = 0) -> Trainer:
 
 def make_adjoint_matching(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
     config = AdjointMatchingConfig(
-        iterations=6, batch_size=64, residual="control", hidden=16, layers=1, restarts=0.5, likelihood_ratio=0.1, lr_schedule="cosine", seed=seed
+        iterations=6,
+        batch_size=64,
+        residual="control",
+        hidden=16,
+        layers=1,
+        restarts=0.5,
+        likelihood_ratio=0.1,
+        lr_schedule="cosine",
+        seed=seed,
     )
     return AdjointMatching(task, config=config, steps=steps)
 
 
 def make_policy_gradient(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
-    config = PolicyGradientConfig(iterations=6, batch_size=16, group_size=8, num_minibatches=2, hidden=16, layers=2, seed=seed)
+    config = PolicyGradientConfig(
+        iterations=6, batch_size=16, group_size=8, num_minibatches=2, hidden=16, layers=2, seed=seed
+    )
     return PolicyGradient(task, config=config, steps=steps)
 
 
 def make_rql(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
     config = RQLConfig(
-        iterations=6, batch_size=64, dataset_size=256, dataset_steps=20, value_hidden=16, value_layers=1, policy_hidden=16,
-        policy_layers=1, flow_samples=2, seed=seed,
+        iterations=6,
+        batch_size=64,
+        dataset_size=256,
+        dataset_steps=20,
+        value_hidden=16,
+        value_layers=1,
+        policy_hidden=16,
+        policy_layers=1,
+        flow_samples=2,
+        seed=seed,
     )
     return RQL(task, config=config, steps=steps)
 
@@ -160,7 +182,9 @@ def test_evaluate_keys_and_policy(method):
     metrics = trainer.evaluate(num_samples=64, seed=1)
     assert tuple(metrics) == EVALUATION_KEYS
     assert all(isinstance(v, float) for v in metrics.values())
-    assert json.dumps(metrics) == json.dumps(trainer.evaluate(num_samples=64, seed=1))  # evaluation leaves training alone
+    assert json.dumps(metrics) == json.dumps(
+        trainer.evaluate(num_samples=64, seed=1)
+    )  # evaluation leaves training alone
     assert callable(trainer.policy)
 
 
@@ -233,7 +257,9 @@ def test_another_method_or_task_is_refused(method, tmp_path):
     trainer = TRAINERS[method](seed=0)
     if other is not None:
         folder = other.save(tmp_path / "other")
-        with pytest.raises(CheckpointError, match=f"RewardWeightedRegression checkpoint, not a {type(trainer).__name__} one"):
+        with pytest.raises(
+            CheckpointError, match=f"RewardWeightedRegression checkpoint, not a {type(trainer).__name__} one"
+        ):
             trainer.load(folder)
     folder = trainer.save(tmp_path / "mine")
     index = json.loads((folder / "trainer.json").read_text())
@@ -261,7 +287,10 @@ print(digest.hexdigest())
 def test_same_seed_is_bit_identical_in_fresh_processes(method):
     script = _DETERMINISM_SCRIPT.format(tests=str(ROOT / "tests"), method=method)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600) for _ in range(2)]
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        for _ in range(2)
+    ]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
     assert runs[0].stdout.strip() == runs[1].stdout.strip() != ""

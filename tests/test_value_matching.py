@@ -242,7 +242,12 @@ SMALL = {"iterations": 4, "batch_size": 32, "updates_per_iteration": 2, "minibat
 
 
 def _small(seed=3, **task_options):
-    return ValueMatching("GMM2D-v0", config=ValueMatchingConfig(**{**SMALL, "seed": seed}), steps=task_options.pop("steps", 10), **task_options)
+    return ValueMatching(
+        "GMM2D-v0",
+        config=ValueMatchingConfig(**{**SMALL, "seed": seed}),
+        steps=task_options.pop("steps", 10),
+        **task_options,
+    )
 
 
 def _without_seconds(history):
@@ -291,7 +296,14 @@ def test_repeat_with_the_same_seed_is_bit_identical_across_processes():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = []
     for global_seed in ("11", "12"):
-        out = subprocess.run([sys.executable, "-c", _REPEAT_SCRIPT, global_seed], capture_output=True, text=True, env=env, timeout=300, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _REPEAT_SCRIPT, global_seed],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=True,
+        )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert runs[0] == runs[1]
     assert len(runs[0]["history"]["loss"]) == 3 and all(math.isfinite(v) for v in runs[0]["history"]["loss"])
@@ -308,7 +320,9 @@ def test_save_load_resume_is_exact(tmp_path):
     first.save(tmp_path / "ckpt")
     resumed = _small().load(tmp_path / "ckpt")
     assert resumed.iteration == 2 and resumed.history == first.history
-    assert len(resumed.buffer) == 2 and all(torch.equal(a["states"], b["states"]) for a, b in zip(resumed.buffer, first.buffer))
+    assert len(resumed.buffer) == 2 and all(
+        torch.equal(a["states"], b["states"]) for a, b in zip(resumed.buffer, first.buffer)
+    )
     resumed.train(progress=False)
     assert resumed.iteration == 4
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
@@ -371,7 +385,9 @@ def test_non_differentiable_reward_moves_mass():
     errors at n = 2048; measured 0.46 and 0.48 on seeds 0 and 1); a sign error in the control
     would push it below 0.2."""
     reward = CallableReward(lambda x: (x[:, 0] > 0.25).float(), differentiable=False)
-    cfg = ValueMatchingConfig(iterations=12, batch_size=128, updates_per_iteration=16, minibatch_size=512, replay=3, lr=2e-3, seed=0)
+    cfg = ValueMatchingConfig(
+        iterations=12, batch_size=128, updates_per_iteration=16, minibatch_size=512, replay=3, lr=2e-3, seed=0
+    )
     trainer = ValueMatching("GMM1D-v0", reward, 2.0, config=cfg, steps=50)
     history = trainer.train(progress=False)
     assert len(history["loss"]) == 12 and all(math.isfinite(v) for v in history["loss"])
@@ -392,13 +408,24 @@ def test_gmm1d_gap_closed_and_value_close_to_oracle():
     The learned V must also track V* on its own states at t = 0.5: mse < 0.3 Var V* (measured
     0.11 and 0.20 Var V*; a V that is right only up to its mean over x scores 1.0)."""
     task = make_task("GMM1D-v0", steps=50)
-    cfg = ValueMatchingConfig(iterations=20, batch_size=128, updates_per_iteration=16, minibatch_size=1024, replay=3, lr=2e-3, seed=0)
+    cfg = ValueMatchingConfig(
+        iterations=20, batch_size=128, updates_per_iteration=16, minibatch_size=1024, replay=3, lr=2e-3, seed=0
+    )
     records = []
     trainer = ValueMatching(task, config=cfg)
     trainer.train(callback=records.append, progress=False)
     assert [r["iteration"] for r in records] == list(range(20))
     assert set(trainer.history) >= {"loss", "reward", "kl", "objective"}
-    traj = dg.sample(task.environment, 4096, steps=task.steps, control=trainer.policy, reward=task.reward, reward_scale=task.reward_scale, seed=11, store="states")
+    traj = dg.sample(
+        task.environment,
+        4096,
+        steps=task.steps,
+        control=trainer.policy,
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+        seed=11,
+        store="states",
+    )
     gap = task.oracle.gap_closed(float(traj.objective.mean()))
     assert gap > 0.6, gap
     k = 25
@@ -469,7 +496,14 @@ def test_shipped_digits_value_net_raises_the_target_class():
     assert info["recipe"] == {"target": 3, "reward_scale": 10.0, "steps": 25, "mode": "is_class"}
     policy = ValuePolicy(net, task.environment, action_scale=task.action_scale)
     n = 128
-    common = dict(steps=task.steps, t_start=task.t_start, reward=task.reward, reward_scale=task.reward_scale, cond={"label": task.conditioning["label"][1](n)}, seed=2024)
+    common = dict(
+        steps=task.steps,
+        t_start=task.t_start,
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+        cond={"label": task.conditioning["label"][1](n)},
+        seed=2024,
+    )
     base = dg.sample(task.environment, n, **common)
     tuned = dg.sample(task.environment, n, control=policy, **common)
     assert float(base.reward.mean()) < 0.25

@@ -39,7 +39,16 @@ def test_metadata_and_spaces_match_returned_values():
         assert _in_space(env.observation_space, obs)
         assert reward.shape == term.shape == trunc.shape == (4,)
         assert term.dtype == trunc.dtype == torch.bool and not trunc.any()
-    assert term.all() and set(info) == {"reward", "_reward", "valid", "_valid", "final_x", "_final_x", "kl_defined", "_kl_defined"}
+    assert term.all() and set(info) == {
+        "reward",
+        "_reward",
+        "valid",
+        "_valid",
+        "final_x",
+        "_final_x",
+        "kl_defined",
+        "_kl_defined",
+    }
     for key in ("reward", "valid", "final_x", "kl_defined"):  # Gymnasium's vector info convention
         assert info[f"_{key}"].dtype == torch.bool and info[f"_{key}"].shape == (4,) and info[f"_{key}"].all()
         assert info[key].shape[0] == 4
@@ -202,7 +211,15 @@ def test_oracle_control_through_vector_env_matches_engine():
         obs, r, term, _, info = env.step(agent(obs))
         total += r
     task = env.unwrapped.task
-    traj = dg.sample(task.environment, 2000, steps=50, control=task.oracle.control(), reward=task.reward, reward_scale=task.reward_scale, seed=1)
+    traj = dg.sample(
+        task.environment,
+        2000,
+        steps=50,
+        control=task.oracle.control(),
+        reward=task.reward,
+        reward_scale=task.reward_scale,
+        seed=1,
+    )
     se = float(total.std() + traj.objective.std()) / np.sqrt(2000)
     assert abs(float(total.mean()) - float(traj.objective.mean())) < 4 * se
 

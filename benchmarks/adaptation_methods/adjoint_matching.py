@@ -51,14 +51,27 @@ EVAL_STEPS = 100  # the tasks' own grid
 def config(task_id: str, quick: bool, seed: int, **overrides: object) -> AdjointMatchingConfig:
     iterations, lr = BUDGETS[(task_id, quick)]
     options = dict(
-        iterations=iterations, batch_size=1024, loss_times=None, minibatch_size=8192, updates_per_iteration=8, lr=lr,
-        lr_schedule="cosine", max_grad_norm=None, time_weight="inverse", restarts=4.0, restart_after=0.7, residual="copy",
-        likelihood_ratio=0.1, seed=seed,
+        iterations=iterations,
+        batch_size=1024,
+        loss_times=None,
+        minibatch_size=8192,
+        updates_per_iteration=8,
+        lr=lr,
+        lr_schedule="cosine",
+        max_grad_norm=None,
+        time_weight="inverse",
+        restarts=4.0,
+        restart_after=0.7,
+        residual="copy",
+        likelihood_ratio=0.1,
+        seed=seed,
     )
     options.update(overrides)
     return AdjointMatchingConfig(**options)
 
 
-def make(task_id: str, quick: bool, seed: int, parameterization: str = "velocity", **overrides: object) -> AdjointMatching:
+def make(
+    task_id: str, quick: bool, seed: int, parameterization: str = "velocity", **overrides: object
+) -> AdjointMatching:
     task = make_task(task_id, parameterization=parameterization)
     return AdjointMatching(task, config=config(task_id, quick, seed, **overrides), steps=TRAIN_STEPS)

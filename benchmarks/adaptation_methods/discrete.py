@@ -17,5 +17,7 @@ def make(task_id: str, quick: bool, seed: int) -> RewardWeightedTrainer:
     task = grid_task()
     with seeded(seed):
         model = ResidualPosterior(task.model, hidden=64, layers=2)
-    config = RewardWeightedConfig(iterations=300 if quick else 1000, num_samples=12000 if quick else 40000, lr=3e-3, seed=seed)
+    config = RewardWeightedConfig(
+        iterations=300 if quick else 1000, num_samples=12000 if quick else 40000, lr=3e-3, seed=seed
+    )
     return RewardWeightedTrainer(task, model=model, config=config)

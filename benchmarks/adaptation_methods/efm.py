@@ -16,8 +16,15 @@ def make(task_id: str, quick: bool, seed: int) -> EFMTrainer:
     d = task.sample_shape[0]
     rounds, per_round = (2, 400) if quick else (4, 1000)
     config = EFMConfig(
-        mode="online", weighting="importance", rounds=rounds, samples_per_round=8192 if quick else 16384,
-        iterations=rounds * per_round, batch_size=512, lr=1e-2, lr_schedule="cosine", seed=seed,
+        mode="online",
+        weighting="importance",
+        rounds=rounds,
+        samples_per_round=8192 if quick else 16384,
+        iterations=rounds * per_round,
+        batch_size=512,
+        lr=1e-2,
+        lr_schedule="cosine",
+        seed=seed,
     )
     # a residual MLP on the exact base (the default would be the mixture's own trainable copy)
     with seeded(seed):

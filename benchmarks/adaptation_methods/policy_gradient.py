@@ -16,6 +16,13 @@ TASKS = ["GMM1D-v0", "GMM2D-v0"]
 
 def make(task_id: str, quick: bool, seed: int) -> PolicyGradient:
     config = PolicyGradientConfig(
-        iterations=30 if quick else 150, batch_size=256, group_size=32, update_epochs=4, kl_in_return=True, hidden=64, layers=3, seed=seed
+        iterations=30 if quick else 150,
+        batch_size=256,
+        group_size=32,
+        update_epochs=4,
+        kl_in_return=True,
+        hidden=64,
+        layers=3,
+        seed=seed,
     )
     return PolicyGradient(task_id, config=config)

@@ -37,9 +37,23 @@ def config(seed: int, alpha: float = 0.03, quick: bool = True) -> RQLConfig:
     normalised for the actor, 200 value-only warm-up iterations; the data are 100-step ODE
     samples of the base (4096 quick, 16384 full)."""
     return RQLConfig(
-        alpha=alpha, bc_reversal="initial", reversal_iters=1, gamma=1.0, normalize_q=True, batch_size=128,
-        value_hidden=128, value_layers=2, policy_hidden=64, policy_layers=2, lr=1e-3, flow_samples=2, value_warmup=200,
-        iterations=800 if quick else 4000, dataset_size=4096 if quick else 16384, dataset_steps=100, seed=seed,
+        alpha=alpha,
+        bc_reversal="initial",
+        reversal_iters=1,
+        gamma=1.0,
+        normalize_q=True,
+        batch_size=128,
+        value_hidden=128,
+        value_layers=2,
+        policy_hidden=64,
+        policy_layers=2,
+        lr=1e-3,
+        flow_samples=2,
+        value_warmup=200,
+        iterations=800 if quick else 4000,
+        dataset_size=4096 if quick else 16384,
+        dataset_steps=100,
+        seed=seed,
     )
 
 
@@ -71,17 +85,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = make_task(args.task)
-    print(f"{args.task} base objective={task.oracle.base_objective:.3f} optimal={task.oracle.optimal_objective:.3f}", flush=True)
+    print(
+        f"{args.task} base objective={task.oracle.base_objective:.3f} optimal={task.oracle.optimal_objective:.3f}",
+        flush=True,
+    )
     for alpha in args.alphas:
         start = time.perf_counter()
-        cfg = replace(config(args.seed, alpha), bc_reversal=args.bc_reversal, normalize_q=args.normalize_q, lr=args.lr, value_warmup=args.warmup, iterations=args.iterations)
+        cfg = replace(
+            config(args.seed, alpha),
+            bc_reversal=args.bc_reversal,
+            normalize_q=args.normalize_q,
+            lr=args.lr,
+            value_warmup=args.warmup,
+            iterations=args.iterations,
+        )
         try:
             res, logp = train_and_measure(args.task, cfg, 4096, args.seed)
         except FloatingPointError as err:
             print(f"alpha={alpha:g} diverged: {err}", flush=True)
             continue
-        print(f"alpha={alpha:g} bc_reversal={args.bc_reversal} normalize_q={args.normalize_q} reward={res['reward']:.3f} kl={res['kl']:.3f} "
-              f"gap_closed={res['gap_closed']:.3f} log_density={logp:.3f} seconds={time.perf_counter() - start:.0f}", flush=True)
+        print(
+            f"alpha={alpha:g} bc_reversal={args.bc_reversal} normalize_q={args.normalize_q} reward={res['reward']:.3f} kl={res['kl']:.3f} "
+            f"gap_closed={res['gap_closed']:.3f} log_density={logp:.3f} seconds={time.perf_counter() - start:.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

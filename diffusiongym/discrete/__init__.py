@@ -6,20 +6,52 @@ oracle (:mod:`.oracle`), training (:mod:`.train`), tasks (:mod:`.tasks`), Gymnas
 and their registration (:mod:`.registry`).
 """
 
-from diffusiongym.discrete.chain import DiscreteTrajectory, base_rates, control_from_model, controlled_step, draw_step, sample_chain, time_grid
+from diffusiongym.discrete.chain import (
+    DiscreteTrajectory,
+    base_rates,
+    control_from_model,
+    controlled_step,
+    draw_step,
+    sample_chain,
+    time_grid,
+)
 from diffusiongym.discrete.models import ExactPosterior, MLPPosterior, PosteriorModel, ResidualPosterior
 from diffusiongym.discrete.oracle import DiscreteTiltOracle, empirical_probs, total_variation
 from diffusiongym.discrete.path import MixturePath
 from diffusiongym.discrete.rewards import LogisticClassReward, PixelFeatureReward, TableReward
-from diffusiongym.discrete.schedulers import CosineKappa, KappaScheduler, LinearKappa, PolynomialKappa, make_kappa_scheduler
+from diffusiongym.discrete.schedulers import (
+    CosineKappa,
+    KappaScheduler,
+    LinearKappa,
+    PolynomialKappa,
+    make_kappa_scheduler,
+)
 from diffusiongym.discrete.tasks import DiscreteTask, make_discrete_task
 
 __all__ = [
-    "KappaScheduler", "LinearKappa", "PolynomialKappa", "CosineKappa", "make_kappa_scheduler",
+    "KappaScheduler",
+    "LinearKappa",
+    "PolynomialKappa",
+    "CosineKappa",
+    "make_kappa_scheduler",
     "MixturePath",
-    "PosteriorModel", "ExactPosterior", "MLPPosterior", "ResidualPosterior",
-    "DiscreteTrajectory", "sample_chain", "base_rates", "controlled_step", "draw_step", "control_from_model", "time_grid",
-    "DiscreteTiltOracle", "empirical_probs", "total_variation",
-    "TableReward", "LogisticClassReward", "PixelFeatureReward",
-    "DiscreteTask", "make_discrete_task",
+    "PosteriorModel",
+    "ExactPosterior",
+    "MLPPosterior",
+    "ResidualPosterior",
+    "DiscreteTrajectory",
+    "sample_chain",
+    "base_rates",
+    "controlled_step",
+    "draw_step",
+    "control_from_model",
+    "time_grid",
+    "DiscreteTiltOracle",
+    "empirical_probs",
+    "total_variation",
+    "TableReward",
+    "LogisticClassReward",
+    "PixelFeatureReward",
+    "DiscreteTask",
+    "make_discrete_task",
 ]

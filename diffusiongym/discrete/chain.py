@@ -33,7 +33,15 @@ from diffusiongym.discrete.models import PosteriorModel, check_tokens
 from diffusiongym.rewards.base import Reward
 from diffusiongym.utils.validation import check_positive_int
 
-__all__ = ["DiscreteTrajectory", "base_rates", "controlled_step", "draw_step", "sample_chain", "control_from_model", "time_grid"]
+__all__ = [
+    "DiscreteTrajectory",
+    "base_rates",
+    "controlled_step",
+    "draw_step",
+    "sample_chain",
+    "control_from_model",
+    "time_grid",
+]
 
 Control = Callable[..., Tensor]
 
@@ -65,7 +73,9 @@ def base_rates(model: PosteriorModel, x: Tensor, t: Tensor, h: Tensor, last: boo
     return rates
 
 
-def controlled_step(rates: Tensor, h: Tensor, x: Tensor, num_states: int, control: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def controlled_step(
+    rates: Tensor, h: Tensor, x: Tensor, num_states: int, control: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Transition probabilities of one controlled Euler step and the step's running cost.
 
     Parameters
@@ -213,12 +223,18 @@ def sample_chain(
     """
     check_positive_int("n", n)
     path = model.path
-    device = next((b.device for b in model.buffers()), None) or next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = next((b.device for b in model.buffers()), None) or next(
+        (p.device for p in model.parameters()), torch.device("cpu")
+    )
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
     grid = time_grid(steps) if times is None else times.double()
-    x = path.sample_source(n, generator=generator, device=device) if x0 is None else check_tokens(x0, path.length, path.num_states, "x0").to(device)
+    x = (
+        path.sample_source(n, generator=generator, device=device)
+        if x0 is None
+        else check_tokens(x0, path.length, path.num_states, "x0").to(device)
+    )
     if x.shape[0] != n:
         raise ValueError(f"x0: expected {n} rows, got {x.shape[0]}")
     states, controls, costs = [x], [], []

@@ -93,11 +93,23 @@ class DiscreteFlowEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS}
 
-    def __init__(self, task: str | DiscreteTask = "DiscreteGrid-v0", steps: int | None = None, reward_scale: float | None = None, action_scale: float | None = None, render_mode: str | None = None, *, flat_obs: bool = False, **task_kwargs: Any):
+    def __init__(
+        self,
+        task: str | DiscreteTask = "DiscreteGrid-v0",
+        steps: int | None = None,
+        reward_scale: float | None = None,
+        action_scale: float | None = None,
+        render_mode: str | None = None,
+        *,
+        flat_obs: bool = False,
+        **task_kwargs: Any,
+    ):
         self.render_mode = _check_render_mode(render_mode)
         if not isinstance(flat_obs, bool):
             raise TypeError(f"flat_obs: expected a bool, got {flat_obs!r}")
-        task, steps, reward_scale, action_scale = resolve_discrete_task(task, steps, reward_scale, action_scale, task_kwargs, "DiscreteFlowEnv", ("render_mode", "flat_obs"))
+        task, steps, reward_scale, action_scale = resolve_discrete_task(
+            task, steps, reward_scale, action_scale, task_kwargs, "DiscreteFlowEnv", ("render_mode", "flat_obs")
+        )
         self.sim = DiscreteSimulator(task, 1, steps=steps, reward_scale=reward_scale, action_scale=action_scale)
         self.task = task
         self.dict_observation_space = self.sim.single_observation_space()
@@ -105,7 +117,9 @@ class DiscreteFlowEnv(gym.Env):
         self.flat_obs = flat_obs
         if flat_obs:
             flat = spaces.flatten_space(self.dict_observation_space)
-            self.observation_space = spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32), flat.shape, np.float32)
+            self.observation_space = spaces.Box(
+                flat.low.astype(np.float32), flat.high.astype(np.float32), flat.shape, np.float32
+            )
         else:
             self.observation_space = self.dict_observation_space
 
@@ -120,7 +134,9 @@ class DiscreteFlowEnv(gym.Env):
             return spaces.flatten(self.dict_observation_space, out).astype(np.float32)
         return out
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict[str, np.ndarray] | np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict | None = None
+    ) -> tuple[dict[str, np.ndarray] | np.ndarray, dict]:
         super().reset(seed=seed)
         if seed is not None:
             self.sim.seed(seed)
@@ -174,12 +190,32 @@ class DiscreteFlowVectorEnv(gym.vector.VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"], "render_fps": RENDER_FPS}
 
-    def __init__(self, task: str | DiscreteTask = "DiscreteGrid-v0", num_envs: int = 1, steps: int | None = None, reward_scale: float | None = None, action_scale: float | None = None, device: str | torch.device = "cpu", render_mode: str | None = None, **task_kwargs: Any):
+    def __init__(
+        self,
+        task: str | DiscreteTask = "DiscreteGrid-v0",
+        num_envs: int = 1,
+        steps: int | None = None,
+        reward_scale: float | None = None,
+        action_scale: float | None = None,
+        device: str | torch.device = "cpu",
+        render_mode: str | None = None,
+        **task_kwargs: Any,
+    ):
         self.render_mode = _check_render_mode(render_mode)
         as_int("num_envs", num_envs)
         check_device(device)  # both before the task factory builds a model
-        task, steps, reward_scale, action_scale = resolve_discrete_task(task, steps, reward_scale, action_scale, task_kwargs, "DiscreteFlowVectorEnv", ("num_envs", "device", "render_mode"))
-        self.sim = DiscreteSimulator(task, num_envs, steps=steps, reward_scale=reward_scale, action_scale=action_scale, device=device)
+        task, steps, reward_scale, action_scale = resolve_discrete_task(
+            task,
+            steps,
+            reward_scale,
+            action_scale,
+            task_kwargs,
+            "DiscreteFlowVectorEnv",
+            ("num_envs", "device", "render_mode"),
+        )
+        self.sim = DiscreteSimulator(
+            task, num_envs, steps=steps, reward_scale=reward_scale, action_scale=action_scale, device=device
+        )
         self.task = task
         self.num_envs = self.sim.num_envs
         self.single_observation_space = self.sim.single_observation_space()
@@ -195,7 +231,9 @@ class DiscreteFlowVectorEnv(gym.vector.VectorEnv):
     action_scale = property(lambda self: self.sim.action_scale, doc="Control logits ``c = action_scale * a``.")
     times = property(lambda self: self.sim.times, doc="The time grid, ``(steps + 1,)`` float64.")
 
-    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None) -> tuple[dict[str, Tensor], dict]:
+    def reset(
+        self, *, seed: int | list[int] | None = None, options: dict | None = None
+    ) -> tuple[dict[str, Tensor], dict]:
         if isinstance(seed, list):
             seed = seed[0]
         if seed is not None:

@@ -33,7 +33,9 @@ def check_tokens(x: object, length: int, num_states: int, argument: str = "x") -
     if x.dtype != torch.long:
         raise ValueError(f"{argument}: expected dtype torch.int64, got {x.dtype}")
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= num_states):
-        raise ValueError(f"{argument}: expected tokens in [0, {num_states}), got range [{int(x.min())}, {int(x.max())}]")
+        raise ValueError(
+            f"{argument}: expected tokens in [0, {num_states}), got range [{int(x.min())}, {int(x.max())}]"
+        )
     return x
 
 
@@ -84,7 +86,11 @@ class ExactPosterior(PosteriorModel):
         # with the mask source the posterior does not depend on t: one group
         groups = [t[:1]] if self.path.source == "mask" else t.unique()
         for tv in groups:
-            rows = torch.arange(x.shape[0], device=x.device) if self.path.source == "mask" else (t == tv).nonzero().flatten()
+            rows = (
+                torch.arange(x.shape[0], device=x.device)
+                if self.path.source == "mask"
+                else (t == tv).nonzero().flatten()
+            )
             xr = x[rows]
             L = self.path.posterior_likelihood(tv.double().reshape(()))  # (S, K)
             for i in range(D):

@@ -122,7 +122,9 @@ class DiscreteTiltOracle:
                 rows = (t.cpu() == tv).nonzero().flatten()
                 table = self.log_h_table(float(tv)).flatten()
                 flat = self._flat(xc[rows])  # (r,)
-                nb = flat[:, None, None] + strides[None, :, None] * (torch.arange(K)[None, None, :] - xc[rows][:, :, None])
+                nb = flat[:, None, None] + strides[None, :, None] * (
+                    torch.arange(K)[None, None, :] - xc[rows][:, :, None]
+                )
                 out[rows] = table[nb] - table[flat][:, None, None]
             return out.to(device=x.device, dtype=torch.float32)
 

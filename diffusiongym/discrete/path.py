@@ -36,7 +36,13 @@ class MixturePath:
         The ``kappa`` schedule (default ``kappa = t``).
     """
 
-    def __init__(self, vocab_size: int, length: int, source: Literal["uniform", "mask"] = "mask", scheduler: str | dict | KappaScheduler = "linear"):
+    def __init__(
+        self,
+        vocab_size: int,
+        length: int,
+        source: Literal["uniform", "mask"] = "mask",
+        scheduler: str | dict | KappaScheduler = "linear",
+    ):
         self.vocab_size = check_positive_int("vocab_size", vocab_size)
         self.length = check_positive_int("length", length)
         if source not in SOURCES:
@@ -54,7 +60,12 @@ class MixturePath:
         return self.vocab_size if self.source == "mask" else None
 
     def config(self) -> dict:
-        return {"vocab_size": self.vocab_size, "length": self.length, "source": self.source, "scheduler": self.scheduler.config()}
+        return {
+            "vocab_size": self.vocab_size,
+            "length": self.length,
+            "source": self.source,
+            "scheduler": self.scheduler.config(),
+        }
 
     def source_log_probs(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
         """``log p0(s)`` over the ``num_states`` states, shape ``(num_states,)``."""
@@ -62,9 +73,13 @@ class MixturePath:
             out = torch.full((self.num_states,), -torch.inf, dtype=dtype, device=device)
             out[-1] = 0.0
             return out
-        return torch.full((self.num_states,), -torch.log(torch.tensor(float(self.vocab_size))).item(), dtype=dtype, device=device)
+        return torch.full(
+            (self.num_states,), -torch.log(torch.tensor(float(self.vocab_size))).item(), dtype=dtype, device=device
+        )
 
-    def sample_source(self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+    def sample_source(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
         """``x0``, shape ``(n, D)``, dtype long."""
         if self.source == "mask":
             return torch.full((n, self.length), self.vocab_size, dtype=torch.long, device=device)
@@ -75,7 +90,9 @@ class MixturePath:
         if x1.ndim != 2 or x1.shape[1] != self.length:
             raise ValueError(f"x1: expected shape (n, {self.length}), got {tuple(x1.shape)}")
         x0 = self.sample_source(x1.shape[0], generator=generator, device=x1.device)
-        keep = torch.rand(x1.shape, generator=generator, device=x1.device) < self.scheduler.kappa(t.to(torch.float32)).reshape(-1, 1)
+        keep = torch.rand(x1.shape, generator=generator, device=x1.device) < self.scheduler.kappa(
+            t.to(torch.float32)
+        ).reshape(-1, 1)
         return torch.where(keep, x1, x0)
 
     def likelihood(self, t: Tensor) -> Tensor:

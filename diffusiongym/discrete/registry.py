@@ -19,4 +19,6 @@ DISCRETE_ENV_IDS = {f"{NAMESPACE}/{name}": name for name in ("DiscreteGrid-v0", 
 
 def register_discrete_envs() -> list[str]:
     """Register the discrete env ids (skipping those already registered); returns the ids."""
-    return register_ids(DISCRETE_ENV_IDS, "diffusiongym.discrete.env:DiscreteFlowEnv", "diffusiongym.discrete.env:DiscreteFlowVectorEnv")
+    return register_ids(
+        DISCRETE_ENV_IDS, "diffusiongym.discrete.env:DiscreteFlowEnv", "diffusiongym.discrete.env:DiscreteFlowVectorEnv"
+    )

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from diffusiongym.utils.validation import unknown_name_error
 
-__all__ = ["KappaScheduler", "LinearKappa", "PolynomialKappa", "CosineKappa", "make_kappa_scheduler", "KAPPA_SCHEDULERS"]
+__all__ = [
+    "KappaScheduler",
+    "LinearKappa",
+    "PolynomialKappa",
+    "CosineKappa",
+    "make_kappa_scheduler",
+    "KAPPA_SCHEDULERS",
+]
 
 
 class KappaScheduler(ABC):

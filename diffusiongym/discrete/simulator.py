@@ -34,7 +34,13 @@ ENV_ARGS = ("steps", "reward_scale", "action_scale")
 
 
 def resolve_discrete_task(
-    task: str | DiscreteTask, steps: Any, reward_scale: Any, action_scale: Any, task_kwargs: dict[str, Any], where: str, also: tuple[str, ...] = ()
+    task: str | DiscreteTask,
+    steps: Any,
+    reward_scale: Any,
+    action_scale: Any,
+    task_kwargs: dict[str, Any],
+    where: str,
+    also: tuple[str, ...] = (),
 ) -> tuple[DiscreteTask, int, float, float]:
     """Build the task from its name (``task_kwargs`` go to its factory) and resolve the env settings.
 
@@ -64,7 +70,9 @@ def resolve_discrete_task(
     task = make_discrete_task(task, **task_kwargs)
     steps = as_int("steps", task.steps if steps is None else steps)
     reward_scale = check_real("reward_scale", task.reward_scale if reward_scale is None else reward_scale)
-    action_scale = check_real("action_scale", task.action_scale if action_scale is None else action_scale, positive=True)
+    action_scale = check_real(
+        "action_scale", task.action_scale if action_scale is None else action_scale, positive=True
+    )
     return task, steps, reward_scale, action_scale
 
 
@@ -97,7 +105,16 @@ class DiscreteSimulator:
     dtype = torch.float32
     check_actions = True  # every action is validated (finiteness included)
 
-    def __init__(self, task: DiscreteTask, num_envs: int = 1, *, steps: int | None = None, reward_scale: float | None = None, action_scale: float | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        task: DiscreteTask,
+        num_envs: int = 1,
+        *,
+        steps: int | None = None,
+        reward_scale: float | None = None,
+        action_scale: float | None = None,
+        device: str | torch.device = "cpu",
+    ):
         if not isinstance(task, DiscreteTask):
             raise TypeError(f"task: expected a DiscreteTask, got {type(task).__name__}")
         self.task = task
@@ -105,7 +122,9 @@ class DiscreteSimulator:
         self.device = check_device(device)
         self.steps = as_int("steps", task.steps if steps is None else steps)
         self.reward_scale = check_real("reward_scale", task.reward_scale if reward_scale is None else reward_scale)
-        self.action_scale = check_real("action_scale", task.action_scale if action_scale is None else action_scale, positive=True)
+        self.action_scale = check_real(
+            "action_scale", task.action_scale if action_scale is None else action_scale, positive=True
+        )
         task.model.to(self.device)
         self.path = task.path
         self.action_shape = (self.path.length, self.path.vocab_size)
@@ -119,7 +138,12 @@ class DiscreteSimulator:
     def single_observation_space(self) -> spaces.Dict:
         """``{"x": MultiDiscrete([num_states] * D), "t": Box(0, 1, (1,))}``."""
         path = self.path
-        return spaces.Dict({"x": spaces.MultiDiscrete(np.full(path.length, path.num_states, dtype=np.int64)), "t": spaces.Box(0.0, 1.0, (1,), np.float32)})
+        return spaces.Dict(
+            {
+                "x": spaces.MultiDiscrete(np.full(path.length, path.num_states, dtype=np.int64)),
+                "t": spaces.Box(0.0, 1.0, (1,), np.float32),
+            }
+        )
 
     def single_action_space(self) -> spaces.Box:
         """``Box(-1, 1, (D, K))`` float32."""
@@ -156,10 +180,14 @@ class DiscreteSimulator:
         """Validate a batch of normalised actions (the vector envs' rule: a tensor or numpy array of shape
         ``(n, D, K)``, dtype exactly float32, on the env's device, finite); returns it as float64."""
         # the continuous simulator's batch check (reads dtype, device, check_actions): one rule, one wording
-        return check_batch("actions", actions, (self.num_envs, *self.action_shape), self.dtype, self.device, finite=self.check_actions).double()
+        return check_batch(
+            "actions", actions, (self.num_envs, *self.action_shape), self.dtype, self.device, finite=self.check_actions
+        ).double()
 
     # -------------------------------------------------------------------- step
-    def step(self, actions: Tensor, active: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, Tensor]]:
+    def step(
+        self, actions: Tensor, active: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, Tensor]]:
         """Advance the chains in the bool mask ``active`` (n,) (default: all) one jump step.
 
         Parameters
@@ -210,5 +238,7 @@ class DiscreteSimulator:
                 final_reward[done] = r.double()
                 final_valid[done] = valid.to(device=dev, dtype=torch.bool)
                 rewards[done] += self.reward_scale * r.double()
-                info.update({"reward": final_reward, "_reward": done.clone(), "valid": final_valid, "_valid": done.clone()})
+                info.update(
+                    {"reward": final_reward, "_reward": done.clone(), "valid": final_valid, "_valid": done.clone()}
+                )
         return self.observation(), rewards, done, info

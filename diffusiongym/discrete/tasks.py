@@ -35,7 +35,15 @@ from diffusiongym.rewards.base import Reward
 from diffusiongym.tasks import DISCRETE_TASKS, BaseTask, make_task, register_task
 from diffusiongym.utils.validation import unknown_name_error
 
-__all__ = ["DiscreteTask", "make_discrete_task", "DISCRETE_TASKS", "grid_task", "grid_positions", "load_digits_model", "DIGITS_WEIGHTS"]
+__all__ = [
+    "DiscreteTask",
+    "make_discrete_task",
+    "DISCRETE_TASKS",
+    "grid_task",
+    "grid_positions",
+    "load_digits_model",
+    "DIGITS_WEIGHTS",
+]
 
 DIGITS_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "discrete_digits"
 
@@ -84,7 +92,14 @@ def grid_positions(size: int = 32, low: float = -3.0, high: float = 3.0) -> Tens
     return low + (high - low) * (torch.arange(size, dtype=torch.float64) + 0.5) / size
 
 
-def grid_task(size: int = 32, reward_scale: float = 2.0, source: str = "mask", scheduler: Any = "linear", steps: int = 50, action_scale: float = 5.0) -> DiscreteTask:
+def grid_task(
+    size: int = 32,
+    reward_scale: float = 2.0,
+    source: str = "mask",
+    scheduler: Any = "linear",
+    steps: int = 50,
+    action_scale: float = 5.0,
+) -> DiscreteTask:
     """``DiscreteGrid-v0`` (see module docstring) on a ``size x size`` grid."""
     mixture = gmm_preset("2d")
     pos = grid_positions(size)
@@ -107,13 +122,20 @@ def load_digits_model(path: str | Path = DIGITS_WEIGHTS) -> tuple[MLPPosterior, 
     path = Path(path)
     weights, cfg_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
     if not weights.exists():
-        raise FileNotFoundError(f"path: expected {weights} (train it with `python -m diffusiongym.discrete.train_digits`)")
+        raise FileNotFoundError(
+            f"path: expected {weights} (train it with `python -m diffusiongym.discrete.train_digits`)"
+        )
     config = json.loads(cfg_file.read_text())
     p = config["model"]["path"]
     mp = MixturePath(p["vocab_size"], p["length"], source=p["source"], scheduler=p["scheduler"])
-    model = MLPPosterior(mp, hidden=config["model"]["hidden"], layers=config["model"]["layers"], num_frequencies=config["model"]["num_frequencies"])
+    model = MLPPosterior(
+        mp,
+        hidden=config["model"]["hidden"],
+        layers=config["model"]["layers"],
+        num_frequencies=config["model"]["num_frequencies"],
+    )
     flat = load_file(str(weights))
-    state = {k[len("model."):]: v.float() for k, v in flat.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v.float() for k, v in flat.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     model.eval()
     extra = {k: v.float() for k, v in flat.items() if not k.startswith("model.")}

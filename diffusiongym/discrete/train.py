@@ -46,7 +46,10 @@ def cross_entropy_loss(model: PosteriorModel, x1: Tensor, generator: torch.Gener
     t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
     xt = model.path.sample_xt(x1, t, generator=generator)
     logits = model(xt, t)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x1.reshape(-1), reduction="sum") / x1.shape[0]
+    return (
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x1.reshape(-1), reduction="sum")
+        / x1.shape[0]
+    )
 
 
 def train_posterior(
@@ -82,7 +85,12 @@ def train_posterior(
     path = model.path
     data = check_tokens(data, path.length, path.vocab_size, "data")
     if weights is not None:
-        if not isinstance(weights, Tensor) or weights.shape != (data.shape[0],) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+        if (
+            not isinstance(weights, Tensor)
+            or weights.shape != (data.shape[0],)
+            or bool((weights < 0).any())
+            or not float(weights.sum()) > 0
+        ):
             raise ValueError(f"weights: expected a non-negative tensor of shape ({data.shape[0]},) with a positive sum")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -93,7 +101,11 @@ def train_posterior(
         opt.zero_grad()
         for i, p in enumerate(params):
             if f"adam.{i}.exp_avg" in extra:
-                opt.state[p] = {"step": extra[f"adam.{i}.step"].clone(), "exp_avg": extra[f"adam.{i}.exp_avg"].clone(), "exp_avg_sq": extra[f"adam.{i}.exp_avg_sq"].clone()}
+                opt.state[p] = {
+                    "step": extra[f"adam.{i}.step"].clone(),
+                    "exp_avg": extra[f"adam.{i}.exp_avg"].clone(),
+                    "exp_avg_sq": extra[f"adam.{i}.exp_avg_sq"].clone(),
+                }
     gen = torch.Generator(device=data.device)
     gen.manual_seed(config.seed * 1_000_003 + start)
     history: dict[str, list[float]] = {"step": [], "loss": []}
@@ -124,7 +136,12 @@ def train_posterior(
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 if key in st:
                     extra[f"adam.{i}.{key}"] = torch.as_tensor(st[key])
-        save_checkpoint(checkpoint, {"model": model}, {"step": max(start, config.steps), "train": asdict(config), "path": path.config()}, extra)
+        save_checkpoint(
+            checkpoint,
+            {"model": model},
+            {"step": max(start, config.steps), "train": asdict(config), "path": path.config()},
+            extra,
+        )
     return history
 
 

@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     flat["classifier.bias"] = torch.as_tensor(clf.intercept_, dtype=torch.float16).contiguous()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(args.out.with_suffix(".safetensors")))
-    config = {"model": model.config, "train": asdict(cfg), "final_loss": sum(hist["loss"][-10:]) / len(hist["loss"][-10:]), "classifier_train_accuracy": acc, "data": "sklearn digits > 7 (1797 x 64 bits)"}
+    config = {
+        "model": model.config,
+        "train": asdict(cfg),
+        "final_loss": sum(hist["loss"][-10:]) / len(hist["loss"][-10:]),
+        "classifier_train_accuracy": acc,
+        "data": "sklearn digits > 7 (1797 x 64 bits)",
+    }
     args.out.with_suffix(".json").write_text(json.dumps(config, indent=2, sort_keys=True))
     print(json.dumps({"final_loss": config["final_loss"], "classifier_train_accuracy": acc}))
 

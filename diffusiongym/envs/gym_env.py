@@ -119,7 +119,9 @@ class DiffusionEnv(gym.Env):
 
     def __init__(self, task: Task | str, render_mode: str | None = None, *, flat_obs: bool = False, **kwargs: Any):
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+            raise ValueError(
+                f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
         if not isinstance(flat_obs, bool):
             raise TypeError(f"flat_obs: expected a bool, got {flat_obs!r}")
         task, env_kw = resolve_task(task, kwargs, SINGLE_ENV_KWARGS, "DiffusionEnv", ("render_mode", "flat_obs"))
@@ -131,7 +133,9 @@ class DiffusionEnv(gym.Env):
         self.dict_observation_space = self.sim.single_observation_space()
         if flat_obs:
             flat = gym.spaces.flatten_space(self.dict_observation_space)
-            self.observation_space = gym.spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32), flat.shape, np.float32)
+            self.observation_space = gym.spaces.Box(
+                flat.low.astype(np.float32), flat.high.astype(np.float32), flat.shape, np.float32
+            )
         else:
             self.observation_space = self.dict_observation_space
         self.action_space = self.sim.single_action_space()
@@ -194,7 +198,16 @@ class DiffusionEnv(gym.Env):
             raise ValueError("action: expected finite values, got NaN or inf")
         tensor = torch.as_tensor(arr, device=self.sim.device).to(self.sim.dtype)[None]
         obs, reward, terminated, info = self.sim.step(tensor)
-        info = {k: (v[0].item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v[0].cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in info.items()}
+        info = {
+            k: (
+                v[0].item()
+                if isinstance(v, torch.Tensor) and v.numel() == 1
+                else v[0].cpu().numpy()
+                if isinstance(v, torch.Tensor)
+                else v
+            )
+            for k, v in info.items()
+        }
         return self._obs(obs), float(reward[0]), bool(terminated), False, info
 
     def render(self) -> np.ndarray | None:

@@ -31,7 +31,15 @@ from diffusiongym.rewards.base import Reward
 from diffusiongym.tasks import TASKS, Task, register_task
 from diffusiongym.timegrid import DEFAULT_T_START
 
-__all__ = ["NAMESPACE", "register_envs", "register_env", "register_ids", "make_env", "make_single_env", "make_vector_env"]
+__all__ = [
+    "NAMESPACE",
+    "register_envs",
+    "register_env",
+    "register_ids",
+    "make_env",
+    "make_single_env",
+    "make_vector_env",
+]
 
 NAMESPACE = "diffusiongym"
 ENV_KWARGS = VECTOR_ENV_KWARGS
@@ -62,7 +70,9 @@ def register_ids(ids: dict[str, str], entry_point: str, vector_entry_point: str)
             raise TypeError(f"{name}: expected a 'module:Class' string, got {value!r}")
     for env_id, task in ids.items():
         if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point, kwargs={"task": task})
+            gym.register(
+                id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point, kwargs={"task": task}
+            )
     return list(ids)
 
 
@@ -119,12 +129,16 @@ def make_env(
         ``check_actions`` (vector env). Unknown names raise ``TypeError``.
     """
     if not isinstance(reward, Reward):
-        raise TypeError(f"reward: expected a diffusiongym Reward (wrap a function with CallableReward), got {type(reward).__name__}")
+        raise TypeError(
+            f"reward: expected a diffusiongym Reward (wrap a function with CallableReward), got {type(reward).__name__}"
+        )
     if isinstance(base, DiffusionEnvironment):
         env = base
     else:
         if parameterization is None:
-            raise ValueError("parameterization: required when base is a model ('velocity', 'epsilon', 'endpoint' or 'score')")
+            raise ValueError(
+                "parameterization: required when base is a model ('velocity', 'epsilon', 'endpoint' or 'score')"
+            )
         env = make_environment(base, parameterization, scheduler=scheduler, noise=noise)
     if env.sample_shape is None:
         raise ValueError("base: the model has no sample_shape; pass sample_shape= to the environment")

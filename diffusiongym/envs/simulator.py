@@ -47,7 +47,18 @@ from diffusiongym.tasks import TASKS, Task, make_task
 from diffusiongym.timegrid import make_time_grid
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
-__all__ = ["DiffusionSimulator", "ACTION_MODES", "MIN_STABLE_STEPS", "resolve_task", "as_int", "unexpected_kwarg", "check_device", "check_real", "check_batch", "to_action_tensor"]
+__all__ = [
+    "DiffusionSimulator",
+    "ACTION_MODES",
+    "MIN_STABLE_STEPS",
+    "resolve_task",
+    "as_int",
+    "unexpected_kwarg",
+    "check_device",
+    "check_real",
+    "check_batch",
+    "to_action_tensor",
+]
 
 ACTION_MODES = ("control", "drift", "model")
 DEFAULT_SCALES = {"drift": 10.0, "model": 10.0}
@@ -111,13 +122,17 @@ def to_action_tensor(argument: str, value: Any, dtype: torch.dtype, device: torc
         return value
     want = _NUMPY_DTYPES.get(dtype)
     if want is None or value.dtype != want:
-        raise ValueError(f"{argument}: expected dtype {dtype} ({want.__name__ if want else 'a torch tensor: numpy has no ' + str(dtype)}), got numpy {value.dtype}")
+        raise ValueError(
+            f"{argument}: expected dtype {dtype} ({want.__name__ if want else 'a torch tensor: numpy has no ' + str(dtype)}), got numpy {value.dtype}"
+        )
     if not value.flags.writeable:
         value = value.copy()  # torch.from_numpy warns on read-only arrays
     return torch.from_numpy(value).to(device)
 
 
-def resolve_task(task: Task | str, kwargs: dict[str, Any], env_keys: tuple[str, ...], where: str, also: tuple[str, ...] = ()) -> tuple[Task, dict[str, Any]]:
+def resolve_task(
+    task: Task | str, kwargs: dict[str, Any], env_keys: tuple[str, ...], where: str, also: tuple[str, ...] = ()
+) -> tuple[Task, dict[str, Any]]:
     """Split ``kwargs`` between the task factory and the env; build the task from its name.
 
     A name both accept (e.g. ``device``) goes to both, so the model lives where the batch does.
@@ -159,12 +174,16 @@ def resolve_task(task: Task | str, kwargs: dict[str, Any], env_keys: tuple[str, 
     return make_task(name, **task_kw), env_kw
 
 
-def check_batch(name: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, finite: bool = True) -> Tensor:
+def check_batch(
+    name: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, finite: bool = True
+) -> Tensor:
     """A batched action or state: a torch tensor or numpy array of exactly ``shape``, ``dtype``
     (numpy wrapped without a copy, never cast) and ``device``; finite when ``finite``."""
     value = to_action_tensor(name, value, dtype, device)
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray of shape {shape}, got {type(value).__name__}")
+        raise TypeError(
+            f"{name}: expected a torch.Tensor or numpy.ndarray of shape {shape}, got {type(value).__name__}"
+        )
     if tuple(value.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
     if value.dtype != dtype:
@@ -235,7 +254,9 @@ class DiffusionSimulator:
                 stacklevel=3,
             )
         if self.deterministic and action_mode == "control":
-            raise ValueError("action_mode: 'control' needs sigma > 0 (with noise='ode' a control has no effect); use 'drift' or 'model'")
+            raise ValueError(
+                "action_mode: 'control' needs sigma > 0 (with noise='ode' a control has no effect); use 'drift' or 'model'"
+            )
         if not isinstance(check_actions, bool):
             raise TypeError(f"check_actions: expected a bool, got {check_actions!r}")
         self.check_actions = check_actions
@@ -280,8 +301,12 @@ class DiffusionSimulator:
         if "x" in options:
             self.x = self._check("options['x']", options["x"], (n, *shape)).clone()
         else:
-            self.x = self.beta0 * torch.randn((n, *shape), generator=self.generator, device=self.device, dtype=self.dtype)
-        self._noises = self._check("options['noise']", options["noise"], (self.steps, n, *shape)) if "noise" in options else None
+            self.x = self.beta0 * torch.randn(
+                (n, *shape), generator=self.generator, device=self.device, dtype=self.dtype
+            )
+        self._noises = (
+            self._check("options['noise']", options["noise"], (self.steps, n, *shape)) if "noise" in options else None
+        )
         self.cond = {}
         for name, (space, sampler) in self.task.conditioning.items():
             if name in options:
@@ -301,9 +326,15 @@ class DiffusionSimulator:
             arr = np.asarray(value)
         if arr.shape[:1] != (self.num_envs,):
             raise ValueError(f"{argument}: expected a batch of {self.num_envs}, got shape {arr.shape}")
-        if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)) and not np.issubdtype(arr.dtype, np.integer):
+        if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)) and not np.issubdtype(
+            arr.dtype, np.integer
+        ):
             raise ValueError(f"{argument}: expected integer values in {space}, got dtype {arr.dtype}")
-        bad = [i for i in range(arr.shape[0]) if not space.contains(arr[i].astype(space.dtype) if space.dtype is not None else arr[i])]
+        bad = [
+            i
+            for i in range(arr.shape[0])
+            if not space.contains(arr[i].astype(space.dtype) if space.dtype is not None else arr[i])
+        ]
         if bad:
             raise ValueError(f"{argument}: expected values in {space}, got {arr[bad[0]].tolist()!r} at index {bad[0]}")
         tensor = torch.as_tensor(arr if not isinstance(value, Tensor) else value, device=self.device)
@@ -324,7 +355,9 @@ class DiffusionSimulator:
             raise RuntimeError("base_output: call reset() first")
         if self._base_out is None:
             with torch.no_grad():
-                self._base_out = self.task.environment.model(self.x, self.times[self.k].expand(self.num_envs), **self.cond)
+                self._base_out = self.task.environment.model(
+                    self.x, self.times[self.k].expand(self.num_envs), **self.cond
+                )
         return self._base_out
 
     @property
@@ -365,15 +398,27 @@ class DiffusionSimulator:
             drift = torch.add(x * s.coef_x[k], out_base, alpha=s.coef_out[k]).add_(u, alpha=sig)
         elif self.action_mode == "drift":
             drift = a * self.action_scale
-            u = None if self.deterministic else (drift - torch.add(x * s.coef_x[k], out_base, alpha=s.coef_out[k])) / sig
+            u = (
+                None
+                if self.deterministic
+                else (drift - torch.add(x * s.coef_x[k], out_base, alpha=s.coef_out[k])) / sig
+            )
         else:
             out = a * self.action_scale
             drift = torch.add(x * s.coef_x[k], out, alpha=s.coef_out[k])
             u = None if self.deterministic else (out - out_base) * (s.coef_out[k] / sig)
-        reward = torch.zeros(n, dtype=self.dtype, device=self.device) if u is None else (u * u).sum(dim=sum_dims).mul_(-0.5 * h)
+        reward = (
+            torch.zeros(n, dtype=self.dtype, device=self.device)
+            if u is None
+            else (u * u).sum(dim=sum_dims).mul_(-0.5 * h)
+        )
         x_next = torch.add(x, drift, alpha=h)
         if not self.deterministic:
-            z = self._noises[k] if self._noises is not None else torch.randn(x.shape, generator=self.generator, device=self.device, dtype=self.dtype)
+            z = (
+                self._noises[k]
+                if self._noises is not None
+                else torch.randn(x.shape, generator=self.generator, device=self.device, dtype=self.dtype)
+            )
             x_next.add_(z, alpha=s.step_sigma[k])
         self.x = x_next
         self.k += 1

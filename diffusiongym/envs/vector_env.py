@@ -63,7 +63,9 @@ class DiffusionVectorEnv(VectorEnv):
 
     def __init__(self, task: Task | str, num_envs: int = 1, render_mode: str | None = None, **kwargs: Any):
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+            raise ValueError(
+                f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
         task, env_kw = resolve_task(task, kwargs, VECTOR_ENV_KWARGS, "DiffusionVectorEnv", ("num_envs", "render_mode"))
         self.sim = DiffusionSimulator(task, num_envs, **env_kw)
         self.task = task
@@ -91,7 +93,9 @@ class DiffusionVectorEnv(VectorEnv):
         """The task's exact oracle (``None`` where the task has none)."""
         return self.task.oracle
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Reset every sub-env (see :meth:`DiffusionSimulator.reset` for ``options``)."""
         if seed is not None:
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)

@@ -67,9 +67,18 @@ SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel")
 """diffusers model classes a config's ``_class_name`` may name (looked up only among these)."""
 
 VP_SCHEDULERS = (
-    "DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-    "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "UniPCMultistepScheduler",
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "DDIMInverseScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
 )
 """diffusers scheduler classes with an ``alphas_cumprod`` table that a scheduler *config* may name."""
@@ -77,10 +86,28 @@ VP_SCHEDULERS = (
 MAX_TRAIN_TIMESTEPS = 100_000
 MAX_CONFIG_INT = 1_000_000
 # Sizes of a model config checked before diffusers builds the network.
-_MODEL_SIZE_BOUNDS = {"sample_size": 16384, "in_channels": 4096, "out_channels": 4096, "block_out_channels": 65536, "layers_per_block": 256}
+_MODEL_SIZE_BOUNDS = {
+    "sample_size": 16384,
+    "in_channels": 4096,
+    "out_channels": 4096,
+    "block_out_channels": 65536,
+    "layers_per_block": 256,
+}
 _LOADER_OPTIONS = (
-    "source", "subfolder", "scheduler_subfolder", "noise", "prediction_type", "null_class", "guidance_scale",
-    "device", "dtype", "local_files_only", "cache_dir", "revision", "token", "variant",
+    "source",
+    "subfolder",
+    "scheduler_subfolder",
+    "noise",
+    "prediction_type",
+    "null_class",
+    "guidance_scale",
+    "device",
+    "dtype",
+    "local_files_only",
+    "cache_dir",
+    "revision",
+    "token",
+    "variant",
 )
 _WEIGHTS = "diffusion_pytorch_model"
 
@@ -121,7 +148,9 @@ def scheduler_from_diffusers(scheduler: Any, prediction_type: str | None = None)
         raise ValueError(f"scheduler: trained_betas must be a list of at most {MAX_TRAIN_TIMESTEPS} numbers")
     if "FlowMatch" in name:
         if prediction_type not in (None, "flow"):
-            raise ValueError(f"prediction_type: a flow-matching scheduler predicts the flow (noise - data), got {prediction_type!r}")
+            raise ValueError(
+                f"prediction_type: a flow-matching scheduler predicts the flow (noise - data), got {prediction_type!r}"
+            )
         return LinearScheduler(), "flow", "flow", T
     pred = prediction_type if prediction_type is not None else config.get("prediction_type", "epsilon")
     if pred not in VP_PREDICTIONS:
@@ -129,11 +158,15 @@ def scheduler_from_diffusers(scheduler: Any, prediction_type: str | None = None)
     abar = getattr(scheduler, "alphas_cumprod", None)
     if abar is None:
         if name not in VP_SCHEDULERS:
-            raise ValueError(f"scheduler: unsupported diffusers scheduler class {name!r}; expected a flow-matching scheduler or one of {list(VP_SCHEDULERS)}")
+            raise ValueError(
+                f"scheduler: unsupported diffusers scheduler class {name!r}; expected a flow-matching scheduler or one of {list(VP_SCHEDULERS)}"
+            )
         cls = getattr(_import_diffusers(), name)
         abar = getattr(cls.from_config(config), "alphas_cumprod", None)
         if abar is None:
-            raise ValueError(f"scheduler: {name} has no alphas_cumprod table; expected a DDPM-style or flow-matching scheduler")
+            raise ValueError(
+                f"scheduler: {name} has no alphas_cumprod table; expected a DDPM-style or flow-matching scheduler"
+            )
     log_abar = torch.log(torch.as_tensor(abar, dtype=torch.float64).clamp(min=ZERO_SNR_FLOOR))
     # A zero-SNR table floored at 2^-24 (or rounded in float32) can end in ties; break them by
     # 1e-6 in log abar so that the table stays strictly decreasing (a change far below float32).
@@ -182,7 +215,9 @@ class DiffusersModel(nn.Module):
         if null_class is not None:
             null_class = check_int("null_class", null_class, low=0)
         self.unet = unet
-        self.scheduler, self.kind, self.prediction_type, self.num_train_timesteps = scheduler_from_diffusers(scheduler, prediction_type)
+        self.scheduler, self.kind, self.prediction_type, self.num_train_timesteps = scheduler_from_diffusers(
+            scheduler, prediction_type
+        )
         self.parameterization = "velocity" if self.kind == "flow" else VP_PREDICTIONS[self.prediction_type]
         self.null_class = null_class
         self.guidance_scale = float(guidance_scale)
@@ -193,7 +228,9 @@ class DiffusersModel(nn.Module):
                 hw = (size, size) if isinstance(size, int) else tuple(size)
                 sample_shape = (int(cfg["in_channels"]), *map(int, hw))
         if sample_shape is not None:
-            if not isinstance(sample_shape, (tuple, list)) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_shape):
+            if not isinstance(sample_shape, (tuple, list)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_shape
+            ):
                 raise ValueError(f"sample_shape: expected a tuple of positive ints, got {sample_shape!r}")
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
 
@@ -214,7 +251,14 @@ class DiffusersModel(nn.Module):
             out = out[0]
         return out.to(x.dtype)
 
-    def forward(self, x: Tensor, t: Tensor | float, label: Tensor | None = None, guidance_scale: float | None = None, **kwargs: Any) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        label: Tensor | None = None,
+        guidance_scale: float | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         n = x.shape[0]
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         tt = tt.expand(n) if tt.ndim == 0 else tt
@@ -224,7 +268,9 @@ class DiffusersModel(nn.Module):
             out = self._unet(x, timestep, label, kwargs)
         else:
             if self.null_class is None:
-                raise ValueError("guidance_scale: classifier-free guidance needs null_class (the unconditional class index)")
+                raise ValueError(
+                    "guidance_scale: classifier-free guidance needs null_class (the unconditional class index)"
+                )
             null = torch.full_like(torch.as_tensor(label, device=x.device), self.null_class)
             cond = self._unet(x, timestep, label, kwargs)
             uncond = self._unet(x, timestep, null, kwargs)
@@ -240,7 +286,9 @@ class DiffusersModel(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, prediction_type={self.prediction_type!r}, parameterization={self.parameterization!r}"
+        return (
+            f"kind={self.kind!r}, prediction_type={self.prediction_type!r}, parameterization={self.parameterization!r}"
+        )
 
 
 def diffusers_environment(
@@ -262,10 +310,17 @@ def diffusers_environment(
         :class:`EndpointEnvironment` (``sample``) or :class:`VelocityEnvironment` (flow
         matching); ``env.model`` is the :class:`DiffusersModel`.
     """
-    model = DiffusersModel(unet, scheduler, prediction_type=prediction_type, null_class=null_class, guidance_scale=guidance_scale, sample_shape=sample_shape)
-    return make_environment(model, model.parameterization, scheduler=model.scheduler, noise=noise, sample_shape=model.sample_shape)
-
-
+    model = DiffusersModel(
+        unet,
+        scheduler,
+        prediction_type=prediction_type,
+        null_class=null_class,
+        guidance_scale=guidance_scale,
+        sample_shape=sample_shape,
+    )
+    return make_environment(
+        model, model.parameterization, scheduler=model.scheduler, noise=noise, sample_shape=model.sample_shape
+    )
 
 
 def _check_model_config(cfg: dict[str, Any], where: str) -> None:
@@ -301,7 +356,13 @@ def _cached_snapshot(repo_id: str, cache_dir: Any, revision: str | None, files: 
 
 
 def _resolve_source(
-    source: str, local_files_only: bool, cache_dir: Any, revision: str | None, token: Any, subfolders: list[str | None], sched_subfolders: list[str | None]
+    source: str,
+    local_files_only: bool,
+    cache_dir: Any,
+    revision: str | None,
+    token: Any,
+    subfolders: list[str | None],
+    sched_subfolders: list[str | None],
 ) -> Path:
     """A local folder holding the configs and weights: ``source`` itself, its snapshot in the
     local cache (``local_files_only=True``: no network), or a fresh download of only the JSON
@@ -312,7 +373,9 @@ def _resolve_source(
     if path.exists():
         raise ValueError(f"source: expected a folder or a hub id, got the file {source!r}")
     if not _is_hub_id(source):
-        raise FileNotFoundError(f"source: no folder {source!r} (and it is not a hub id such as 'google/ddpm-cifar10-32')")
+        raise FileNotFoundError(
+            f"source: no folder {source!r} (and it is not a hub id such as 'google/ddpm-cifar10-32')"
+        )
     wanted = [f"{sub}/config.json" if sub else "config.json" for sub in subfolders]
     if local_files_only:
         snapshot = _cached_snapshot(source, cache_dir, revision, wanted)
@@ -328,7 +391,15 @@ def _resolve_source(
         return snapshot
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=download_patterns(subfolders, sched_subfolders)))
+    return Path(
+        snapshot_download(
+            source,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            allow_patterns=download_patterns(subfolders, sched_subfolders),
+        )
+    )
 
 
 def download_patterns(subfolders: list[str | None], sched_subfolders: list[str | None]) -> list[str]:
@@ -337,7 +408,9 @@ def download_patterns(subfolders: list[str | None], sched_subfolders: list[str |
     other pipeline component)."""
     prefix = [f"{sub}/" if sub else "" for sub in subfolders]
     patterns = ["model_index.json"] + [f"{p}config.json" for p in prefix]
-    patterns += [f"{p}{_WEIGHTS}*.safetensors" for p in prefix] + [f"{p}{_WEIGHTS}*.safetensors.index.json" for p in prefix]
+    patterns += [f"{p}{_WEIGHTS}*.safetensors" for p in prefix] + [
+        f"{p}{_WEIGHTS}*.safetensors.index.json" for p in prefix
+    ]
     patterns += [f"{sub}/scheduler_config.json" if sub else "scheduler_config.json" for sub in sched_subfolders]
     return patterns
 
@@ -405,7 +478,12 @@ def load_diffusers_environment(
         raise TypeError(f"source: expected a folder path or a hub id (str), got {type(source).__name__}")
     if not isinstance(local_files_only, bool):
         raise TypeError(f"local_files_only: expected a bool, got {type(local_files_only).__name__}")
-    for name, value in (("subfolder", subfolder), ("scheduler_subfolder", scheduler_subfolder), ("revision", revision), ("variant", variant)):
+    for name, value in (
+        ("subfolder", subfolder),
+        ("scheduler_subfolder", scheduler_subfolder),
+        ("revision", revision),
+        ("variant", variant),
+    ):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{name}: expected a str or None, got {type(value).__name__}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -425,7 +503,9 @@ def load_diffusers_environment(
                 model_sub, model_cfg = sub, cfg
                 break
     if model_cfg is None:
-        raise FileNotFoundError(f"source: no diffusers model config.json found in {src!r} ({root}); looked in subfolders {candidates}")
+        raise FileNotFoundError(
+            f"source: no diffusers model config.json found in {src!r} ({root}); looked in subfolders {candidates}"
+        )
     sched_cfg = None
     for sub in sched_candidates:
         file = root / sub / "scheduler_config.json" if sub else root / "scheduler_config.json"
@@ -433,17 +513,30 @@ def load_diffusers_environment(
             sched_cfg = read_json_config("source", file)
             break
     if sched_cfg is None:
-        raise FileNotFoundError(f"source: no scheduler_config.json found in {src!r} (tried {sched_candidates}, None = the root)")
+        raise FileNotFoundError(
+            f"source: no scheduler_config.json found in {src!r} (tried {sched_candidates}, None = the root)"
+        )
     name = model_cfg["_class_name"]
     if name not in SUPPORTED_MODELS:
-        raise ValueError(f"source: unsupported diffusers model class {name!r} in config.json; expected one of {list(SUPPORTED_MODELS)}")
+        raise ValueError(
+            f"source: unsupported diffusers model class {name!r} in config.json; expected one of {list(SUPPORTED_MODELS)}"
+        )
     _check_model_config(model_cfg, "config.json")
     model_dir = root / model_sub if model_sub else root
     _check_safetensors(model_dir, variant)
 
     diffusers = _import_diffusers()
     model_cls = getattr(diffusers, name)
-    unet = model_cls.from_pretrained(str(root), subfolder=model_sub, local_files_only=True, use_safetensors=True, variant=variant)
+    unet = model_cls.from_pretrained(
+        str(root), subfolder=model_sub, local_files_only=True, use_safetensors=True, variant=variant
+    )
     unet = unet.to(device=device, dtype=dtype) if dtype is not None else unet.to(device)
     unet.eval().requires_grad_(False)
-    return diffusers_environment(unet, sched_cfg, noise=noise, prediction_type=prediction_type, null_class=null_class, guidance_scale=guidance_scale)
+    return diffusers_environment(
+        unet,
+        sched_cfg,
+        noise=noise,
+        prediction_type=prediction_type,
+        null_class=null_class,
+        guidance_scale=guidance_scale,
+    )

@@ -40,7 +40,9 @@ class DigitClassifier(nn.Module):
             nn.Conv2d(2 * c, 2 * c, 3, padding=1),
             nn.SiLU(),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * c * 16, hidden), nn.SiLU(), nn.Linear(hidden, NUM_CLASSES))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * c * 16, hidden), nn.SiLU(), nn.Linear(hidden, NUM_CLASSES)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):

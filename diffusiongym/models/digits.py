@@ -44,7 +44,13 @@ from diffusiongym.rewards.base import Reward
 from diffusiongym.rewards.images import DigitClassifierReward
 from diffusiongym.tasks import Task, check_reward, register_task
 from diffusiongym.utils.io import load_module, save_module
-from diffusiongym.utils.validation import MAX_STEPS, check_architecture, check_positive_int, check_real, read_json_config
+from diffusiongym.utils.validation import (
+    MAX_STEPS,
+    check_architecture,
+    check_positive_int,
+    check_real,
+    read_json_config,
+)
 
 # Architecture sizes accepted from a weights' JSON before anything is allocated (the shipped
 # model: channels 32, emb_dim 128, num_frequencies 16).
@@ -126,7 +132,9 @@ class DigitsUNet(nn.Module):
         guidance_scale = check_real("guidance_scale", guidance_scale)
         self.config = {"channels": channels, "emb_dim": emb_dim, "num_frequencies": num_frequencies}
         self.guidance_scale = float(guidance_scale)
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(200.0), num_frequencies)), persistent=False)
+        self.register_buffer(
+            "freqs", torch.exp(torch.linspace(0.0, math.log(200.0), num_frequencies)), persistent=False
+        )
         self.time_mlp = nn.Sequential(nn.Linear(2 * num_frequencies, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(NUM_CLASSES + 1, emb_dim)
         c = channels
@@ -152,7 +160,9 @@ class DigitsUNet(nn.Module):
         h = self.up2(self.up1(torch.cat([self.upsample(h), h0], 1), emb), emb)
         return self.conv_out(nn.functional.silu(self.norm_out(h)))
 
-    def forward(self, x: Tensor, t: Tensor | float, label: Tensor | None = None, guidance_scale: float | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor | float, label: Tensor | None = None, guidance_scale: float | None = None
+    ) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor of shape (n, 1, 8, 8), got {type(x).__name__}")
         if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
@@ -178,7 +188,9 @@ class DigitsUNet(nn.Module):
             raise ValueError(f"label: expected shape ({n},), got {tuple(label.shape)}")
         if bool(((label < 0) | (label > NULL_LABEL)).any()):
             bad = label[(label < 0) | (label > NULL_LABEL)][:3].tolist()
-            raise ValueError(f"label: expected values in 0..{NUM_CLASSES - 1} (or {NULL_LABEL} for unconditional), got {bad}")
+            raise ValueError(
+                f"label: expected values in 0..{NUM_CLASSES - 1} (or {NULL_LABEL} for unconditional), got {bad}"
+            )
         if w == 1.0:
             return self._net(x, t, label).to(out_dtype)
         if w == 0.0:
@@ -200,11 +212,15 @@ def _checked_stem(path: str | Path | None, default: Path) -> Path:
     stem = Path(path) if path is not None else default
     cfg = stem.with_suffix(".json")
     if cfg.is_file():
-        check_architecture(f"path ({cfg.name})", read_json_config("path", cfg).get("architecture", {}), ARCHITECTURE_BOUNDS)
+        check_architecture(
+            f"path ({cfg.name})", read_json_config("path", cfg).get("architecture", {}), ARCHITECTURE_BOUNDS
+        )
     return stem
 
 
-def load_digits_model(device: torch.device | str = "cpu", guidance_scale: float = 1.0, path: str | Path | None = None) -> DigitsUNet:
+def load_digits_model(
+    device: torch.device | str = "cpu", guidance_scale: float = 1.0, path: str | Path | None = None
+) -> DigitsUNet:
     """The shipped pretrained :class:`DigitsUNet` (eval mode, parameters frozen, float32 as
     stored, whatever ``torch.get_default_dtype()`` is).
 
@@ -237,7 +253,10 @@ def load_digits_model(device: torch.device | str = "cpu", guidance_scale: float 
 
 # ---------------------------------------------------------------- environment, task
 def digits_environment(
-    noise: Any = "memoryless", guidance_scale: float = 1.0, device: torch.device | str = "cpu", model: nn.Module | None = None
+    noise: Any = "memoryless",
+    guidance_scale: float = 1.0,
+    device: torch.device | str = "cpu",
+    model: nn.Module | None = None,
 ) -> VelocityEnvironment:
     """:class:`~diffusiongym.envs.environment.VelocityEnvironment` around the shipped model
     with the linear scheduler (the one it was trained with)."""

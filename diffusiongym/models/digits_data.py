@@ -55,7 +55,10 @@ def digits_dataset(split: str = "train") -> tuple[Tensor, Tensor]:
     if split == "all":
         return images, labels
     idx_train, idx_test = train_test_split(
-        torch.arange(len(labels)).numpy(), test_size=DIGITS_SPLIT["test_size"], random_state=DIGITS_SPLIT["random_state"], stratify=labels.numpy()
+        torch.arange(len(labels)).numpy(),
+        test_size=DIGITS_SPLIT["test_size"],
+        random_state=DIGITS_SPLIT["random_state"],
+        stratify=labels.numpy(),
     )
     idx = torch.as_tensor(idx_train if split == "train" else idx_test)
     return images[idx], labels[idx]

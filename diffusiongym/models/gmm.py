@@ -36,7 +36,15 @@ def _float64(argument: str, value: Any) -> Tensor:
         raise ValueError(f"{argument}: expected finite numbers, got NaN or inf")
     return out
 
-__all__ = ["GaussianMixture", "GaussianMixtureModel", "TrainableGaussianMixtureModel", "Posterior", "gmm_preset", "GMM_PRESETS"]
+
+__all__ = [
+    "GaussianMixture",
+    "GaussianMixtureModel",
+    "TrainableGaussianMixtureModel",
+    "Posterior",
+    "gmm_preset",
+    "GMM_PRESETS",
+]
 
 
 @dataclass
@@ -118,9 +126,13 @@ class GaussianMixture:
         """Overall covariance, shape ``(d, d)``."""
         m = self.mean()
         diff = self.means - m
-        return torch.einsum("k,kij->ij", self.weights, self.covs) + torch.einsum("k,ki,kj->ij", self.weights, diff, diff)
+        return torch.einsum("k,kij->ij", self.weights, self.covs) + torch.einsum(
+            "k,ki,kj->ij", self.weights, diff, diff
+        )
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64, device: Any = None) -> Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64, device: Any = None
+    ) -> Tensor:
         """Exact samples, shape ``(n, d)`` (drawn on the CPU in float64, then moved)."""
         n = check_positive_int("n", n)
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -181,7 +193,9 @@ class GaussianMixtureModel(nn.Module):
     ``1/beta`` singularity at ``t = 1``).
     """
 
-    def __init__(self, mixture: GaussianMixture, scheduler: str | Scheduler = "linear", parameterization: str = "velocity"):
+    def __init__(
+        self, mixture: GaussianMixture, scheduler: str | Scheduler = "linear", parameterization: str = "velocity"
+    ):
         super().__init__()
         if not isinstance(mixture, GaussianMixture):
             raise TypeError(f"mixture: expected a GaussianMixture, got {type(mixture).__name__}")
@@ -203,7 +217,9 @@ class GaussianMixtureModel(nn.Module):
         return TrainableGaussianMixtureModel(self.mixture, self.scheduler, self.parameterization)
 
 
-def _prediction(parameterization: str, score: Tensor, x1_hat: Tensor, t: Tensor, beta: Tensor, d_alpha: Tensor, d_beta: Tensor) -> Tensor:
+def _prediction(
+    parameterization: str, score: Tensor, x1_hat: Tensor, t: Tensor, beta: Tensor, d_alpha: Tensor, d_beta: Tensor
+) -> Tensor:
     """The model output in ``parameterization`` from the exact score and ``E[x1 | x]``."""
     if parameterization == "score":
         return score
@@ -232,7 +248,9 @@ class TrainableGaussianMixtureModel(nn.Module):
     the learnt distribution for comparison with the oracle's ``p*``.
     """
 
-    def __init__(self, mixture: GaussianMixture, scheduler: str | Scheduler = "linear", parameterization: str = "velocity"):
+    def __init__(
+        self, mixture: GaussianMixture, scheduler: str | Scheduler = "linear", parameterization: str = "velocity"
+    ):
         super().__init__()
         self.scheduler = make_scheduler(scheduler)
         self.parameterization = check_parameterization(parameterization)
@@ -251,7 +269,9 @@ class TrainableGaussianMixtureModel(nn.Module):
         """The current distribution as a (detached) :class:`GaussianMixture`."""
         with torch.no_grad():
             chol = self.cholesky().detach().cpu()
-            return GaussianMixture(torch.softmax(self.logits, 0).detach().cpu(), self.means.detach().cpu().clone(), chol @ chol.mT)
+            return GaussianMixture(
+                torch.softmax(self.logits, 0).detach().cpu(), self.means.detach().cpu().clone(), chol @ chol.mT
+            )
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         d = self.sample_shape[0]
@@ -270,7 +290,9 @@ class TrainableGaussianMixtureModel(nn.Module):
         else:
             times, index = torch.unique(flat, return_inverse=True)
         a_u, b_u, _, _ = self.scheduler(times)
-        c_chol = torch.linalg.cholesky(a_u.reshape(-1, 1, 1, 1) ** 2 * cov + b_u.reshape(-1, 1, 1, 1) ** 2 * eye)  # (U, K, d, d)
+        c_chol = torch.linalg.cholesky(
+            a_u.reshape(-1, 1, 1, 1) ** 2 * cov + b_u.reshape(-1, 1, 1, 1) ** 2 * eye
+        )  # (U, K, d, d)
         l_inv = torch.linalg.solve_triangular(c_chol, eye.expand_as(c_chol), upper=False)  # L_k^{-1}
         log_det = torch.log(torch.diagonal(c_chol, dim1=-2, dim2=-1)).sum(-1)  # (U, K)
         if index is not None and times.numel() > 1:

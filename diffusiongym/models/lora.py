@@ -45,7 +45,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["add_lora", "lora_state_dict", "save_lora", "load_lora", "lora_settings", "lora_targets", "ATTENTION_PROJECTIONS"]
+__all__ = [
+    "add_lora",
+    "lora_state_dict",
+    "save_lora",
+    "load_lora",
+    "lora_settings",
+    "lora_targets",
+    "ATTENTION_PROJECTIONS",
+]
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 """Name suffixes of the attention projections adapted by default (``nn.Linear`` layers only)."""
@@ -113,7 +121,11 @@ def lora_targets(model: nn.Module, target_modules: str | Iterable[str] | None = 
     modules = _candidates(model)
     kind = type(model).__name__
     if target_modules is None:
-        names = [n for n, m in modules.items() if isinstance(m, nn.Linear) and any(_suffix_match(n, k) for k in ATTENTION_PROJECTIONS)]
+        names = [
+            n
+            for n, m in modules.items()
+            if isinstance(m, nn.Linear) and any(_suffix_match(n, k) for k in ATTENTION_PROJECTIONS)
+        ]
         if not names:
             names = [n for n, m in modules.items() if isinstance(m, FALLBACK_TYPES)]
         if not names:
@@ -222,7 +234,9 @@ def add_lora(
     if copy not in (True, False, "share") or not isinstance(copy, (bool, str)):
         raise ValueError(f"copy: expected True, False or 'share', got {copy!r}")
     if _has_lora_layers(model):
-        raise ValueError("model: already has LoRA layers; pass the base model (add_lora copies it) or use load_lora to restore an adapter")
+        raise ValueError(
+            "model: already has LoRA layers; pass the base model (add_lora copies it) or use load_lora to restore an adapter"
+        )
     peft = _import_peft()
     targets = lora_targets(model, target_modules)
     if copy is True:
@@ -250,7 +264,11 @@ def add_lora(
             trainable += 1
     if trainable == 0:  # pragma: no cover - peft adapted none of the resolved layers
         raise RuntimeError(f"peft added no LoRA weights to the layers {targets}")
-    setattr(model, _SETTINGS_ATTR, {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "target_modules": targets})
+    setattr(
+        model,
+        _SETTINGS_ATTR,
+        {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "target_modules": targets},
+    )
     return model
 
 
@@ -259,7 +277,9 @@ def lora_settings(model: nn.Module) -> dict[str, Any]:
     (full module names). Raises if ``model`` was not made by :func:`add_lora`."""
     settings = getattr(model, _SETTINGS_ATTR, None)
     if not isinstance(settings, dict):
-        raise ValueError(f"model: expected a model returned by add_lora, got a {type(model).__name__} without LoRA settings")
+        raise ValueError(
+            f"model: expected a model returned by add_lora, got a {type(model).__name__} without LoRA settings"
+        )
     return {**settings, "target_modules": list(settings["target_modules"])}
 
 
@@ -340,7 +360,9 @@ def _read_lora_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             "write it with save_lora"
         )
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"path: adapter format version {metadata.get('format_version')!r}, this diffusiongym reads {FORMAT_VERSION!r}")
+        raise ValueError(
+            f"path: adapter format version {metadata.get('format_version')!r}, this diffusiongym reads {FORMAT_VERSION!r}"
+        )
     return json.loads(metadata["settings"]), metadata
 
 
@@ -372,7 +394,9 @@ def load_lora(model: nn.Module, path: str | Path, *, check_base: bool = True) ->
     if not _has_lora_layers(model):
         exact = "^(?:" + "|".join(re.escape(n) for n in saved["target_modules"]) + ")$"
         dropout = float(saved.get("dropout", 0.0))
-        model = add_lora(model, rank=int(saved["rank"]), alpha=float(saved["alpha"]), target_modules=exact, dropout=dropout)
+        model = add_lora(
+            model, rank=int(saved["rank"]), alpha=float(saved["alpha"]), target_modules=exact, dropout=dropout
+        )
     current = lora_settings(model)
     diffs = [
         f"{key} {saved.get(key)!r} in the file vs {current.get(key)!r} in the model"
@@ -396,7 +420,9 @@ def load_lora(model: nn.Module, path: str | Path, *, check_base: bool = True) ->
     own = lora_state_dict(model)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise ValueError(f"path: adapter tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"path: adapter tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, value in tensors.items():
         if own[key].shape != value.shape:
             raise ValueError(f"path: {key}: expected shape {tuple(own[key].shape)}, got {tuple(value.shape)}")

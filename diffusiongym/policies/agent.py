@@ -70,7 +70,11 @@ def control_action(
             single = x.ndim == sample_ndim
         else:
             single = t_np.shape == (1,) and not (x.ndim >= 1 and x.shape[0] == 1)
-        obs = {k: torch.as_tensor(np.asarray(v), device=device) for k, v in observation.items() if k in names or k in ("x", "t")}
+        obs = {
+            k: torch.as_tensor(np.asarray(v), device=device)
+            for k, v in observation.items()
+            if k in names or k in ("x", "t")
+        }
         if single:
             obs = {k: v[None] for k, v in obs.items()}
         dtype = dtype if dtype is not None else torch.float32
@@ -84,7 +88,9 @@ def control_action(
     if t.numel() == 1 and n != 1:
         t = t.expand(n)
     if t.shape != (n,):
-        raise ValueError(f"observation['t']: expected a scalar, shape ({n},) or ({n}, 1), got {tuple(torch.as_tensor(observation['t']).shape)}")
+        raise ValueError(
+            f"observation['t']: expected a scalar, shape ({n},) or ({n}, 1), got {tuple(torch.as_tensor(observation['t']).shape)}"
+        )
     cond = {k: obs[k] for k in names if k in obs}
     action = control(xt, t, **cond) / action_scale
     if numpy_in:

@@ -65,7 +65,9 @@ class ModelControl(_Agent):
 
     def __init__(self, model: nn.Module, env: DiffusionEnvironment, action_scale: float = 1.0):
         if not callable(model):
-            raise TypeError(f"model: expected a callable model(x, t, **cond) in the base parameterisation, got {type(model).__name__}")
+            raise TypeError(
+                f"model: expected a callable model(x, t, **cond) in the base parameterisation, got {type(model).__name__}"
+            )
         if not isinstance(env, DiffusionEnvironment):
             raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
         if env.noise.is_deterministic:

@@ -26,7 +26,16 @@ from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.noise import Memoryless
 from diffusiongym.schedulers import Scheduler, make_scheduler
 
-__all__ = ["time_vector", "mlp", "FourierTimeEmbedding", "TimeMLP", "ResidualModel", "TimeCNN", "SignalScaled", "ControlScaledNet"]
+__all__ = [
+    "time_vector",
+    "mlp",
+    "FourierTimeEmbedding",
+    "TimeMLP",
+    "ResidualModel",
+    "TimeCNN",
+    "SignalScaled",
+    "ControlScaledNet",
+]
 
 
 def time_vector(t: Tensor | float, x: Tensor) -> Tensor:
@@ -59,7 +68,9 @@ class FourierTimeEmbedding(nn.Module):
 
     def __init__(self, num_frequencies: int = 8):
         super().__init__()
-        self.register_buffer("freqs", 2 * math.pi * torch.arange(1, num_frequencies + 1, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "freqs", 2 * math.pi * torch.arange(1, num_frequencies + 1, dtype=torch.float32), persistent=False
+        )
         self.dim = 2 * num_frequencies + 1
 
     def forward(self, t: Tensor) -> Tensor:
@@ -85,9 +96,23 @@ class TimeMLP(nn.Module):
         Zero the last layer (the network starts as the zero function).
     """
 
-    def __init__(self, dim: int, out_dim: int = 1, hidden: int = 128, layers: int = 3, num_frequencies: int = 8, zero_init: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int = 1,
+        hidden: int = 128,
+        layers: int = 3,
+        num_frequencies: int = 8,
+        zero_init: bool = False,
+    ):
         super().__init__()
-        self.config = {"dim": dim, "out_dim": out_dim, "hidden": hidden, "layers": layers, "num_frequencies": num_frequencies}
+        self.config = {
+            "dim": dim,
+            "out_dim": out_dim,
+            "hidden": hidden,
+            "layers": layers,
+            "num_frequencies": num_frequencies,
+        }
         self.embed = FourierTimeEmbedding(num_frequencies)
         widths = [dim + self.embed.dim] + [hidden] * layers
         mods: list[nn.Module] = []
@@ -178,7 +203,9 @@ class TimeCNN(nn.Module):
         super().__init__()
         if output not in ("value", "field"):
             raise ValueError(f"output: expected 'value' or 'field', got {output!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0
+        ):
             raise ValueError(f"num_classes: expected a positive integer or None, got {num_classes!r}")
         self.config = {
             "in_channels": in_channels,
@@ -230,7 +257,6 @@ class TimeCNN(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
 
 
-
 class SignalScaled(nn.Module):
     """``V(x, t, **cond) = net(alpha_t x, t, **cond)``: a value network that sees ``alpha_t x``.
 
@@ -279,7 +305,9 @@ class ControlScaledNet(nn.Module):
     def __init__(self, net: nn.Module, env: DiffusionEnvironment):
         super().__init__()
         self.net = net
-        self._env = env if isinstance(env.noise, Memoryless) and env.noise.is_memoryless else env.with_noise(Memoryless())
+        self._env = (
+            env if isinstance(env.noise, Memoryless) and env.noise.is_memoryless else env.with_noise(Memoryless())
+        )
 
     def scale(self, t: Tensor) -> Tensor:
         """``sigma(t) / coef_out(t)``, shape of ``t`` (float64 maths, cast to ``t``'s dtype)."""

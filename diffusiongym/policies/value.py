@@ -104,7 +104,9 @@ class ValuePolicy(_Agent):
 
     def __init__(self, value_net: nn.Module, env: DiffusionEnvironment, action_scale: float = 1.0):
         if not isinstance(value_net, nn.Module):
-            raise TypeError(f"value_net: expected an nn.Module value_net(x, t, **cond) -> (n,), got {type(value_net).__name__}")
+            raise TypeError(
+                f"value_net: expected an nn.Module value_net(x, t, **cond) -> (n,), got {type(value_net).__name__}"
+            )
         if not isinstance(env, DiffusionEnvironment):
             raise TypeError(f"env: expected a DiffusionEnvironment (for sigma(t)), got {type(env).__name__}")
         if env.noise.is_deterministic:
@@ -116,7 +118,9 @@ class ValuePolicy(_Agent):
         """``V(x, t)``, shape ``(n,)`` (differentiable; used by training)."""
         v = self.value_net(x, _time_vector(t, x), **cond)
         if v.shape not in ((x.shape[0],), (x.shape[0], 1)):
-            raise ValueError(f"value_net output: expected shape ({x.shape[0]},) or ({x.shape[0]}, 1), got {tuple(v.shape)}")
+            raise ValueError(
+                f"value_net output: expected shape ({x.shape[0]},) or ({x.shape[0]}, 1), got {tuple(v.shape)}"
+            )
         return v.reshape(x.shape[0])
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
@@ -155,5 +159,7 @@ class ControlPolicy(_Agent):
         """``u(x, t)``, shape of ``x``."""
         u = self.net(x, _time_vector(t, x), **cond)
         if u.numel() != x.numel():
-            raise ValueError(f"net output: expected {x.numel()} values (shape {tuple(x.shape)}), got shape {tuple(u.shape)}")
+            raise ValueError(
+                f"net output: expected {x.numel()} values (shape {tuple(x.shape)}), got shape {tuple(u.shape)}"
+            )
         return u.reshape(x.shape)

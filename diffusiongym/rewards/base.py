@@ -50,7 +50,9 @@ class Reward(ABC):
             raise ValueError(f"x: expected a batch of shape (n, *sample_shape), got shape {tuple(x.shape)}")
         values = self.evaluate(x, **cond)
         if values.shape != (x.shape[0],):
-            raise ValueError(f"{type(self).__name__}.evaluate: expected shape ({x.shape[0]},), got {tuple(values.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}.evaluate: expected shape ({x.shape[0]},), got {tuple(values.shape)}"
+            )
         valid = self.is_valid(x, **cond) & torch.isfinite(values)
         return values, valid
 

@@ -62,7 +62,7 @@ class ImageReward(Reward):
     """
 
     def __init__(self, tolerance: float = 0.5):
-        self.tolerance = check_real("tolerance", tolerance, nonnegative=True)
+        self.tolerance = check_real("tolerance", tolerance, nonnegative=True, allow_inf=True)  # inf: every finite image is valid
 
     @staticmethod
     def _check(x: Tensor) -> None:
@@ -110,7 +110,14 @@ class DigitClassifierReward(ImageReward):
 
     MODES = ("log_prob", "prob", "is_class")
 
-    def __init__(self, target: int | None = None, mode: str = "log_prob", classifier: Any = None, device: Any = "cpu", tolerance: float = 0.5):
+    def __init__(
+        self,
+        target: int | None = None,
+        mode: str = "log_prob",
+        classifier: Any = None,
+        device: Any = "cpu",
+        tolerance: float = 0.5,
+    ):
         super().__init__(tolerance)
         if mode not in self.MODES:
             raise unknown_name_error("mode", mode, self.MODES)
@@ -189,7 +196,9 @@ def jpeg_bits_per_pixel(x: Tensor, quality: int = 75) -> Tensor:
     try:
         from PIL import Image
     except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError("JPEG rewards need Pillow: pip install 'diffusiongym[images]' (or pip install pillow)") from err
+        raise ImportError(
+            "JPEG rewards need Pillow: pip install 'diffusiongym[images]' (or pip install pillow)"
+        ) from err
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"x: expected images of shape (n, 1 or 3, H, W), got {tuple(x.shape)}")
     arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
@@ -197,7 +206,8 @@ def jpeg_bits_per_pixel(x: Tensor, quality: int = 75) -> Tensor:
     bits = []
     for img in arr:
         buf = io.BytesIO()
-        pil = Image.fromarray(img[..., 0], mode="L") if img.shape[-1] == 1 else Image.fromarray(img, mode="RGB")
+        # uint8 (H, W) is mode "L" and (H, W, 3) is "RGB" by inference (the mode= argument is deprecated in Pillow 11.3)
+        pil = Image.fromarray(img[..., 0]) if img.shape[-1] == 1 else Image.fromarray(img)
         pil.save(buf, format="JPEG", quality=int(quality))
         bits.append(8.0 * buf.tell() / pixels)
     return torch.tensor(bits, dtype=torch.float64)

@@ -80,7 +80,11 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def train_classifier(
-    config: DigitsTrainConfig, images: Tensor, labels: Tensor, progress: bool = False, callback: Callable[[dict[str, float]], None] | None = None
+    config: DigitsTrainConfig,
+    images: Tensor,
+    labels: Tensor,
+    progress: bool = False,
+    callback: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[DigitClassifier, dict[str, list[float]]]:
     """Train the digit classifier. Returns the model (eval mode) and ``history["loss"]`` per epoch.
 
@@ -118,7 +122,11 @@ def train_classifier(
 
 
 def train_flow_model(
-    config: DigitsTrainConfig, images: Tensor, labels: Tensor, progress: bool = False, callback: Callable[[dict[str, float]], None] | None = None
+    config: DigitsTrainConfig,
+    images: Tensor,
+    labels: Tensor,
+    progress: bool = False,
+    callback: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[DigitsUNet, dict[str, list[float]]]:
     """Conditional flow matching with label dropout. Returns the EMA model (eval mode) and
     ``history["loss"]`` (mean of every ``log_every`` steps)."""
@@ -158,7 +166,11 @@ def train_flow_model(
 def nearest_distances(queries: Tensor, reference: Tensor) -> Tensor:
     """Euclidean distance (in [-1, 1] pixel units over the 64 pixels) from each query image to
     its nearest reference image, shape ``(n,)``."""
-    return torch.cdist(queries.reshape(len(queries), -1).double(), reference.reshape(len(reference), -1).double()).min(1).values
+    return (
+        torch.cdist(queries.reshape(len(queries), -1).double(), reference.reshape(len(reference), -1).double())
+        .min(1)
+        .values
+    )
 
 
 @torch.no_grad()
@@ -186,7 +198,14 @@ def evaluate(
     test_acc = float((classifier(test_x).argmax(1) == test_y).float().mean())
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     env = VelocityEnvironment(model, "linear", noise=noise, sample_shape=(1, 8, 8))
-    traj = sample(env, len(labels), steps=steps, t_start=t_start, cond={"label": labels, "guidance_scale": guidance_scale}, seed=seed)
+    traj = sample(
+        env,
+        len(labels),
+        steps=steps,
+        t_start=t_start,
+        cond={"label": labels, "guidance_scale": guidance_scale},
+        seed=seed,
+    )
     x = traj.x1
     pred = classifier(x).argmax(1)
     correct = (pred == labels).float()
@@ -202,18 +221,29 @@ def evaluate(
         "min_nn_distance_test": float(d_test.min()),
         "sample_min": float(x.min()),
         "sample_max": float(x.max()),
-        "settings": {"steps": steps, "per_class": per_class, "noise": str(noise), "t_start": t_start, "guidance_scale": guidance_scale, "seed": seed},
+        "settings": {
+            "steps": steps,
+            "per_class": per_class,
+            "noise": str(noise),
+            "t_start": t_start,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+        },
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Train the shipped digits flow model and classifier.")
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="folder for the weights (default: the package's weights/)")
+    parser.add_argument(
+        "--out", type=Path, default=WEIGHTS_DIR, help="folder for the weights (default: the package's weights/)"
+    )
     parser.add_argument("--model-steps", type=int, default=None, help="override the flow-model training steps")
     parser.add_argument("--classifier-epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while training (the shipped weights: 1)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads while training (the shipped weights: 1)"
+    )
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -240,14 +270,35 @@ def _train_and_save(args: argparse.Namespace) -> dict[str, Any]:
     model, hist_m = train_flow_model(config, images, labels, progress=progress)
     t_model = time.perf_counter() - start
     metrics = evaluate(model, classifier, steps=config.eval_steps, per_class=config.eval_per_class, seed=config.seed)
-    metrics_ode = evaluate(model, classifier, steps=config.eval_steps, per_class=config.eval_per_class, noise="ode", t_start=0.0, seed=config.seed)
+    metrics_ode = evaluate(
+        model,
+        classifier,
+        steps=config.eval_steps,
+        per_class=config.eval_per_class,
+        noise="ode",
+        t_start=0.0,
+        seed=config.seed,
+    )
 
-    split = "sklearn load_digits, train_test_split(test_size=0.2, random_state=0, stratify=labels): 1437 train / 360 test"
-    meta = {"torch": torch.__version__, "split": split, "train_config": asdict(config), "data_scaling": "x = intensity / 8 - 1 in [-1, 1], shape (1, 8, 8)"}
+    split = (
+        "sklearn load_digits, train_test_split(test_size=0.2, random_state=0, stratify=labels): 1437 train / 360 test"
+    )
+    meta = {
+        "torch": torch.__version__,
+        "split": split,
+        "train_config": asdict(config),
+        "data_scaling": "x = intensity / 8 - 1 in [-1, 1], shape (1, 8, 8)",
+    }
     save_module(
         classifier,
         Path(args.out) / "digit_classifier",
-        {**meta, "architecture": classifier.config, "train_seconds": t_classifier, "final_loss": hist_c["loss"][-1], "test_accuracy": metrics["classifier_test_accuracy"]},
+        {
+            **meta,
+            "architecture": classifier.config,
+            "train_seconds": t_classifier,
+            "final_loss": hist_c["loss"][-1],
+            "test_accuracy": metrics["classifier_test_accuracy"],
+        },
     )
     save_module(
         model,

@@ -45,13 +45,30 @@ from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.tasks import Task, make_task, with_reward
 from diffusiongym.timegrid import make_time_grid
-from diffusiongym.trainers.checkpoint import CheckpointError, read_checkpoint, stage_generators, stage_modules, stage_optimizers, write_checkpoint
+from diffusiongym.trainers.checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    stage_generators,
+    stage_modules,
+    stage_optimizers,
+    write_checkpoint,
+)
 from diffusiongym.trainers.config import LR_SCHEDULES, OPTIMIZERS, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.utils.io import optimizer_tensors
 from diffusiongym.utils.runtime import derive_seed, flush_denormals, seeded
 from diffusiongym.utils.validation import check_positive_int
 
-__all__ = ["TrainerConfig", "Trainer", "resolve_task", "EVALUATION_KEYS", "LR_SCHEDULES", "OPTIMIZERS", "make_optimizer", "make_lr_scheduler", "trajectory_metrics"]
+__all__ = [
+    "TrainerConfig",
+    "Trainer",
+    "resolve_task",
+    "EVALUATION_KEYS",
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
+    "make_optimizer",
+    "make_lr_scheduler",
+    "trajectory_metrics",
+]
 
 EVALUATION_KEYS = ("objective", "kl", "reward", "valid_fraction", "gap_closed")
 TASK_OPTIONS = ("name", "steps", "t_start", "action_scale", "oracle", "conditioning")
@@ -69,18 +86,28 @@ def resolve_task(task: Any, reward: Reward | None = None, reward_scale: float | 
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}; the task options are {list(TASK_OPTIONS)}")
     if reward_scale is not None:
-        if isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float)) or not math.isfinite(reward_scale):
+        if (
+            isinstance(reward_scale, bool)
+            or not isinstance(reward_scale, (int, float))
+            or not math.isfinite(reward_scale)
+        ):
             raise ValueError(f"reward_scale: expected a finite number, got {reward_scale!r}")
     if reward is not None and not isinstance(reward, Reward):
-        raise TypeError(f"reward: expected a diffusiongym Reward (wrap a function in CallableReward), got {type(reward).__name__}")
+        raise TypeError(
+            f"reward: expected a diffusiongym Reward (wrap a function in CallableReward), got {type(reward).__name__}"
+        )
     if isinstance(task, str):
         task = make_task(task)
     if isinstance(task, DiffusionEnvironment):
         if reward is None:
             raise TypeError("reward: required when the first argument is an environment (or pass a Task)")
-        return Task(options.pop("name", "custom"), task, reward, 1.0 if reward_scale is None else float(reward_scale), **options)
+        return Task(
+            options.pop("name", "custom"), task, reward, 1.0 if reward_scale is None else float(reward_scale), **options
+        )
     if not all(hasattr(task, a) for a in ("reward", "reward_scale", "steps")):
-        raise TypeError(f"task: expected a Task, a registered task id or a DiffusionEnvironment, got {type(task).__name__}")
+        raise TypeError(
+            f"task: expected a Task, a registered task id or a DiffusionEnvironment, got {type(task).__name__}"
+        )
     if reward is not None or reward_scale is not None:
         if isinstance(task, Task):
             task = with_reward(task, reward if reward is not None else task.reward, reward_scale)
@@ -88,7 +115,9 @@ def resolve_task(task: Any, reward: Reward | None = None, reward_scale: float | 
             scale = task.reward_scale if reward_scale is None else float(reward_scale)
             changed = reward is not None or scale != task.reward_scale
             oracle = None if changed else getattr(task, "oracle", None)
-            task = dataclasses.replace(task, reward=reward if reward is not None else task.reward, reward_scale=scale, oracle=oracle)
+            task = dataclasses.replace(
+                task, reward=reward if reward is not None else task.reward, reward_scale=scale, oracle=oracle
+            )
     return dataclasses.replace(task, **options) if options else task
 
 
@@ -106,7 +135,11 @@ def trajectory_metrics(traj: Trajectory, task: Any) -> dict[str, float]:
         "gap_closed": nan,
     }
     oracle = getattr(task, "oracle", None)
-    if oracle is not None and abs(oracle.optimal_objective - oracle.base_objective) > 1e-12 and math.isfinite(objective):
+    if (
+        oracle is not None
+        and abs(oracle.optimal_objective - oracle.base_objective) > 1e-12
+        and math.isfinite(objective)
+    ):
         out["gap_closed"] = float(oracle.gap_closed(objective))
     return out
 
@@ -173,7 +206,9 @@ class Trainer(abc.ABC):
         accepted = [n for n, p in inspect.signature(self.setup).parameters.items() if p.kind is p.KEYWORD_ONLY]
         unknown = sorted(set(method_options) - set(accepted))
         if unknown:
-            raise TypeError(f"{type(self).__name__}: unexpected keyword arguments {unknown}; expected some of {sorted([*accepted, *TASK_OPTIONS, 'device', 'dtype'])}")
+            raise TypeError(
+                f"{type(self).__name__}: unexpected keyword arguments {unknown}; expected some of {sorted([*accepted, *TASK_OPTIONS, 'device', 'dtype'])}"
+            )
         self.setup(model, **method_options)
 
     def setup(self, model: nn.Module | None) -> None:  # noqa: B027 (a hook: methods override it, the default does nothing)
@@ -222,7 +257,11 @@ class Trainer(abc.ABC):
         params = [p for p in parameters if p.grad is not None]
         limit = self.config.max_grad_norm
         if limit is None:  # norm only: clipping at inf would turn an infinite norm into NaN gradients
-            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))) if params else 0.0
+            return (
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+                if params
+                else 0.0
+            )
         return float(nn.utils.clip_grad_norm_(params, limit))
 
     # ------------------------------------------------------------------- training
@@ -232,7 +271,12 @@ class Trainer(abc.ABC):
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
         with flush_denormals(), seeded(self.init_seed("iteration", self.iteration), self.device):
             metrics = self._step()
-        record = {"iteration": float(self.iteration), **{k: float(v) for k, v in metrics.items()}, "lr": float(lr), "seconds": time.perf_counter() - start}
+        record = {
+            "iteration": float(self.iteration),
+            **{k: float(v) for k, v in metrics.items()},
+            "lr": float(lr),
+            "seconds": time.perf_counter() - start,
+        }
         if record.get("valid_fraction", 1.0) == 0.0:
             warnings.warn(
                 f"{type(self).__name__}: iteration {self.iteration}: the reward flagged every sample invalid "
@@ -251,13 +295,22 @@ class Trainer(abc.ABC):
             values.append(record.get(key, float("nan")))
         return record
 
-    def train(self, iterations: int | None = None, callback: Callable[[dict[str, float]], Any] | None = None, progress: bool = True) -> dict[str, list[float]]:
+    def train(
+        self,
+        iterations: int | None = None,
+        callback: Callable[[dict[str, float]], Any] | None = None,
+        progress: bool = True,
+    ) -> dict[str, list[float]]:
         """Run ``iterations`` more iterations (default: up to ``config.iterations``).
 
         ``callback(record)`` runs after every iteration (log it, checkpoint, ...); returning
         ``True`` stops training. ``progress`` shows a tqdm bar. Returns :attr:`history`.
         """
-        todo = max(self.config.iterations - self.iteration, 0) if iterations is None else check_positive_int("iterations", iterations)
+        todo = (
+            max(self.config.iterations - self.iteration, 0)
+            if iterations is None
+            else check_positive_int("iterations", iterations)
+        )
         if callback is not None and not callable(callback):
             raise TypeError(f"callback: expected a callable callback(record), got {type(callback).__name__}")
         with flush_denormals(), tqdm(total=todo, disable=not progress, desc=type(self).__name__, leave=False) as bar:
@@ -280,8 +333,17 @@ class Trainer(abc.ABC):
         cond = self.conditioning(n, gen)
         with self.eval_mode():
             return sample(
-                self.env, n, grid=grid, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale,
-                cond=cond, generator=gen, device=self.device, dtype=self.dtype, **kwargs,
+                self.env,
+                n,
+                grid=grid,
+                control=self.policy,
+                reward=self.task.reward,
+                reward_scale=self.task.reward_scale,
+                cond=cond,
+                generator=gen,
+                device=self.device,
+                dtype=self.dtype,
+                **kwargs,
             )
 
     @contextlib.contextmanager
@@ -325,14 +387,20 @@ class Trainer(abc.ABC):
         """Validate :meth:`extra_state` output read from a checkpoint (raise on anything
         wrong, touching nothing) and return a function that applies it."""
         if tensors or meta:
-            raise CheckpointError(f"extra: {type(self).__name__} keeps no extra state, got tensors {sorted(tensors)[:5]} and keys {sorted(meta)[:5]}")
+            raise CheckpointError(
+                f"extra: {type(self).__name__} keeps no extra state, got tensors {sorted(tensors)[:5]} and keys {sorted(meta)[:5]}"
+            )
         return lambda: None
 
     def task_fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree on with the live task."""
         t = self.task
         env = getattr(t, "environment", None)
-        shape = getattr(env, "sample_shape", None) if env is not None else getattr(getattr(t, "model", None), "sample_shape", None)
+        shape = (
+            getattr(env, "sample_shape", None)
+            if env is not None
+            else getattr(getattr(t, "model", None), "sample_shape", None)
+        )
         return {
             "name": str(getattr(t, "name", "")),
             "sample_shape": list(shape) if shape is not None else None,
@@ -397,23 +465,34 @@ class Trainer(abc.ABC):
             raise CheckpointError(f"{where}: task: expected a dict, got {type(got_task).__name__}")
         for key, value in want_task.items():
             if got_task.get(key) != value:
-                raise CheckpointError(f"{where}: task.{key}: the checkpoint has {got_task.get(key)!r}, this trainer's task has {value!r}")
+                raise CheckpointError(
+                    f"{where}: task.{key}: the checkpoint has {got_task.get(key)!r}, this trainer's task has {value!r}"
+                )
         saved_config = self.config_class.from_dict(meta.get("config"), source=f"{where}: config")
         if saved_config != self.config:
-            diff = [f.name for f in dataclasses.fields(self.config) if getattr(saved_config, f.name) != getattr(self.config, f.name)]
-            raise CheckpointError(f"{where}: config: fields {diff} differ from this trainer's; build it with {self.config_class.__name__}.from_dict(the saved config)")
+            diff = [
+                f.name
+                for f in dataclasses.fields(self.config)
+                if getattr(saved_config, f.name) != getattr(self.config, f.name)
+            ]
+            raise CheckpointError(
+                f"{where}: config: fields {diff} differ from this trainer's; build it with {self.config_class.__name__}.from_dict(the saved config)"
+            )
         iteration = meta.get("iteration")
         if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
             raise CheckpointError(f"{where}: iteration: expected a non-negative integer, got {iteration!r}")
         history = meta.get("history")
-        if not isinstance(history, dict) or not all(isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for v in history.values()):
+        if not isinstance(history, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            for v in history.values()
+        ):
             raise CheckpointError(f"{where}: history: expected a dict of lists of numbers")
         used: set[str] = set()
         steps: list[Callable[[], None]] = []
         steps += stage_modules(self.checkpoint_modules(), meta.get("modules"), tensors, where, used)
         steps += stage_optimizers(self.optimizers(), self.lr_schedulers(), meta, tensors, where, used)
         steps += stage_generators(self.generators(), tensors, where, used)
-        extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
         used |= {f"extra.{k}" for k in extra}
         leftover = sorted(set(tensors) - used)
         if leftover:

@@ -40,7 +40,17 @@ from torch import nn
 
 from diffusiongym.utils.io import load_optimizer_tensors
 
-__all__ = ["FORMAT", "VERSION", "write_checkpoint", "read_checkpoint", "CheckpointError", "tensor_digest", "stage_modules", "stage_optimizers", "stage_generators"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "write_checkpoint",
+    "read_checkpoint",
+    "CheckpointError",
+    "tensor_digest",
+    "stage_modules",
+    "stage_optimizers",
+    "stage_generators",
+]
 
 FORMAT = "diffusiongym.trainer"
 VERSION = 1
@@ -90,7 +100,9 @@ def write_checkpoint(path: str | Path, meta: dict[str, Any], tensors: dict[str, 
     try:
         text = json.dumps(index, indent=1, sort_keys=True)
     except TypeError as err:
-        raise TypeError(f"{folder / INDEX}: cannot write the checkpoint, a value is not JSON-serialisable ({err})") from None
+        raise TypeError(
+            f"{folder / INDEX}: cannot write the checkpoint, a value is not JSON-serialisable ({err})"
+        ) from None
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomic(folder / weights_name, blob)
     _write_atomic(folder / INDEX, (text + "\n").encode())
@@ -101,7 +113,9 @@ def write_checkpoint(path: str | Path, meta: dict[str, Any], tensors: dict[str, 
     return folder
 
 
-def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a folder written by :func:`write_checkpoint`: ``(meta, tensors)``.
 
     Checks the index's format and version and the weights' SHA-256; raises
@@ -128,7 +142,9 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise FileNotFoundError(f"{index_path}: weights: the file {weights_path} is missing")
     blob = weights_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
-        raise CheckpointError(f"{weights_path}: content does not match weights_sha256 in {index_path} (corrupt or edited file)")
+        raise CheckpointError(
+            f"{weights_path}: content does not match weights_sha256 in {index_path} (corrupt or edited file)"
+        )
     tensors = load_safetensors(blob)
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
@@ -145,26 +161,35 @@ def tensor_digest(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
-def stage_modules(modules: dict[str, nn.Module], saved: Any, tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
+def stage_modules(
+    modules: dict[str, nn.Module], saved: Any, tensors: dict[str, Tensor], where: Path, used: set[str]
+) -> list[Callable[[], None]]:
     """Check the saved trainable state of ``modules`` (keys, shapes, dtypes; frozen parameters
     are not saved) and return the functions that load it. Adds the tensor names it used to ``used``."""
     steps = []
     if not isinstance(saved, dict) or sorted(saved) != sorted(modules):
-        raise CheckpointError(f"{where}: modules: expected {sorted(modules)}, got {sorted(saved) if isinstance(saved, dict) else saved!r}")
+        raise CheckpointError(
+            f"{where}: modules: expected {sorted(modules)}, got {sorted(saved) if isinstance(saved, dict) else saved!r}"
+        )
     for name, module in modules.items():
         frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
         live = {k: v for k, v in module.state_dict().items() if k not in frozen}
         prefix = f"module.{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
         if missing or unexpected:
-            raise CheckpointError(f"{where}: module {name!r}: missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture, or other frozen parameters)")
+            raise CheckpointError(
+                f"{where}: module {name!r}: missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture, or other frozen parameters)"
+            )
         for key, value in state.items():
             if value.shape != live[key].shape or value.dtype != live[key].dtype:
-                raise CheckpointError(f"{where}: module {name!r}: {key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}")
+                raise CheckpointError(
+                    f"{where}: module {name!r}: {key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}"
+                )
         used |= {prefix + k for k in state}
         steps.append(lambda module=module, state=state: module.load_state_dict(state, strict=False))
     return steps
+
 
 def stage_optimizers(
     optimizers: dict[str, torch.optim.Optimizer],
@@ -179,24 +204,34 @@ def stage_optimizers(
     steps = []
     saved, saved_sched = meta.get("optimizers"), meta.get("lr_schedulers")
     if not isinstance(saved, dict) or sorted(saved) != sorted(optimizers):
-        raise CheckpointError(f"{where}: optimizers: expected {sorted(optimizers)}, got {sorted(saved) if isinstance(saved, dict) else saved!r} (a checkpoint without optimiser state cannot resume exactly)")
+        raise CheckpointError(
+            f"{where}: optimizers: expected {sorted(optimizers)}, got {sorted(saved) if isinstance(saved, dict) else saved!r} (a checkpoint without optimiser state cannot resume exactly)"
+        )
     if not isinstance(saved_sched, dict) or sorted(saved_sched) != sorted(schedulers):
         raise CheckpointError(f"{where}: lr_schedulers: expected {sorted(schedulers)}, got {saved_sched!r}")
     for name, opt in optimizers.items():
         params = [p for group in opt.param_groups for p in group["params"]]
         groups = saved[name].get("param_groups") if isinstance(saved[name], dict) else None
-        if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+        if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups] != [
+            len(g["params"]) for g in opt.param_groups
+        ]:
             raise CheckpointError(f"{where}: optimizers.{name}: parameter groups do not match this trainer's")
         prefix = f"optimizer-{name}."
         mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
         for key, value in mine.items():
-            pid = key[len(prefix):].split(".", 1)[0]
+            pid = key[len(prefix) :].split(".", 1)[0]
             if not pid.isdigit() or int(pid) >= len(params):
                 raise CheckpointError(f"{where}: optimizers.{name}: tensor {key} names no parameter")
             if value.ndim > 0 and value.shape != params[int(pid)].shape:
-                raise CheckpointError(f"{where}: optimizers.{name}: {key}: expected shape {tuple(params[int(pid)].shape)}, got {tuple(value.shape)}")
+                raise CheckpointError(
+                    f"{where}: optimizers.{name}: {key}: expected shape {tuple(params[int(pid)].shape)}, got {tuple(value.shape)}"
+                )
         used |= set(mine)
-        steps.append(lambda opt=opt, mine=mine, m=saved[name], prefix=prefix[:-1]: load_optimizer_tensors(opt, mine, m, prefix=prefix))
+        steps.append(
+            lambda opt=opt, mine=mine, m=saved[name], prefix=prefix[:-1]: load_optimizer_tensors(
+                opt, mine, m, prefix=prefix
+            )
+        )
     for name, sched in schedulers.items():
         state = saved_sched[name]
         if not isinstance(state, dict) or sorted(state) != sorted(sched.state_dict()):
@@ -204,7 +239,10 @@ def stage_optimizers(
         steps.append(lambda sched=sched, state=state: sched.load_state_dict(state))
     return steps
 
-def stage_generators(generators: dict[str, torch.Generator], tensors: dict[str, Tensor], where: Path, used: set[str]) -> list[Callable[[], None]]:
+
+def stage_generators(
+    generators: dict[str, torch.Generator], tensors: dict[str, Tensor], where: Path, used: set[str]
+) -> list[Callable[[], None]]:
     """Check saved generator states (uint8, the live state's size) and return the setters."""
     steps = []
     for name, gen in generators.items():
@@ -212,7 +250,9 @@ def stage_generators(generators: dict[str, torch.Generator], tensors: dict[str, 
         state = tensors.get(key)
         live = gen.get_state()
         if state is None or state.dtype != torch.uint8 or state.shape != live.shape:
-            raise CheckpointError(f"{where}: {key}: expected a uint8 generator state of shape {tuple(live.shape)}, got {None if state is None else (state.dtype, tuple(state.shape))}")
+            raise CheckpointError(
+                f"{where}: {key}: expected a uint8 generator state of shape {tuple(live.shape)}, got {None if state is None else (state.dtype, tuple(state.shape))}"
+            )
         used.add(key)
         steps.append(lambda gen=gen, state=state: gen.set_state(state.cpu()))
     return steps

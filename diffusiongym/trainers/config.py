@@ -133,7 +133,9 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         raise ValueError(f"{name}: expected {want}, got {value!r}")
 
 
-def _check_range(name: str, value: float, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
+def _check_range(
+    name: str, value: float, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
     bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
     if bad:
         lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
@@ -154,7 +156,9 @@ def make_optimizer(params: Iterable[Any], config: TrainerConfig, lr: float | Non
     return torch.optim.SGD(params, lr=rate, momentum=0.9, weight_decay=config.weight_decay)
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, total: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainerConfig, total: int | None = None
+) -> torch.optim.lr_scheduler.LRScheduler:
     """``config.lr_schedule`` over ``total`` scheduler steps (default ``config.iterations``),
     after ``config.warmup_iterations`` steps of linear warm-up."""
     total = config.iterations if total is None else total
@@ -163,12 +167,18 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, t
     final = config.lr_final_factor
     main: torch.optim.lr_scheduler.LRScheduler
     if config.lr_schedule == "cosine":
-        main = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(i / span, 1.0))))
+        main = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(i / span, 1.0)))
+        )
     elif config.lr_schedule == "linear":
-        main = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=max(final, 1e-12), total_iters=span)
+        main = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0, end_factor=max(final, 1e-12), total_iters=span
+        )
     else:
         main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     if warm == 0:
         return main
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm
+    )
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warm])

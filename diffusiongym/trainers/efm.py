@@ -113,7 +113,10 @@ class EFMConfig(TrainerConfig):
     time_power: float = 2.0
     ess_warn_fraction: float = 0.02
 
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("offline", "online"), "weighting": ("importance", "tempered")}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mode": ("offline", "online"),
+        "weighting": ("importance", "tempered"),
+    }
 
     def validate(self) -> None:
         super().validate()
@@ -124,9 +127,13 @@ class EFMConfig(TrainerConfig):
         if self.mode == "offline" and self.rounds != 1:
             raise ValueError(f"rounds: offline mode trains on one data set, expected 1, got {self.rounds}")
         if self.iterations % self.rounds:
-            raise ValueError(f"iterations: expected a multiple of rounds={self.rounds} (steps per round), got {self.iterations}")
+            raise ValueError(
+                f"iterations: expected a multiple of rounds={self.rounds} (steps per round), got {self.iterations}"
+            )
         if self.mode == "online" and self.inverse_temperature is not None:
-            raise ValueError("inverse_temperature: only used in offline mode (online weights use the task's reward_scale); expected None")
+            raise ValueError(
+                "inverse_temperature: only used in offline mode (online weights use the task's reward_scale); expected None"
+            )
         if not 0.0 < self.t_max <= 1.0:
             raise ValueError(f"t_max: expected a number in (0, 1], got {self.t_max!r}")
         if self.t_min is not None and not 0.0 <= self.t_min < self.t_max:
@@ -176,11 +183,15 @@ class EFMTrainer(Trainer):
     def setup(self, model: Any, *, data: tuple[Tensor, ...] | None = None) -> None:
         env = self.env
         if env.noise.is_deterministic:
-            raise ValueError("task: EFM's policy is a control of the SDE; expected noise with sigma > 0 (e.g. 'memoryless'), got the ODE")
+            raise ValueError(
+                "task: EFM's policy is a control of the SDE; expected noise with sigma > 0 (e.g. 'memoryless'), got the ODE"
+            )
         if model is None:
             model = self.build(self._default_model, "model")
         elif not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module in the {env.parameterization} parameterisation, got {type(model).__name__}")
+            raise TypeError(
+                f"model: expected a torch.nn.Module in the {env.parameterization} parameterisation, got {type(model).__name__}"
+            )
         self.model = model
         self.data = self._check_data(data)
         self._data_digest = None if self.data is None else tensor_digest(*self.data)
@@ -208,7 +219,11 @@ class EFMTrainer(Trainer):
             raise ValueError("data: a fixed data set needs mode='offline'")
         if getattr(self.task, "conditioning", {}):
             raise ValueError("data: fixed data sets are for unconditional tasks (this task draws conditioning)")
-        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3) or not all(isinstance(d, Tensor) for d in data):
+        if (
+            not isinstance(data, (tuple, list))
+            or len(data) not in (2, 3)
+            or not all(isinstance(d, Tensor) for d in data)
+        ):
             raise ValueError("data: expected a tuple (x1, rewards) or (x1, rewards, valid) of tensors")
         x1, r = data[0], data[1]
         shape = self.env.sample_shape
@@ -218,7 +233,9 @@ class EFMTrainer(Trainer):
             raise ValueError(f"data: rewards: expected shape ({x1.shape[0]},), got {tuple(r.shape)}")
         valid = data[2] if len(data) == 3 else torch.isfinite(r)
         if valid.shape != (x1.shape[0],) or valid.dtype != torch.bool:
-            raise ValueError(f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}")
+            raise ValueError(
+                f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}"
+            )
         return x1.to(self.device, self.dtype), r.to(self.device), valid.to(self.device)
 
     @property
@@ -231,7 +248,13 @@ class EFMTrainer(Trainer):
         cfg = self.config
         lam = float(self.task.reward_scale)
         n = cfg.samples_per_round
-        opts = {"grid": self.times, "reward": self.task.reward, "reward_scale": lam, "device": self.device, "dtype": self.dtype}
+        opts = {
+            "grid": self.times,
+            "reward": self.task.reward,
+            "reward_scale": lam,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
         self.model.eval()
         if cfg.mode == "offline":
             beta = lam if cfg.inverse_temperature is None else float(cfg.inverse_temperature)
@@ -246,14 +269,29 @@ class EFMTrainer(Trainer):
             log_w = beta * r
         else:
             cond = self.conditioning(n, self.generator)
-            traj = sample(self.env, n, control=self._policy, cond=cond, generator=self.generator, store=("controls", "noises"), **opts)
+            traj = sample(
+                self.env,
+                n,
+                control=self._policy,
+                cond=cond,
+                generator=self.generator,
+                store=("controls", "noises"),
+                **opts,
+            )
             x1, r, valid = traj.x1, traj.reward, traj.valid
             log_w = lam * r + path_log_ratio(traj) if cfg.weighting == "importance" else (lam / cfg.rounds) * r
             kl = float(traj.kl[valid].mean()) if bool(valid.any()) else math.nan
         g, ess = efm_weights(log_w, valid)
         n = x1.shape[0]
         reward = float(r[valid].double().mean())
-        stats = {"ess": ess, "ess_fraction": ess / n, "reward": reward, "valid_fraction": float(valid.float().mean()), "kl": kl, "objective": lam * reward - kl}
+        stats = {
+            "ess": ess,
+            "ess_fraction": ess / n,
+            "reward": reward,
+            "valid_fraction": float(valid.float().mean()),
+            "kl": kl,
+            "objective": lam * reward - kl,
+        }
         if ess < cfg.ess_warn_fraction * n:
             warnings.warn(
                 f"EFM round {index}: effective sample size {ess:.1f} of {n} samples ({ess / n:.2%}) is below "
@@ -274,8 +312,14 @@ class EFMTrainer(Trainer):
         idx = torch.multinomial(rd["weights"], cfg.batch_size, replacement=True, generator=self.generator)
         self.model.train()
         loss = weighted_flow_matching_loss(
-            self.model, self.env.parameterization, self.env.scheduler, rd["x1"][idx], t_range=(t_min, cfg.t_max),
-            time_power=cfg.time_power, generator=self.generator, cond={k: v[idx] for k, v in rd["cond"].items()},
+            self.model,
+            self.env.parameterization,
+            self.env.scheduler,
+            rd["x1"][idx],
+            t_range=(t_min, cfg.t_max),
+            time_power=cfg.time_power,
+            generator=self.generator,
+            cond={k: v[idx] for k, v in rd["cond"].items()},
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -290,9 +334,17 @@ class EFMTrainer(Trainer):
         while it is unfinished (offline data are redrawn or given again on resume)."""
         meta: dict[str, Any] = {} if self._data_digest is None else {"data_digest": self._data_digest}
         rd = self._round
-        if self.config.mode == "offline" or rd is None or rd["index"] != self.iteration // self.config.iterations_per_round:
+        if (
+            self.config.mode == "offline"
+            or rd is None
+            or rd["index"] != self.iteration // self.config.iterations_per_round
+        ):
             return {}, meta
-        tensors = {"round.x1": rd["x1"], "round.weights": rd["weights"], **{f"round.cond.{k}": v for k, v in rd["cond"].items()}}
+        tensors = {
+            "round.x1": rd["x1"],
+            "round.weights": rd["weights"],
+            **{f"round.cond.{k}": v for k, v in rd["cond"].items()},
+        }
         meta["round"] = {"index": rd["index"], "stats": rd["stats"]}
         return tensors, meta
 
@@ -320,16 +372,28 @@ class EFMTrainer(Trainer):
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise CheckpointError(f"extra.round.index: expected a non-negative integer, got {index!r}")
         stats = info.get("stats")
-        if not isinstance(stats, dict) or sorted(stats) != sorted(ROUND_STATS) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats.values()):
+        if (
+            not isinstance(stats, dict)
+            or sorted(stats) != sorted(ROUND_STATS)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats.values())
+        ):
             raise CheckpointError(f"extra.round.stats: expected numbers {sorted(ROUND_STATS)}")
         x1, g = tensors.get("round.x1"), tensors.get("round.weights")
         n = self.config.samples_per_round
         shape = tuple(self.env.sample_shape or x1.shape[1:]) if x1 is not None else ()
         if x1 is None or tuple(x1.shape) != (n, *shape) or x1.dtype != self.dtype:
-            raise CheckpointError(f"extra.round.x1: expected {self.dtype} of shape {(n, *shape)}, got {None if x1 is None else (x1.dtype, tuple(x1.shape))}")
-        if g is None or g.shape != (n,) or g.dtype != torch.float64 or not bool(torch.isfinite(g).all() and (g >= 0).all()) or abs(float(g.sum()) - 1.0) > 1e-6:
+            raise CheckpointError(
+                f"extra.round.x1: expected {self.dtype} of shape {(n, *shape)}, got {None if x1 is None else (x1.dtype, tuple(x1.shape))}"
+            )
+        if (
+            g is None
+            or g.shape != (n,)
+            or g.dtype != torch.float64
+            or not bool(torch.isfinite(g).all() and (g >= 0).all())
+            or abs(float(g.sum()) - 1.0) > 1e-6
+        ):
             raise CheckpointError(f"extra.round.weights: expected {n} non-negative float64 weights summing to 1")
-        cond = {k[len("round.cond."):]: v for k, v in tensors.items() if k.startswith("round.cond.")}
+        cond = {k[len("round.cond.") :]: v for k, v in tensors.items() if k.startswith("round.cond.")}
         names = sorted(getattr(self.task, "conditioning", {}))
         if sorted(cond) != names or any(v.shape[:1] != (n,) for v in cond.values()):
             raise CheckpointError(f"extra.round.cond: expected tensors {names} with {n} rows, got {sorted(cond)}")
@@ -340,7 +404,10 @@ class EFMTrainer(Trainer):
 
         def apply() -> None:
             self._round = {
-                "index": index, "x1": x1.to(dev), "weights": g.to(dev), "cond": {k: v.to(dev) for k, v in cond.items()},
+                "index": index,
+                "x1": x1.to(dev),
+                "weights": g.to(dev),
+                "cond": {k: v.to(dev) for k, v in cond.items()},
                 "stats": {k: float(v) for k, v in stats.items()},
             }
 

@@ -26,7 +26,15 @@ from diffusiongym.trainers.offline_data import OfflineDataset
 from diffusiongym.utils.runtime import flush_denormals
 from diffusiongym.utils.validation import check_positive_int
 
-__all__ = ["FlowDrift", "diffusion_base", "diffusion_dataset", "diffusion_policy", "drift_agent", "flow_kl_to_density", "terminal_metrics"]
+__all__ = [
+    "FlowDrift",
+    "diffusion_base",
+    "diffusion_dataset",
+    "diffusion_policy",
+    "drift_agent",
+    "flow_kl_to_density",
+    "terminal_metrics",
+]
 
 
 class FlowDrift(nn.Module):
@@ -117,7 +125,9 @@ def drift_agent(policy: FlowPolicy | FlowDrift, env: Any) -> ControlAgent:
         raise ValueError(f"env: expected action_mode 'drift', got {sim.action_mode!r}")
     times = sim.times.detach().cpu().double()
     if times.shape != policy.times.shape or not torch.allclose(times, policy.times.detach().cpu().double(), atol=1e-6):
-        raise ValueError(f"env: expected the policy's time grid ({policy.flow_steps} steps from {float(policy.times[0]):.4g} to 1), got {times.numel() - 1} steps from {float(times[0]):.4g}")
+        raise ValueError(
+            f"env: expected the policy's time grid ({policy.flow_steps} steps from {float(policy.times[0]):.4g} to 1), got {times.numel() - 1} steps from {float(times[0]):.4g}"
+        )
     drift = FlowDrift(policy)
 
     def act(x: Tensor, t: Tensor) -> Tensor:
@@ -143,7 +153,9 @@ def diffusion_dataset(task: Any, n: int, seed: int = 0, noise: str = "ode", step
     return OfflineDataset(empty, x1, task.reward_scale * traj.reward[keep].float(), empty, torch.ones(m))
 
 
-def flow_kl_to_density(policy: FlowPolicy, log_density: Callable[[Tensor], Tensor], n: int = 4096, seed: int = 0) -> tuple[float, Tensor]:
+def flow_kl_to_density(
+    policy: FlowPolicy, log_density: Callable[[Tensor], Tensor], n: int = 4096, seed: int = 0
+) -> tuple[float, Tensor]:
     """Monte-Carlo ``KL(q || p) = E_q[log q(x) - log p(x)]`` of the policy's action law ``q``
     (exact change of variables through the Euler map) to a density ``p`` (e.g. the exact base
     mixture, ``log_density(x float64 (n, d)) -> (n,)``). Returns ``(kl, samples (n, d))``;
@@ -183,7 +195,13 @@ def terminal_metrics(policy: FlowPolicy, task: Any, num_samples: int = 4096, see
     valid = (valid & torch.isfinite(x1).all(1)).cpu()
     r = r.detach().cpu().double()
     nan = float("nan")
-    out = {"objective": nan, "kl": nan, "reward": nan, "valid_fraction": float(valid.double().mean()), "gap_closed": nan}
+    out = {
+        "objective": nan,
+        "kl": nan,
+        "reward": nan,
+        "valid_fraction": float(valid.double().mean()),
+        "gap_closed": nan,
+    }
     if not bool(valid.any()):
         return out
     out["reward"] = float(r[valid].mean())
@@ -191,6 +209,10 @@ def terminal_metrics(policy: FlowPolicy, task: Any, num_samples: int = 4096, see
         out["kl"] = float(log_ratio[valid].mean())
         out["objective"] = float((task.reward_scale * r - log_ratio)[valid].mean())
         oracle = getattr(task, "oracle", None)
-        if oracle is not None and abs(oracle.optimal_objective - oracle.base_objective) > 1e-12 and math.isfinite(out["objective"]):
+        if (
+            oracle is not None
+            and abs(oracle.optimal_objective - oracle.base_objective) > 1e-12
+            and math.isfinite(out["objective"])
+        ):
             out["gap_closed"] = float(oracle.gap_closed(out["objective"]))
     return out

@@ -48,7 +48,9 @@ def efm_weights(log_weights: Tensor, valid: Tensor | None = None) -> tuple[Tenso
     return g, float(1.0 / (g**2).sum())
 
 
-def flow_matching_target(parameterization: str, scheduler: Scheduler, x1: Tensor, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def flow_matching_target(
+    parameterization: str, scheduler: Scheduler, x1: Tensor, x0: Tensor, t: Tensor
+) -> tuple[Tensor, Tensor]:
     """The noisy point ``x_t`` and the conditional regression target of ``parameterization``.
 
     Parameters
@@ -63,7 +65,9 @@ def flow_matching_target(parameterization: str, scheduler: Scheduler, x1: Tensor
     target : Tensor
         velocity ``d_alpha x1 + d_beta x0``, epsilon ``x0``, endpoint ``x1`` or score ``-x0 / beta``.
     """
-    alpha, beta, d_alpha, d_beta = (c.to(x1.dtype).reshape(-1, *([1] * (x1.ndim - 1))) for c in scheduler(t.to(torch.float64)))
+    alpha, beta, d_alpha, d_beta = (
+        c.to(x1.dtype).reshape(-1, *([1] * (x1.ndim - 1))) for c in scheduler(t.to(torch.float64))
+    )
     x_t = alpha * x1 + beta * x0
     if parameterization == "velocity":
         target = d_alpha * x1 + d_beta * x0

@@ -79,11 +79,22 @@ class FlowPolicy(nn.Module):
             raise ValueError(f"x0_std: expected a positive number, got {x0_std!r}")
         if base is not None and not callable(base):
             raise TypeError(f"base: expected a callable base(x, t) -> velocity, got {type(base).__name__}")
-        self.spec = {"action_dim": action_dim, "state_dim": state_dim, "flow_steps": flow_steps, "t_start": float(t_start), "t_end": float(t_end), "x0_std": float(x0_std), "hidden": hidden, "layers": layers}
+        self.spec = {
+            "action_dim": action_dim,
+            "state_dim": state_dim,
+            "flow_steps": flow_steps,
+            "t_start": float(t_start),
+            "t_end": float(t_end),
+            "x0_std": float(x0_std),
+            "hidden": hidden,
+            "layers": layers,
+        }
         self.action_dim, self.state_dim, self.flow_steps = action_dim, state_dim, flow_steps
         self.x0_std = float(x0_std)
         self.base = base
-        self.register_buffer("times", torch.linspace(t_start, t_end, flow_steps + 1, dtype=torch.float64).float(), persistent=False)
+        self.register_buffer(
+            "times", torch.linspace(t_start, t_end, flow_steps + 1, dtype=torch.float64).float(), persistent=False
+        )
         self.embed = FourierTimeEmbedding(8)
         self.net = mlp(state_dim + action_dim + self.embed.dim, action_dim, hidden, layers, zero_init=base is not None)
 
@@ -120,9 +131,18 @@ class FlowPolicy(nn.Module):
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``x^0 ~ N(0, x0_std^2 I)``, shape ``(n, d)``."""
-        return self.x0_std * torch.randn(n, self.action_dim, generator=generator, device=self.times.device, dtype=self.times.dtype)
+        return self.x0_std * torch.randn(
+            n, self.action_dim, generator=generator, device=self.times.device, dtype=self.times.dtype
+        )
 
-    def sample(self, s: Tensor | None = None, x0: Tensor | None = None, n: int | None = None, generator: torch.Generator | None = None, return_path: bool = False) -> Tensor:
+    def sample(
+        self,
+        s: Tensor | None = None,
+        x0: Tensor | None = None,
+        n: int | None = None,
+        generator: torch.Generator | None = None,
+        return_path: bool = False,
+    ) -> Tensor:
         """Forward Euler from ``x^0`` (given, or drawn for ``n`` = batch of ``s``).
 
         Returns ``x^F`` of shape ``(n, d)``, or the path ``(F + 1, n, d)`` when ``return_path``.
@@ -160,7 +180,9 @@ class FlowPolicy(nn.Module):
             path.append(x)
         return torch.stack(path[::-1])
 
-    def sample_with_log_prob(self, n: int, s: Tensor | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample_with_log_prob(
+        self, n: int, s: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``x^F`` and its exact log-density under the discrete Euler map (change of variables).
 
         ``log q(x^F) = log N(x^0; 0, x0_std^2 I) - sum_f log |det(I + h_f dv/dx(x^f))|``,
@@ -170,7 +192,9 @@ class FlowPolicy(nn.Module):
         """
         x = self.noise(n, generator)
         d = self.action_dim
-        logq = (-0.5 * (x / self.x0_std).pow(2).sum(1) - d * math.log(self.x0_std) - 0.5 * d * math.log(2 * math.pi)).double()
+        logq = (
+            -0.5 * (x / self.x0_std).pow(2).sum(1) - d * math.log(self.x0_std) - 0.5 * d * math.log(2 * math.pi)
+        ).double()
         eye = torch.eye(d, dtype=torch.float64, device=x.device)
         for f, h in enumerate(self.step_sizes().tolist()):
             with torch.enable_grad():
@@ -218,7 +242,15 @@ def reversal_error(policy: FlowPolicy, n: int = 1024, s: Tensor | None = None, i
     return float((back - x0).abs().max())
 
 
-def flow_matching_bc(policy: FlowPolicy, dataset: Any, updates: int, lr: float = 3e-4, batch_size: int = 256, seed: int = 0, progress: bool = False) -> dict[str, list[float]]:
+def flow_matching_bc(
+    policy: FlowPolicy,
+    dataset: Any,
+    updates: int,
+    lr: float = 3e-4,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, list[float]]:
     """Behaviour cloning of ``dataset``'s actions by conditional flow matching (in place).
 
     Path ``x_t = (1 - tau) x^0 + tau a`` with ``tau = (t - t_start) / (t_end - t_start)``,

@@ -82,7 +82,14 @@ class OfflineDataset:
     def batch(self, size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """``size`` transitions drawn uniformly with replacement: keys ``idx``, ``s``, ``a``, ``r``, ``s2``, ``done``."""
         idx = torch.randint(len(self), (size,), generator=generator, device=self.actions.device)
-        return {"idx": idx, "s": self.states[idx], "a": self.actions[idx], "r": self.rewards[idx], "s2": self.next_states[idx], "done": self.dones[idx]}
+        return {
+            "idx": idx,
+            "s": self.states[idx],
+            "a": self.actions[idx],
+            "r": self.rewards[idx],
+            "s2": self.next_states[idx],
+            "done": self.dones[idx],
+        }
 
     def fingerprint(self) -> dict[str, Any]:
         """Size, dimensions and a SHA-256 of the contents (what a checkpoint must agree on)."""
@@ -91,7 +98,12 @@ class OfflineDataset:
             value = getattr(self, name).detach().cpu().contiguous()
             digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
             digest.update(value.numpy().tobytes())
-        return {"size": len(self), "state_dim": self.state_dim, "action_dim": self.action_dim, "sha256": digest.hexdigest()[:16]}
+        return {
+            "size": len(self),
+            "state_dim": self.state_dim,
+            "action_dim": self.action_dim,
+            "sha256": digest.hexdigest()[:16],
+        }
 
 
 @dataclass
@@ -116,7 +128,9 @@ class OfflineTask:
         check_positive_int("steps", self.steps)
 
 
-def collect_dataset(env: Any, behaviour: Callable[[np.ndarray, np.random.Generator], np.ndarray], episodes: int, seed: int = 0) -> OfflineDataset:
+def collect_dataset(
+    env: Any, behaviour: Callable[[np.ndarray, np.random.Generator], np.ndarray], episodes: int, seed: int = 0
+) -> OfflineDataset:
     """Roll out ``behaviour(obs, rng) -> action`` in a Gymnasium env with Box spaces.
 
     Actions are stored normalised to ``[-1, 1]`` (``a = (2 action - low - high) / (high - low)``);

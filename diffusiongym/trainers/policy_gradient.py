@@ -118,7 +118,9 @@ class PolicyGradientConfig(TrainerConfig):
         for name in ("group_size", "update_epochs", "num_minibatches", "hidden", "layers"):
             check_positive_int(name, getattr(self, name))
         if self.group_size < 2:
-            raise ValueError(f"group_size: expected at least 2 (a group baseline needs two samples), got {self.group_size}")
+            raise ValueError(
+                f"group_size: expected at least 2 (a group baseline needs two samples), got {self.group_size}"
+            )
         if self.batch_size % self.group_size:
             raise ValueError(f"batch_size: expected a multiple of group_size={self.group_size}, got {self.batch_size}")
         if self.clip_coef <= 0:
@@ -203,9 +205,13 @@ class PolicyGradient(Trainer):
         if policy_type not in POLICY_TYPES:
             raise unknown_name_error("policy_type", policy_type, POLICY_TYPES)
         if self.env.noise.is_deterministic:
-            raise ValueError("task: policy gradients need stochastic transitions; expected noise with sigma > 0, got the ODE")
+            raise ValueError(
+                "task: policy gradients need stochastic transitions; expected noise with sigma > 0, got the ODE"
+            )
         self.policy_type = policy_type
-        self.envs = DiffusionVectorEnv(self.task, self.config.batch_size, action_mode="control", device=self.device, dtype=self.dtype)
+        self.envs = DiffusionVectorEnv(
+            self.task, self.config.batch_size, action_mode="control", device=self.device, dtype=self.dtype
+        )
         self.sim = self.envs.sim
         if model is None:
             model = self.build(self._default_model, "model")
@@ -221,12 +227,16 @@ class PolicyGradient(Trainer):
             self._control_module = ControlPolicy(model, self.env, self.task.action_scale)
         # per-step scalars of the env's grid as (m,) tensors; factor = coef_out / sigma
         s, dt, dev = self.sim.schedule, self.dtype, self.device
-        self._h, self._sigma, self._coef_x, self._coef_out = (torch.tensor(v, dtype=dt, device=dev) for v in (s.h, s.sigma, s.coef_x, s.coef_out))
+        self._h, self._sigma, self._coef_x, self._coef_out = (
+            torch.tensor(v, dtype=dt, device=dev) for v in (s.h, s.sigma, s.coef_x, s.coef_out)
+        )
         self._factor = torch.tensor([c / g for c, g in zip(s.coef_out, s.sigma)], dtype=dt, device=dev)
 
     def _default_model(self) -> nn.Module:
         d = int(torch.Size(self.task.sample_shape).numel())
-        net = TimeMLP(d, d, hidden=self.config.hidden, layers=self.config.layers, zero_init=True).to(device=self.device, dtype=self.dtype)
+        net = TimeMLP(d, d, hidden=self.config.hidden, layers=self.config.layers, zero_init=True).to(
+            device=self.device, dtype=self.dtype
+        )
         return ResidualModel(self.env.model, net) if self.policy_type == "model" else net
 
     @property
@@ -282,7 +292,9 @@ class PolicyGradient(Trainer):
             rewards.append(reward)
             x = x_next
         r, valid = self._terminal_reward(info, x, cond)
-        return Rollout(torch.stack(states), torch.stack(base_outs), torch.stack(log_probs), torch.stack(rewards), r, valid, cond)
+        return Rollout(
+            torch.stack(states), torch.stack(base_outs), torch.stack(log_probs), torch.stack(rewards), r, valid, cond
+        )
 
     def _terminal_reward(self, info: dict[str, Any], x1: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``r(x1)`` (0 where invalid) and validity, ``(n,)`` each: the env's ``info`` when it
@@ -379,7 +391,9 @@ class PolicyGradient(Trainer):
         if tensors:
             raise CheckpointError(f"extra: PolicyGradient keeps no extra tensors, got {sorted(tensors)[:5]}")
         if meta != {"policy_type": self.policy_type}:
-            raise CheckpointError(f"extra.policy_type: the checkpoint has {meta.get('policy_type')!r}, this trainer's is {self.policy_type!r}")
+            raise CheckpointError(
+                f"extra.policy_type: the checkpoint has {meta.get('policy_type')!r}, this trainer's is {self.policy_type!r}"
+            )
         return lambda: None
 
 

@@ -107,13 +107,19 @@ class RewardWeightedTrainer(Trainer):
         if not isinstance(self.task, DiscreteTask):
             raise TypeError(f"task: expected a DiscreteTask or a discrete task id, got {type(self.task).__name__}")
         base = self.env
-        base_device = next((b.device for b in base.buffers()), None) or next((p.device for p in base.parameters()), self.device)
+        base_device = next((b.device for b in base.buffers()), None) or next(
+            (p.device for p in base.parameters()), self.device
+        )
         if base_device != self.device:
-            raise ValueError(f"device: the task's base model is on {base_device}, expected {self.device} (move it with task.model.to(device))")
+            raise ValueError(
+                f"device: the task's base model is on {base_device}, expected {self.device} (move it with task.model.to(device))"
+            )
         if model is None:
             model = self.build(lambda: ResidualPosterior(base, hidden=128, layers=2), "model").to(self.device)
         elif not isinstance(model, PosteriorModel):
-            raise TypeError(f"model: expected a PosteriorModel (e.g. ResidualPosterior(base)), got {type(model).__name__}")
+            raise TypeError(
+                f"model: expected a PosteriorModel (e.g. ResidualPosterior(base)), got {type(model).__name__}"
+            )
         if model.path.config() != base.path.config():
             raise ValueError(f"model: expected the base's path {base.path.config()}, got {model.path.config()}")
         self.model = model
@@ -128,7 +134,11 @@ class RewardWeightedTrainer(Trainer):
     def _check_data(self, data: Any) -> tuple[Tensor, Tensor, Tensor] | None:
         if data is None:
             return None
-        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3) or not all(isinstance(d, Tensor) for d in data):
+        if (
+            not isinstance(data, (tuple, list))
+            or len(data) not in (2, 3)
+            or not all(isinstance(d, Tensor) for d in data)
+        ):
             raise ValueError("data: expected a tuple (x1, rewards) or (x1, rewards, valid) of tensors")
         path = self.env.path
         x1 = check_tokens(data[0], path.length, path.vocab_size, "data: x1")
@@ -137,7 +147,9 @@ class RewardWeightedTrainer(Trainer):
             raise ValueError(f"data: rewards: expected shape ({x1.shape[0]},), got {tuple(r.shape)}")
         valid = data[2] if len(data) == 3 else torch.isfinite(r)
         if valid.shape != (x1.shape[0],) or valid.dtype != torch.bool:
-            raise ValueError(f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}")
+            raise ValueError(
+                f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}"
+            )
         return x1.to(self.device), r.to(self.device), valid.to(self.device)
 
     # ------------------------------------------------------- discrete overrides
@@ -162,7 +174,16 @@ class RewardWeightedTrainer(Trainer):
         n = check_positive_int("num_samples", num_samples)
         times = self.times if steps is None else time_grid(check_positive_int("steps", steps))
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        return sample_chain(self.env, n, times=times, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale, generator=gen, **kwargs)
+        return sample_chain(
+            self.env,
+            n,
+            times=times,
+            control=self.policy,
+            reward=self.task.reward,
+            reward_scale=self.task.reward_scale,
+            generator=gen,
+            **kwargs,
+        )
 
     def task_fingerprint(self) -> dict[str, Any]:
         t = self.task
@@ -196,7 +217,12 @@ class RewardWeightedTrainer(Trainer):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        stats = {"ess": ess, "ess_fraction": ess / n, "reward": float(r[valid].double().mean()), "valid_fraction": float(valid.float().mean())}
+        stats = {
+            "ess": ess,
+            "ess_fraction": ess / n,
+            "reward": float(r[valid].double().mean()),
+            "valid_fraction": float(valid.float().mean()),
+        }
         self._dataset = {"x1": x1, "weights": g.to(x1.device), "stats": stats}
         return self._dataset
 
@@ -219,7 +245,9 @@ class RewardWeightedTrainer(Trainer):
 
     def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
         if tensors or sorted(set(meta) - {"data_digest"}):
-            raise CheckpointError(f"extra: unexpected tensors {sorted(tensors)[:5]} or keys {sorted(set(meta) - {'data_digest'})}")
+            raise CheckpointError(
+                f"extra: unexpected tensors {sorted(tensors)[:5]} or keys {sorted(set(meta) - {'data_digest'})}"
+            )
         if meta.get("data_digest") != self._data_digest:
             raise CheckpointError(
                 f"extra.data_digest: the checkpoint was trained on {'other data' if meta.get('data_digest') else 'data drawn from the base'}, "

@@ -70,8 +70,23 @@ from diffusiongym.trainers.offline_data import OfflineDataset, OfflineTask, coll
 from diffusiongym.utils.validation import check_positive_int
 
 __all__ = ["RQL", "RQLConfig"]  # and, re-exported for one import place, the pieces above
-__all__ += ["FlowDrift", "FlowPolicy", "FlowValue", "OfflineDataset", "OfflineTask", "collect_dataset", "diffusion_dataset"]
-__all__ += ["diffusion_policy", "drift_agent", "evaluate_policy", "flow_kl_to_density", "flow_matching_bc", "reversal_error"]
+__all__ += [
+    "FlowDrift",
+    "FlowPolicy",
+    "FlowValue",
+    "OfflineDataset",
+    "OfflineTask",
+    "collect_dataset",
+    "diffusion_dataset",
+]
+__all__ += [
+    "diffusion_policy",
+    "drift_agent",
+    "evaluate_policy",
+    "flow_kl_to_density",
+    "flow_matching_bc",
+    "reversal_error",
+]
 
 
 @dataclasses.dataclass
@@ -138,7 +153,10 @@ class RQLConfig(TrainerConfig):
     dataset_noise: str = "ode"
     dataset_steps: int | None = None
 
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"bc_reversal": ("initial", "current"), "dataset_noise": ("ode", "memoryless")}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "bc_reversal": ("initial", "current"),
+        "dataset_noise": ("ode", "memoryless"),
+    }
 
     def validate(self) -> None:
         super().validate()
@@ -207,25 +225,46 @@ class RQL(Trainer):
                 raise TypeError("dataset: an OfflineTask carries its own dataset; do not pass another")
             data = self.task.dataset
             if model is None:
-                raise TypeError("model: required for an OfflineTask (a FlowPolicy over the dataset's states and actions)")
+                raise TypeError(
+                    "model: required for an OfflineTask (a FlowPolicy over the dataset's states and actions)"
+                )
         else:
             if model is None:
-                model = self.build(lambda: diffusion_policy(self.task, None, cfg.policy_hidden, cfg.policy_layers), "policy")
+                model = self.build(
+                    lambda: diffusion_policy(self.task, None, cfg.policy_hidden, cfg.policy_layers), "policy"
+                )
             else:
                 diffusion_base(self.task)  # checks the task is one RQL supports
             grid = self.times
-            if model.state_dim != 0 or model.times.shape != grid.shape or not torch.allclose(model.times.detach().cpu().double(), grid, atol=1e-6):
-                raise ValueError(f"model: expected an unconditional FlowPolicy on the task's grid ({self.task.steps} steps from {self.task.t_start})")
+            if (
+                model.state_dim != 0
+                or model.times.shape != grid.shape
+                or not torch.allclose(model.times.detach().cpu().double(), grid, atol=1e-6)
+            ):
+                raise ValueError(
+                    f"model: expected an unconditional FlowPolicy on the task's grid ({self.task.steps} steps from {self.task.t_start})"
+                )
             if dataset is None:
-                dataset = diffusion_dataset(self.task, cfg.dataset_size, seed=self.init_seed("dataset"), noise=cfg.dataset_noise, steps=cfg.dataset_steps)
+                dataset = diffusion_dataset(
+                    self.task,
+                    cfg.dataset_size,
+                    seed=self.init_seed("dataset"),
+                    noise=cfg.dataset_noise,
+                    steps=cfg.dataset_steps,
+                )
             data = dataset
         if (data.state_dim, data.action_dim) != (model.state_dim, model.action_dim):
-            raise ValueError(f"dataset: expected states of dim {model.state_dim} and actions of dim {model.action_dim}, got {data.state_dim} and {data.action_dim}")
+            raise ValueError(
+                f"dataset: expected states of dim {model.state_dim} and actions of dim {model.action_dim}, got {data.state_dim} and {data.action_dim}"
+            )
         self.dataset = data.to(self.device, dtype)
         self._dataset_fingerprint = self.dataset.fingerprint()
         self.model = model.to(device=self.device, dtype=dtype)
         self.initial_model = self.model.frozen_copy()
-        self.value = self.build(lambda: FlowValue(model.action_dim, model.state_dim, model.flow_steps, cfg.value_hidden, cfg.value_layers), "value").to(device=self.device, dtype=dtype)
+        self.value = self.build(
+            lambda: FlowValue(model.action_dim, model.state_dim, model.flow_steps, cfg.value_hidden, cfg.value_layers),
+            "value",
+        ).to(device=self.device, dtype=dtype)
         self.value_target = copy.deepcopy(self.value).requires_grad_(False)
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg, total=self.policy_updates(cfg.iterations))
@@ -286,7 +325,11 @@ class RQL(Trainer):
         with torch.no_grad():
             for p, pt in zip(self.value.parameters(), self.value_target.parameters()):
                 pt.lerp_(p, cfg.tau)
-        metrics = {"value_loss": float(value_loss.detach()), "v_mean": float(v_pred.detach().mean()), "target_mean": float(targets.mean())}
+        metrics = {
+            "value_loss": float(value_loss.detach()),
+            "v_mean": float(v_pred.detach().mean()),
+            "target_mean": float(targets.mean()),
+        }
 
         if self._policy_step_due():
             if cfg.bc_reversal == "initial":
@@ -317,13 +360,22 @@ class RQL(Trainer):
             self.optimizer.step()
             if self.lr_scheduler.last_epoch < self.policy_updates(cfg.iterations):
                 self.lr_scheduler.step()
-            metrics.update({"policy_loss": float(policy_loss.detach()), "q_hop": float(q.detach().mean()), "bc": float(bc.detach())})
+            metrics.update(
+                {
+                    "policy_loss": float(policy_loss.detach()),
+                    "q_hop": float(q.detach().mean()),
+                    "bc": float(bc.detach()),
+                }
+            )
         return metrics
 
     @torch.no_grad()
     def _initial_reversal(self, s: Tensor, a: Tensor, chunk: int = 4096) -> Tensor:
         """Reversal of ``a`` by the frozen initial flow, ``(F + 1, n, d)``."""
-        parts = [self.initial_model.reverse(s[i : i + chunk], a[i : i + chunk], iters=self.config.reversal_iters) for i in range(0, a.shape[0], chunk)]
+        parts = [
+            self.initial_model.reverse(s[i : i + chunk], a[i : i + chunk], iters=self.config.reversal_iters)
+            for i in range(0, a.shape[0], chunk)
+        ]
         return torch.cat(parts, dim=1)
 
     def _flow_indices(self, n: int, count: int) -> Tensor:
@@ -343,7 +395,9 @@ class RQL(Trainer):
         metrics = self.update(batch)
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad:
-            raise FloatingPointError(f"RQL diverged at iteration {self.iteration}: non-finite {', '.join(bad)}; raise alpha (or normalize_q / lower lr)")
+            raise FloatingPointError(
+                f"RQL diverged at iteration {self.iteration}: non-finite {', '.join(bad)}; raise alpha (or normalize_q / lower lr)"
+            )
         return metrics
 
     # ------------------------------------------------------------------ acting
@@ -362,7 +416,9 @@ class RQL(Trainer):
 
     def _require_diffusion(self, what: str) -> None:
         if self.offline:
-            raise TypeError(f"{what}: an offline task has no environment or reward function; act with trainer.act(states) and roll out with evaluate_policy(env, trainer.model, episodes)")
+            raise TypeError(
+                f"{what}: an offline task has no environment or reward function; act with trainer.act(states) and roll out with evaluate_policy(env, trainer.model, episodes)"
+            )
 
     @torch.no_grad()
     def sample(self, num_samples: int, seed: int = 0, **kwargs: Any) -> Trajectory:
@@ -375,7 +431,13 @@ class RQL(Trainer):
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         x1 = self.model.sample(n=n, generator=gen)
         r, valid = self.task.reward(x1)
-        return Trajectory(x1=x1, times=self.times, valid=valid & torch.isfinite(x1).all(1), reward=r, reward_scale=self.task.reward_scale)
+        return Trajectory(
+            x1=x1,
+            times=self.times,
+            valid=valid & torch.isfinite(x1).all(1),
+            reward=r,
+            reward_scale=self.task.reward_scale,
+        )
 
     def evaluate(self, num_samples: int = 4096, seed: int = 0) -> dict[str, float]:
         """``objective``, ``kl``, ``reward``, ``valid_fraction``, ``gap_closed`` of the draws of
@@ -400,14 +462,18 @@ class RQL(Trainer):
     def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The frozen networks (the target value network and the initial flow, the BC
         reference) and the data set's fingerprint (a resumed run must train on the same data)."""
-        tensors = {f"{name}.{k}": v for name, module in self._frozen_modules().items() for k, v in module.state_dict().items()}
+        tensors = {
+            f"{name}.{k}": v for name, module in self._frozen_modules().items() for k, v in module.state_dict().items()
+        }
         return tensors, {"dataset": self._dataset_fingerprint}
 
     def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
         if sorted(meta) != ["dataset"]:
             raise CheckpointError(f"extra: expected the key 'dataset', got {sorted(meta)[:5]}")
         if meta["dataset"] != self._dataset_fingerprint:
-            raise CheckpointError(f"extra: dataset: the checkpoint was trained on {meta['dataset']}, this trainer has {self._dataset_fingerprint}")
+            raise CheckpointError(
+                f"extra: dataset: the checkpoint was trained on {meta['dataset']}, this trainer has {self._dataset_fingerprint}"
+            )
         staged = {}
         for name, module in self._frozen_modules().items():
             live = module.state_dict()
@@ -416,7 +482,9 @@ class RQL(Trainer):
                 raise CheckpointError(f"extra: {name}: expected tensors {sorted(live)[:5]}, got {sorted(state)[:5]}")
             for key, value in state.items():
                 if value.shape != live[key].shape or value.dtype != live[key].dtype:
-                    raise CheckpointError(f"extra: {name}.{key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}")
+                    raise CheckpointError(
+                        f"extra: {name}.{key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}"
+                    )
             staged[name] = state
         leftover = sorted(k for k in tensors if k.split(".", 1)[0] not in staged)
         if leftover:

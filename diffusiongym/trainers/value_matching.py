@@ -40,7 +40,15 @@ from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler
 from diffusiongym.trainers.checkpoint import CheckpointError, read_checkpoint
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
-__all__ = ["ValueMatching", "ValueMatchingConfig", "build_value_net", "default_value_net", "load_value_policy", "time_weights", "value_net_spec"]
+__all__ = [
+    "ValueMatching",
+    "ValueMatchingConfig",
+    "build_value_net",
+    "default_value_net",
+    "load_value_policy",
+    "time_weights",
+    "value_net_spec",
+]
 
 TIME_WEIGHTINGS = ("variance", "uniform")
 
@@ -110,7 +118,9 @@ def default_value_net(sample_shape: tuple[int, ...], scheduler: Any, num_classes
     if len(sample_shape) == 1:
         return SignalScaled(TimeMLP(sample_shape[0], out_dim=1, hidden=128, layers=3, zero_init=True), scheduler)
     if len(sample_shape) == 3:
-        return SignalScaled(TimeCNN(sample_shape[0], num_classes=num_classes, output="value", zero_init=True), scheduler)
+        return SignalScaled(
+            TimeCNN(sample_shape[0], num_classes=num_classes, output="value", zero_init=True), scheduler
+        )
     raise ValueError(f"sample_shape: expected (d,) or (C, H, W), got {tuple(sample_shape)}")
 
 
@@ -126,9 +136,13 @@ def build_value_net(spec: Any, scheduler: Any, source: str = "value_net") -> nn.
     builders: dict[str, Callable[..., nn.Module]] = {"TimeMLP": TimeMLP, "TimeCNN": TimeCNN}
     cls_name = spec.get("class") if isinstance(spec, dict) else None
     config = (spec.get("config") if isinstance(spec, dict) else None) or {}
-    inner_name, inner_cfg = (config.get("net_class"), config.get("net")) if cls_name == "SignalScaled" else (cls_name, config)
+    inner_name, inner_cfg = (
+        (config.get("net_class"), config.get("net")) if cls_name == "SignalScaled" else (cls_name, config)
+    )
     if inner_name not in builders or not isinstance(inner_cfg, dict) or not inner_cfg:
-        raise ValueError(f"{source}: cannot rebuild a value network of class {cls_name!r} (expected TimeMLP, TimeCNN or SignalScaled of one); pass an untrained instance to load into")
+        raise ValueError(
+            f"{source}: cannot rebuild a value network of class {cls_name!r} (expected TimeMLP, TimeCNN or SignalScaled of one); pass an untrained instance to load into"
+        )
     net = builders[inner_name](**inner_cfg)
     return SignalScaled(net, scheduler) if cls_name == "SignalScaled" else net
 
@@ -173,7 +187,9 @@ class ValueMatching(Trainer):
         if model is None:
             model = self.build(lambda: default_value_net(tuple(env.sample_shape), env.scheduler), "value_net")
         elif not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected an nn.Module value network V(x, t, **cond) -> (n,), got {type(model).__name__}")
+            raise TypeError(
+                f"model: expected an nn.Module value network V(x, t, **cond) -> (n,), got {type(model).__name__}"
+            )
         self.model = model.to(device=self.device, dtype=self.dtype)
         self._policy = ValuePolicy(self.model, env, action_scale=self.task.action_scale)
         self.weights = time_weights(env, self.times, self.config.time_weighting)
@@ -196,16 +212,27 @@ class ValueMatching(Trainer):
         self.model.eval()
         cond = self.conditioning(cfg.batch_size)
         traj = sample(
-            self.env, cfg.batch_size, grid=self.times, control=self.policy, reward=self.task.reward, reward_scale=self.task.reward_scale,
-            cond=cond, generator=self.generator, store=("states",), device=self.device, dtype=self.dtype,
+            self.env,
+            cfg.batch_size,
+            grid=self.times,
+            control=self.policy,
+            reward=self.task.reward,
+            reward_scale=self.task.reward_scale,
+            cond=cond,
+            generator=self.generator,
+            store=("states",),
+            device=self.device,
+            dtype=self.dtype,
         )
         valid = traj.valid
-        self.buffer.append({
-            "states": traj.states[:, valid].to(self.dtype),
-            "cost_to_go": traj.cost_to_go[:, valid].to(self.dtype),  # (m + 1, N), detached
-            "cond": {k: v[valid] for k, v in cond.items()},
-        })
-        self.buffer = self.buffer[-(cfg.replay + 1):]
+        self.buffer.append(
+            {
+                "states": traj.states[:, valid].to(self.dtype),
+                "cost_to_go": traj.cost_to_go[:, valid].to(self.dtype),  # (m + 1, N), detached
+                "cond": {k: v[valid] for k, v in cond.items()},
+            }
+        )
+        self.buffer = self.buffer[-(cfg.replay + 1) :]
 
         # 2. the regression set: every grid point of every buffered trajectory
         states = torch.cat([b["states"] for b in self.buffer], 1)  # (m + 1, N, *shape)
@@ -259,33 +286,57 @@ class ValueMatching(Trainer):
         and return the function that installs it; raises ``CheckpointError`` naming the field."""
         expected_meta = {"buffer_size", "cond_keys", "value_net", "action_scale"}
         if not isinstance(meta, dict) or set(meta) != expected_meta:
-            raise CheckpointError(f"extra: expected keys {sorted(expected_meta)}, got {sorted(meta) if isinstance(meta, dict) else meta!r}")
+            raise CheckpointError(
+                f"extra: expected keys {sorted(expected_meta)}, got {sorted(meta) if isinstance(meta, dict) else meta!r}"
+            )
         size, keys = meta["buffer_size"], meta["cond_keys"]
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.config.replay + 1:
-            raise CheckpointError(f"extra.buffer_size: expected an integer in [0, {self.config.replay + 1}], got {size!r}")
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or sorted(keys) != sorted(getattr(self.task, "conditioning", {})):
-            raise CheckpointError(f"extra.cond_keys: expected the task's conditioning keys {sorted(getattr(self.task, 'conditioning', {}))}, got {keys!r}")
+            raise CheckpointError(
+                f"extra.buffer_size: expected an integer in [0, {self.config.replay + 1}], got {size!r}"
+            )
+        if (
+            not isinstance(keys, list)
+            or not all(isinstance(k, str) for k in keys)
+            or sorted(keys) != sorted(getattr(self.task, "conditioning", {}))
+        ):
+            raise CheckpointError(
+                f"extra.cond_keys: expected the task's conditioning keys {sorted(getattr(self.task, 'conditioning', {}))}, got {keys!r}"
+            )
         if meta["value_net"] != value_net_spec(self.model):
-            raise CheckpointError(f"extra.value_net: the checkpoint's network is {meta['value_net']!r}, this trainer's is {value_net_spec(self.model)!r}")
+            raise CheckpointError(
+                f"extra.value_net: the checkpoint's network is {meta['value_net']!r}, this trainer's is {value_net_spec(self.model)!r}"
+            )
         if meta["action_scale"] != float(self.task.action_scale):
-            raise CheckpointError(f"extra.action_scale: the checkpoint has {meta['action_scale']!r}, this trainer's task has {float(self.task.action_scale)!r}")
-        wanted = {f"buffer.{j}.{part}" for j in range(size) for part in ["states", "cost_to_go", *(f"cond.{k}" for k in keys)]}
+            raise CheckpointError(
+                f"extra.action_scale: the checkpoint has {meta['action_scale']!r}, this trainer's task has {float(self.task.action_scale)!r}"
+            )
+        wanted = {
+            f"buffer.{j}.{part}" for j in range(size) for part in ["states", "cost_to_go", *(f"cond.{k}" for k in keys)]
+        }
         if set(tensors) != wanted:
-            raise CheckpointError(f"extra: replay buffer tensors: missing {sorted(wanted - set(tensors))[:5]}, unexpected {sorted(set(tensors) - wanted)[:5]}")
+            raise CheckpointError(
+                f"extra: replay buffer tensors: missing {sorted(wanted - set(tensors))[:5]}, unexpected {sorted(set(tensors) - wanted)[:5]}"
+            )
         m1, shape = self.task.steps + 1, tuple(self.env.sample_shape)
         buffer = []
         for j in range(size):
             states, ctg = tensors[f"buffer.{j}.states"], tensors[f"buffer.{j}.cost_to_go"]
             num = ctg.shape[1] if ctg.ndim == 2 else -1
             if ctg.ndim != 2 or ctg.shape[0] != m1 or ctg.dtype != self.dtype:
-                raise CheckpointError(f"extra: buffer.{j}.cost_to_go: expected {self.dtype} of shape ({m1}, N), got {ctg.dtype} of shape {tuple(ctg.shape)}")
+                raise CheckpointError(
+                    f"extra: buffer.{j}.cost_to_go: expected {self.dtype} of shape ({m1}, N), got {ctg.dtype} of shape {tuple(ctg.shape)}"
+                )
             if tuple(states.shape) != (m1, num, *shape) or states.dtype != self.dtype:
-                raise CheckpointError(f"extra: buffer.{j}.states: expected {self.dtype} of shape {(m1, num, *shape)}, got {states.dtype} of shape {tuple(states.shape)}")
+                raise CheckpointError(
+                    f"extra: buffer.{j}.states: expected {self.dtype} of shape {(m1, num, *shape)}, got {states.dtype} of shape {tuple(states.shape)}"
+                )
             cond = {}
             for key in keys:
                 value = tensors[f"buffer.{j}.cond.{key}"]
                 if value.ndim == 0 or value.shape[0] != num:
-                    raise CheckpointError(f"extra: buffer.{j}.cond.{key}: expected a leading dimension of {num}, got shape {tuple(value.shape)}")
+                    raise CheckpointError(
+                        f"extra: buffer.{j}.cond.{key}: expected a leading dimension of {num}, got shape {tuple(value.shape)}"
+                    )
                 cond[key] = value.to(self.device)
             buffer.append({"states": states.to(self.device), "cost_to_go": ctg.to(self.device), "cond": cond})
 
@@ -295,7 +346,9 @@ class ValueMatching(Trainer):
         return apply
 
 
-def load_value_policy(path: str | Path, env: DiffusionEnvironment, value_net: nn.Module | None = None, device: str | torch.device = "cpu") -> ValuePolicy:
+def load_value_policy(
+    path: str | Path, env: DiffusionEnvironment, value_net: nn.Module | None = None, device: str | torch.device = "cpu"
+) -> ValuePolicy:
     """The trained :class:`ValuePolicy` from a :meth:`ValueMatching.save` checkpoint folder.
 
     Parameters
@@ -330,19 +383,25 @@ def load_value_policy(path: str | Path, env: DiffusionEnvironment, value_net: nn
     frozen = set((meta.get("modules") or {}).get("model", []))
     if value_net is None:
         if frozen:
-            raise ValueError(f"value_net: the checkpoint leaves out frozen parameters {sorted(frozen)[:5]}; pass a network holding them")
+            raise ValueError(
+                f"value_net: the checkpoint leaves out frozen parameters {sorted(frozen)[:5]}; pass a network holding them"
+            )
         value_net = build_value_net(extra.get("value_net"), env.scheduler, source=f"{where}: extra.value_net")
     elif not isinstance(value_net, nn.Module):
         raise TypeError(f"value_net: expected an nn.Module, got {type(value_net).__name__}")
     prefix = "module.model."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     live = value_net.state_dict()
     missing, unexpected = sorted(set(live) - set(state) - frozen), sorted(set(state) - set(live))
     if missing or unexpected:
-        raise CheckpointError(f"{where}: module 'model': missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture?)")
+        raise CheckpointError(
+            f"{where}: module 'model': missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture?)"
+        )
     for key, value in state.items():
         if value.shape != live[key].shape:
-            raise CheckpointError(f"{where}: module 'model': {key}: expected shape {tuple(live[key].shape)}, got {tuple(value.shape)}")
+            raise CheckpointError(
+                f"{where}: module 'model': {key}: expected shape {tuple(live[key].shape)}, got {tuple(value.shape)}"
+            )
     value_net.load_state_dict(state, strict=False)
     value_net.to(device).eval()
     return ValuePolicy(value_net, env, action_scale=float(extra.get("action_scale", 1.0)))

@@ -25,7 +25,13 @@ __all__ = ["DIGITS_VALUE_WEIGHTS", "digits_value_task", "load_value_net", "save_
 DIGITS_VALUE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "value_digits"
 
 
-def digits_value_task(target: int = 3, reward_scale: float = 10.0, steps: int = 25, mode: str = "is_class", device: str | torch.device = "cpu") -> Any:
+def digits_value_task(
+    target: int = 3,
+    reward_scale: float = 10.0,
+    steps: int = 25,
+    mode: str = "is_class",
+    device: str | torch.device = "cpu",
+) -> Any:
     """The digits Value Matching setting: the shipped model *unconditional*, rewarded for class ``target``.
 
     The shipped :class:`~diffusiongym.models.digits.DigitsUNet` with the null label
@@ -64,7 +70,9 @@ def save_value_net(value_net: nn.Module, stem: str | Path, info: dict[str, Any] 
     return save_module(value_net, stem, {"value_net": value_net_spec(value_net), **(info or {})})
 
 
-def load_value_net(stem: str | Path, scheduler: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_value_net(
+    stem: str | Path, scheduler: Any, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a :class:`TimeMLP` / :class:`TimeCNN` (optionally in :class:`SignalScaled`
     with ``scheduler``) saved by :func:`save_value_net`; returns ``(value_net, info)`` with
     the network in eval mode on ``device``."""

@@ -11,7 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "frozen_parameter_names", "save_module", "load_module", "optimizer_tensors", "load_optimizer_tensors"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "frozen_parameter_names",
+    "save_module",
+    "load_module",
+    "optimizer_tensors",
+    "load_optimizer_tensors",
+]
 
 
 def save_checkpoint(
@@ -66,7 +74,7 @@ def load_checkpoint(
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     for name, module in (modules or {}).items():
         prefix = f"{name}."
-        state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
         optional = set((allow_missing or {}).get(name, ()))
         if not optional:
             module.load_state_dict(state, strict=True)
@@ -78,11 +86,13 @@ def load_checkpoint(
                 f"path: checkpoint does not match module {name!r}: missing keys {missing[:5]}, "
                 f"unexpected keys {sorted(result.unexpected_keys)[:5]}"
             )
-    extra = {k[len("extra."):]: v for k, v in flat.items() if k.startswith("extra.")}
+    extra = {k[len("extra.") :]: v for k, v in flat.items() if k.startswith("extra.")}
     return config, extra
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optimizer") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, prefix: str = "optimizer"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimiser's state dict into tensors (for safetensors, keys ``prefix.<param>.<key>``)
     and JSON metadata (param groups and non-tensor entries)."""
     state = optimizer.state_dict()
@@ -97,7 +107,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optimizer
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "optimizer") -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "optimizer"
+) -> None:
     """Inverse of :func:`optimizer_tensors`: restore ``optimizer`` from ``tensors`` and ``meta``."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
@@ -121,7 +133,9 @@ def save_module(module: nn.Module, stem: str | Path, config: dict[str, Any]) -> 
     return weights, cfg
 
 
-def load_module(factory: Callable[..., nn.Module], stem: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_module(
+    factory: Callable[..., nn.Module], stem: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``factory(**config["architecture"])`` and load ``<stem>.safetensors`` (strict)."""
     stem = Path(stem)
     weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")

@@ -113,16 +113,18 @@ def check_real(
     nonnegative: bool = False,
     low: float | None = None,
     high: float | None = None,
+    allow_inf: bool = False,
 ) -> float:
     """``value`` as a finite Python float (numpy scalars and 0-d tensors of a real number
-    accepted; bools, strings, NaN and inf refused), optionally ``> 0``, ``>= 0`` or in ``[low, high]``."""
+    accepted; bools, strings, NaN and inf refused; ``+inf`` accepted with ``allow_inf``),
+    optionally ``> 0``, ``>= 0`` or in ``[low, high]``."""
     if isinstance(value, Tensor) and value.ndim == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
         value = value.item()
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{argument}: expected a finite real number, got {_describe(value)}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{argument}: expected a finite number, got {value!r}")
+    if not math.isfinite(value) and not (allow_inf and value == math.inf):
+        raise ValueError(f"{argument}: expected a finite number{' or inf' if allow_inf else ''}, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{argument}: expected a positive finite number, got {value!r}")
     if nonnegative and value < 0:
@@ -174,7 +176,9 @@ def read_json_config(argument: str, path: object, max_bytes: int = MAX_CONFIG_BY
         raise FileNotFoundError(f"{argument}: expected a JSON config file, {file} does not exist")
     size = file.stat().st_size
     if size > max_bytes:
-        raise ValueError(f"{argument}: {file.name} is {size} bytes; a config is expected to be at most {max_bytes} bytes")
+        raise ValueError(
+            f"{argument}: {file.name} is {size} bytes; a config is expected to be at most {max_bytes} bytes"
+        )
     try:
         data = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -196,5 +200,7 @@ def check_architecture(argument: str, config: object, bounds: Mapping[str, tuple
         low, high, kind = bounds[key]
         ok_type = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
         if _is_bool(value) or not ok_type or not low <= value <= high:
-            raise ValueError(f"{argument}: {key} must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], got {value!r}")
+            raise ValueError(
+                f"{argument}: {key} must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], got {value!r}"
+            )
     return config

@@ -11,4 +11,11 @@ from diffusiongym.trainers.adjoint_matching.config import AdjointMatchingConfig
 from diffusiongym.trainers.adjoint_matching.lean_adjoint import check_differentiable_reward, lean_adjoint
 from diffusiongym.trainers.adjoint_matching.trainer import AdjointMatching, make_finetune_model, time_weights
 
-__all__ = ["AdjointMatching", "AdjointMatchingConfig", "check_differentiable_reward", "lean_adjoint", "make_finetune_model", "time_weights"]
+__all__ = [
+    "AdjointMatching",
+    "AdjointMatchingConfig",
+    "check_differentiable_reward",
+    "lean_adjoint",
+    "make_finetune_model",
+    "time_weights",
+]

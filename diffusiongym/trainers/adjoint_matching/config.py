@@ -94,4 +94,6 @@ class AdjointMatchingConfig(TrainerConfig):
         if not 0.0 <= self.restart_after < 1.0:
             raise ValueError(f"restart_after: expected a time in [0, 1), got {self.restart_after!r}")
         if self.likelihood_ratio is not None and self.likelihood_ratio < 0:
-            raise ValueError(f"likelihood_ratio: expected a non-negative expansion threshold or None, got {self.likelihood_ratio!r}")
+            raise ValueError(
+                f"likelihood_ratio: expected a non-negative expansion threshold or None, got {self.likelihood_ratio!r}"
+            )

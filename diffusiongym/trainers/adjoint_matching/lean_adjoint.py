@@ -64,7 +64,9 @@ def terminal_adjoint(reward: Reward, reward_scale: float, x1: Tensor, cond: dict
     return a.detach(), valid
 
 
-def base_transport(env: DiffusionEnvironment, schedule: StepSchedule, states: Tensor, cond: dict[str, Any]) -> Transport:
+def base_transport(
+    env: DiffusionEnvironment, schedule: StepSchedule, states: Tensor, cond: dict[str, Any]
+) -> Transport:
     """The step ``v -> (I + h_k d b/dx (x_k, t_k))^T v`` of the base drift along ``states``;
     several vectors share one model evaluation (one vector-Jacobian product each)."""
     n = states.shape[1]
@@ -76,7 +78,9 @@ def base_transport(env: DiffusionEnvironment, schedule: StepSchedule, states: Te
         with torch.enable_grad():
             out = env.model(xk, t_vec, **cond)
             for i, v in enumerate(vectors):
-                (vjp,) = torch.autograd.grad(out, xk, grad_outputs=v, retain_graph=i + 1 < len(vectors), allow_unused=True)
+                (vjp,) = torch.autograd.grad(
+                    out, xk, grad_outputs=v, retain_graph=i + 1 < len(vectors), allow_unused=True
+                )
                 # b = coef_x x + coef_out model(x, t), so v^T db/dx = coef_x v + coef_out v^T d model/dx
                 step = schedule.coef_x[k] * v
                 if vjp is not None:
@@ -154,7 +158,9 @@ def lean_adjoint(
         adjoint = propagate(a, transport, m)
     else:
         assert noises is not None and cost_to_go is not None  # checked above
-        adjoint = likelihood_ratio_adjoint(a, valid, transport, schedule, noises, cost_to_go, controls, likelihood_ratio, generator)
+        adjoint = likelihood_ratio_adjoint(
+            a, valid, transport, schedule, noises, cost_to_go, controls, likelihood_ratio, generator
+        )
     n = states.shape[1]
     valid = valid & torch.isfinite(adjoint.reshape(m + 1, n, -1)).all(-1).all(0)
     adjoint = torch.where(valid.reshape(1, n, *([1] * (adjoint.ndim - 2))), adjoint, torch.zeros_like(adjoint))

@@ -43,7 +43,9 @@ from diffusiongym.sampling import StepSchedule
 __all__ = ["centred_costs", "check_path_inputs", "expands", "likelihood_ratio_adjoint", "likelihood_ratio_vector"]
 
 
-def check_path_inputs(states: Tensor, theta: float, noises: Tensor | None, cost_to_go: Tensor | None, controls: Tensor | None) -> None:
+def check_path_inputs(
+    states: Tensor, theta: float, noises: Tensor | None, cost_to_go: Tensor | None, controls: Tensor | None
+) -> None:
     """Validate ``theta >= 0`` and the path tensors against ``states`` ``(m + 1, n, *shape)``."""
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta >= 0:
         raise ValueError(f"likelihood_ratio: expected a non-negative expansion threshold or None, got {theta!r}")
@@ -51,11 +53,15 @@ def check_path_inputs(states: Tensor, theta: float, noises: Tensor | None, cost_
         raise ValueError("likelihood_ratio: needs the paths' noises (m, n, *shape) and cost_to_go (m + 1, n) as well")
     m, n = states.shape[0] - 1, states.shape[1]
     if tuple(noises.shape) != (m, *states.shape[1:]):
-        raise ValueError(f"noises: expected shape {(m, *states.shape[1:])} (one z_k per step), got {tuple(noises.shape)}")
+        raise ValueError(
+            f"noises: expected shape {(m, *states.shape[1:])} (one z_k per step), got {tuple(noises.shape)}"
+        )
     if tuple(cost_to_go.shape) != (m + 1, n):
         raise ValueError(f"cost_to_go: expected shape {(m + 1, n)}, got {tuple(cost_to_go.shape)}")
     if controls is not None and tuple(controls.shape) != tuple(noises.shape):
-        raise ValueError(f"controls: expected shape {tuple(noises.shape)} (one u_k per step), got {tuple(controls.shape)}")
+        raise ValueError(
+            f"controls: expected shape {tuple(noises.shape)} (one u_k per step), got {tuple(controls.shape)}"
+        )
 
 
 def centred_costs(
@@ -78,7 +84,9 @@ def centred_costs(
     return cost - (cost.sum(1, keepdim=True) - cost) / others, guess
 
 
-def likelihood_ratio_vector(z_k: Tensor, centred_k: Tensor, step_sigma_k: Tensor, guess_k: Tensor | None, valid: Tensor) -> Tensor:
+def likelihood_ratio_vector(
+    z_k: Tensor, centred_k: Tensor, step_sigma_k: Tensor, guess_k: Tensor | None, valid: Tensor
+) -> Tensor:
     """``z_k (C_{k+1} - c_k) / s_k + g_k`` (before the transpose Jacobian), zero on invalid
     paths; shape of ``z_k`` ``(n, *shape)``."""
     per_sample = (z_k.shape[0],) + (1,) * (z_k.ndim - 1)
@@ -91,7 +99,9 @@ def likelihood_ratio_vector(z_k: Tensor, centred_k: Tensor, step_sigma_k: Tensor
 def expands(probe: Tensor, moved: Tensor, theta: float) -> Tensor:
     """Paths ``(n,)`` where the step stretched ``probe`` into ``moved`` by more than ``1 + theta``."""
     n = probe.shape[0]
-    growth = moved.reshape(n, -1).norm(dim=1) / probe.reshape(n, -1).norm(dim=1).clamp_min(torch.finfo(probe.dtype).tiny)
+    growth = moved.reshape(n, -1).norm(dim=1) / probe.reshape(n, -1).norm(dim=1).clamp_min(
+        torch.finfo(probe.dtype).tiny
+    )
     return growth > 1.0 + theta
 
 
@@ -118,7 +128,9 @@ def likelihood_ratio_adjoint(
     step_sigma = torch.tensor(schedule.step_sigma, dtype=a_m.dtype, device=a_m.device).reshape(m, 1)
     sigma = torch.tensor(schedule.sigma, dtype=a_m.dtype, device=a_m.device).reshape(m, *([1] * a_m.ndim))
     z = noises.to(a_m)
-    centred, guess = centred_costs(cost_to_go.to(a_m), z, valid, step_sigma, sigma, None if controls is None else controls.to(a_m))
+    centred, guess = centred_costs(
+        cost_to_go.to(a_m), z, valid, step_sigma, sigma, None if controls is None else controls.to(a_m)
+    )
     out, a = [a_m], a_m
     for k in reversed(range(m)):
         probe = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)

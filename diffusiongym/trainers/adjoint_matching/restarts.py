@@ -26,7 +26,9 @@ def first_restart_index(step_times: list[float], restart_after: float) -> int:
     return next((k for k, t in enumerate(step_times) if t >= restart_after), len(step_times) - 1)
 
 
-def mixup_states(states: Tensor, first: int, count: int, generator: torch.Generator | None = None) -> tuple[int, Tensor, Tensor]:
+def mixup_states(
+    states: Tensor, first: int, count: int, generator: torch.Generator | None = None
+) -> tuple[int, Tensor, Tensor]:
     """Draw a restart grid index ``k`` in ``[first, m)`` and ``count`` mixup states at it.
 
     Parameters

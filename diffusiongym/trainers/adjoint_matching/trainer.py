@@ -61,7 +61,9 @@ def time_weights(sigma: Tensor, kind: str) -> Tensor:
     raise ValueError(f"time_weight: expected one of {list(TIME_WEIGHTS)}, got {kind!r}")
 
 
-def make_finetune_model(env: DiffusionEnvironment, hidden: int = 64, layers: int = 2, num_frequencies: int = 4, residual: str = "auto") -> nn.Module:
+def make_finetune_model(
+    env: DiffusionEnvironment, hidden: int = 64, layers: int = 2, num_frequencies: int = 4, residual: str = "auto"
+) -> nn.Module:
     """The default fine-tuned copy of ``env.model`` (it starts equal to the base).
 
     ``residual="copy"``: ``env.model.trainable_copy()`` (models that provide one, e.g. the
@@ -131,12 +133,16 @@ class AdjointMatching(Trainer):
         check_differentiable_reward(self.task.reward)
         base_env = self.task.environment
         noise = base_env.noise
-        self._env = base_env if isinstance(noise, Memoryless) and noise.is_memoryless else base_env.with_noise(Memoryless())
+        self._env = (
+            base_env if isinstance(noise, Memoryless) and noise.is_memoryless else base_env.with_noise(Memoryless())
+        )
         self.schedule = StepSchedule.build(self._env, self.times)
         if model is None:
             model = self.build(self._default_model, "model")
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module in the base parameterisation, got {type(model).__name__}")
+            raise TypeError(
+                f"model: expected a torch.nn.Module in the base parameterisation, got {type(model).__name__}"
+            )
         self.model = model.to(device=self.device)
         self.optimizer = make_optimizer((p for p in self.model.parameters() if p.requires_grad), self.config)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
@@ -159,13 +165,25 @@ class AdjointMatching(Trainer):
         return ModelControl(self.model, self.env, self.task.action_scale)
 
     # ---------------------------------------------------------------- regression data
-    def rollout(self, cond: dict[str, Tensor], num_samples: int | None = None, x: Tensor | None = None, start: int = 0) -> Trajectory:
+    def rollout(
+        self, cond: dict[str, Tensor], num_samples: int | None = None, x: Tensor | None = None, start: int = 0
+    ) -> Trajectory:
         """Paths of the current model on the grid from index ``start`` (``num_samples`` fresh
         ones, or from states ``x``), storing what :meth:`segment` needs."""
         store = ("states",) if self.config.likelihood_ratio is None else ("states", "noises", "controls")
         return sample(
-            self.env, num_samples, x=x, grid=self.times[start:], control=self.policy, reward=self.task.reward,
-            reward_scale=self.task.reward_scale, cond=cond, generator=self.generator, store=store, device=self.device, dtype=self.dtype,
+            self.env,
+            num_samples,
+            x=x,
+            grid=self.times[start:],
+            control=self.policy,
+            reward=self.task.reward,
+            reward_scale=self.task.reward_scale,
+            cond=cond,
+            generator=self.generator,
+            store=store,
+            device=self.device,
+            dtype=self.dtype,
         )
 
     def segment(self, traj: Trajectory, cond: dict[str, Tensor], start: int = 0) -> Segment:
@@ -173,9 +191,16 @@ class AdjointMatching(Trainer):
         theta = self.config.likelihood_ratio
         options: dict[str, Any] = {}
         if theta is not None:
-            options = {"likelihood_ratio": theta, "noises": traj.noises, "cost_to_go": traj.cost_to_go, "controls": traj.controls,
-                       "generator": self.generator}
-        adjoint, valid = lean_adjoint(self.env, traj.states, self.times[start:], self.task.reward, self.task.reward_scale, cond, **options)
+            options = {
+                "likelihood_ratio": theta,
+                "noises": traj.noises,
+                "cost_to_go": traj.cost_to_go,
+                "controls": traj.controls,
+                "generator": self.generator,
+            }
+        adjoint, valid = lean_adjoint(
+            self.env, traj.states, self.times[start:], self.task.reward, self.task.reward_scale, cond, **options
+        )
         return Segment(traj.states, adjoint, valid & traj.valid, cond, start)
 
     def restart(self, states: Tensor, cond: dict[str, Tensor]) -> Segment:
@@ -198,17 +223,27 @@ class AdjointMatching(Trainer):
             steps, n = x.shape[:2]
             shape = x.shape[2:]
             s = self.schedule
-            per_k = {"t": s.t[seg.start:], "sigma": s.sigma[seg.start:], "factor": [c / g for c, g in zip(s.coef_out[seg.start:], s.sigma[seg.start:])]}
-            col = {name: torch.tensor(v, dtype=x.dtype, device=x.device).repeat_interleave(n) for name, v in per_k.items()}
+            per_k = {
+                "t": s.t[seg.start :],
+                "sigma": s.sigma[seg.start :],
+                "factor": [c / g for c, g in zip(s.coef_out[seg.start :], s.sigma[seg.start :])],
+            }
+            col = {
+                name: torch.tensor(v, dtype=x.dtype, device=x.device).repeat_interleave(n) for name, v in per_k.items()
+            }
             sig = col["sigma"].reshape(-1, *([1] * len(shape)))
-            parts.append({
-                "x": x.reshape(steps * n, *shape),
-                "target": -sig * seg.adjoint[:-1, seg.valid].reshape(steps * n, *shape),
-                "k": torch.arange(seg.start, seg.start + steps).repeat_interleave(n).to(x.device),
-                **col,
-                "cond": {name: v[seg.valid].repeat(steps, *([1] * (v.ndim - 1))) for name, v in seg.cond.items()},
-            })
-        pairs: dict[str, Any] = {name: torch.cat([p[name] for p in parts]) for name in ("x", "target", "k", "t", "sigma", "factor")}
+            parts.append(
+                {
+                    "x": x.reshape(steps * n, *shape),
+                    "target": -sig * seg.adjoint[:-1, seg.valid].reshape(steps * n, *shape),
+                    "k": torch.arange(seg.start, seg.start + steps).repeat_interleave(n).to(x.device),
+                    **col,
+                    "cond": {name: v[seg.valid].repeat(steps, *([1] * (v.ndim - 1))) for name, v in seg.cond.items()},
+                }
+            )
+        pairs: dict[str, Any] = {
+            name: torch.cat([p[name] for p in parts]) for name in ("x", "target", "k", "t", "sigma", "factor")
+        }
         pairs["cond"] = {name: torch.cat([p["cond"][name] for p in parts]) for name in parts[0]["cond"]}
         return pairs
 
