@@ -22,7 +22,7 @@ import torch
 
 from diffusiongym.policies.control import ModelControl
 from diffusiongym.sampling import sample
-from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
+from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.flow_matching import weighted_flow_matching_loss
 
 
@@ -56,8 +56,7 @@ class RewardWeightedRegression(Trainer):
         if model is None:
             model = self.build(self.env.model.trainable_copy, "model")
         self.model = model.to(self.device)
-        self.optimizer = make_optimizer((p for p in self.model.parameters() if p.requires_grad), self.config)
-        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        self.configure_optimizer(self.model)  # config.optimizer and config.lr_schedule
         self._policy = ModelControl(self.model, self.env, action_scale=self.task.action_scale)
 
     @property

@@ -62,7 +62,9 @@ class ImageReward(Reward):
     """
 
     def __init__(self, tolerance: float = 0.5):
-        self.tolerance = check_real("tolerance", tolerance, nonnegative=True, allow_inf=True)  # inf: every finite image is valid
+        self.tolerance = check_real(
+            "tolerance", tolerance, nonnegative=True, allow_inf=True
+        )  # inf: every finite image is valid
 
     @staticmethod
     def _check(x: Tensor) -> None:

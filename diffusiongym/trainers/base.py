@@ -252,6 +252,13 @@ class Trainer(abc.ABC):
         gen = self.generator if generator is None else generator
         return {name: spec[1](n, gen, self.device) for name, spec in getattr(self.task, "conditioning", {}).items()}
 
+    def configure_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """Set :attr:`optimizer` (``config.optimizer`` over ``module``'s trainable parameters) and
+        :attr:`lr_scheduler` (``config.lr_schedule``); returns the optimiser."""
+        self.optimizer = make_optimizer((p for p in module.parameters() if p.requires_grad), self.config)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        return self.optimizer
+
     def clip_gradients(self, parameters: Iterable[Tensor]) -> float:
         """Clip to ``config.max_grad_norm`` (if set); returns the norm before clipping."""
         params = [p for p in parameters if p.grad is not None]

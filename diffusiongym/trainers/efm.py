@@ -53,7 +53,7 @@ from diffusiongym.logprob import path_log_ratio
 from diffusiongym.policies.control import ModelControl
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.sampling import sample
-from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
+from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.checkpoint import CheckpointError, tensor_digest
 from diffusiongym.trainers.flow_matching import efm_weights, flow_matching_target, weighted_flow_matching_loss
 
@@ -195,9 +195,7 @@ class EFMTrainer(Trainer):
         self.model = model
         self.data = self._check_data(data)
         self._data_digest = None if self.data is None else tensor_digest(*self.data)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, self.config)
-        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        self.configure_optimizer(model)
         self._policy = ModelControl(model, env, self.task.action_scale)
         self._round: dict[str, Any] | None = None
 
@@ -323,7 +321,7 @@ class EFMTrainer(Trainer):
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = self.clip_gradients(self.params)
+        norm = self.clip_gradients(self.model.parameters())
         self.optimizer.step()
         self.model.eval()
         return {"loss": float(loss.detach()), "grad_norm": norm, "round": float(index), **rd["stats"]}

@@ -63,7 +63,7 @@ from diffusiongym.logprob import euler_step_log_prob
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.policies.value import ControlPolicy
-from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
+from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
@@ -218,9 +218,7 @@ class PolicyGradient(Trainer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(params, self.config)
-        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        self.configure_optimizer(model)
         if policy_type == "model":
             self._control_module: nn.Module = ModelControl(model, self.env, self.task.action_scale)
         else:

@@ -31,7 +31,7 @@ from diffusiongym.discrete.chain import DiscreteTrajectory, control_from_model, 
 from diffusiongym.discrete.models import PosteriorModel, ResidualPosterior, check_tokens
 from diffusiongym.discrete.tasks import DiscreteTask
 from diffusiongym.discrete.train import cross_entropy_loss
-from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
+from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.trainers.checkpoint import tensor_digest
 from diffusiongym.trainers.flow_matching import efm_weights
@@ -125,9 +125,7 @@ class RewardWeightedTrainer(Trainer):
         self.model = model
         self.data = self._check_data(data)
         self._data_digest = None if self.data is None else tensor_digest(*self.data)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, self.config)
-        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        self.configure_optimizer(model)
         self._policy = control_from_model(base, model)
         self._dataset: dict[str, Any] | None = None
 
@@ -233,7 +231,7 @@ class RewardWeightedTrainer(Trainer):
         loss = cross_entropy_loss(self.model, data["x1"][idx], generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = self.clip_gradients(self.params)
+        norm = self.clip_gradients(self.model.parameters())
         self.optimizer.step()
         self.model.eval()
         return {"loss": float(loss.detach()), "grad_norm": norm, **data["stats"]}

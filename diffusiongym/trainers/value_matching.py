@@ -36,7 +36,7 @@ from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.networks import SignalScaled, TimeCNN, TimeMLP
 from diffusiongym.policies.value import ValuePolicy
 from diffusiongym.sampling import sample
-from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer, trajectory_metrics
+from diffusiongym.trainers.base import Trainer, TrainerConfig, trajectory_metrics
 from diffusiongym.trainers.checkpoint import CheckpointError, read_checkpoint
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
@@ -193,8 +193,7 @@ class ValueMatching(Trainer):
         self.model = model.to(device=self.device, dtype=self.dtype)
         self._policy = ValuePolicy(self.model, env, action_scale=self.task.action_scale)
         self.weights = time_weights(env, self.times, self.config.time_weighting)
-        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], self.config)
-        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        self.configure_optimizer(self.model)
         self.buffer: list[dict[str, Any]] = []
 
     @property

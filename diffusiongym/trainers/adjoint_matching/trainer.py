@@ -39,7 +39,7 @@ from diffusiongym.sampling import StepSchedule, Trajectory, sample
 from diffusiongym.trainers.adjoint_matching.config import RESIDUALS, TIME_WEIGHTS, AdjointMatchingConfig
 from diffusiongym.trainers.adjoint_matching.lean_adjoint import check_differentiable_reward, lean_adjoint
 from diffusiongym.trainers.adjoint_matching.restarts import first_restart_index, mixup_states
-from diffusiongym.trainers.base import Trainer, make_lr_scheduler, make_optimizer, trajectory_metrics
+from diffusiongym.trainers.base import Trainer, trajectory_metrics
 
 __all__ = ["AdjointMatching", "Segment", "make_finetune_model", "time_weights"]
 
@@ -144,8 +144,7 @@ class AdjointMatching(Trainer):
                 f"model: expected a torch.nn.Module in the base parameterisation, got {type(model).__name__}"
             )
         self.model = model.to(device=self.device)
-        self.optimizer = make_optimizer((p for p in self.model.parameters() if p.requires_grad), self.config)
-        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
+        self.configure_optimizer(self.model)
 
     def _default_model(self) -> nn.Module:
         c = self.config
