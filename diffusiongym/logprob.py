@@ -81,12 +81,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
 
 
 def euler_step_log_prob(
-    x_next: Tensor,
-    x: Tensor,
-    drift: Tensor,
-    h: Tensor | float,
-    sigma: Tensor | float,
-    control: Tensor | None = None,
+    x_next: Tensor, x: Tensor, drift: Tensor, h: Tensor | float, sigma: Tensor | float, control: Tensor | None = None
 ) -> Tensor:
     """``log N(x_next; x + h (b + sigma u), h sigma^2 I)`` from a known base drift, shape ``(n,)``.
 

@@ -73,13 +73,7 @@ def basis_coordinates(
 
 
 def conversion_coefficients(
-    source: str,
-    target: str,
-    alpha: Tensor,
-    beta: Tensor,
-    d_alpha: Tensor,
-    d_beta: Tensor,
-    sigma: Tensor | None = None,
+    source: str, target: str, alpha: Tensor, beta: Tensor, d_alpha: Tensor, d_beta: Tensor, sigma: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Coefficients ``(coef_x, coef_out)`` with ``target = coef_x * x + coef_out * out``.
 

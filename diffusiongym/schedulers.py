@@ -22,14 +22,7 @@ import torch
 from torch import Tensor
 from diffusiongym.utils.validation import ArgumentTypeError, check_int, check_real, unknown_name_error
 
-__all__ = [
-    "Scheduler",
-    "LinearScheduler",
-    "CosineScheduler",
-    "DiscreteVPScheduler",
-    "make_scheduler",
-    "SCHEDULERS",
-]
+__all__ = ["Scheduler", "LinearScheduler", "CosineScheduler", "DiscreteVPScheduler", "make_scheduler", "SCHEDULERS"]
 
 
 def _as_tensor(t: Tensor | float) -> Tensor:
