@@ -62,29 +62,14 @@ from diffusiongym.policies import ControlAgent, ControlPolicy, ModelControl, Val
 from diffusiongym.policies.networks import ResidualModel, SignalScaled, TimeCNN, TimeMLP
 
 # Adaptation methods, one Trainer contract
-from diffusiongym.trainers import (
-    RQL,
-    AdjointMatching,
-    AdjointMatchingConfig,
-    EFMConfig,
-    EFMTrainer,
-    PolicyGradient,
-    PolicyGradientConfig,
-    RewardWeightedConfig,
-    RewardWeightedTrainer,
-    RQLConfig,
-    Trainer,
-    TrainerConfig,
-    ValueMatching,
-    ValueMatchingConfig,
-    load_value_policy,
-)
+from diffusiongym.trainers import *  # noqa: F403  (the names of diffusiongym.trainers.__all__, listed once there)
 
 # Exact optima and statistics
 from diffusiongym.oracle import TiltOracle
 from diffusiongym.utils.stats import energy_distance, null_energy_threshold
 
 from diffusiongym import discrete
+from diffusiongym import trainers as _trainers
 
 __version__ = "0.1.0"
 
@@ -160,22 +145,6 @@ __all__ = [
     "TimeCNN",
     "SignalScaled",
     "ResidualModel",
-    # trainers
-    "Trainer",
-    "TrainerConfig",
-    "ValueMatching",
-    "ValueMatchingConfig",
-    "load_value_policy",
-    "AdjointMatching",
-    "AdjointMatchingConfig",
-    "EFMTrainer",
-    "EFMConfig",
-    "PolicyGradient",
-    "PolicyGradientConfig",
-    "RQL",
-    "RQLConfig",
-    "RewardWeightedTrainer",
-    "RewardWeightedConfig",
     # oracle and statistics
     "TiltOracle",
     "energy_distance",
@@ -183,6 +152,8 @@ __all__ = [
     # submodule
     "discrete",
 ]
+
+__all__ += _trainers.__all__  # the trainers, on one contract
 
 register_envs()
 register_discrete_envs()

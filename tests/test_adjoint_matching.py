@@ -22,6 +22,7 @@ from diffusiongym.trainers.adjoint_matching import (
     lean_adjoint,
     make_finetune_model,
     time_weights,
+    multimodal_recipe,
 )
 from diffusiongym.trainers.adjoint_matching.likelihood_ratio import centred_costs
 from diffusiongym.trainers.adjoint_matching.restarts import first_restart_index
@@ -572,20 +573,4 @@ def test_save_load_resume_is_bit_identical(tmp_path, case):
 
 def _copy_config(**kw):
     # the benchmark row's settings (benchmarks/adaptation_methods/adjoint_matching.py)
-    base = dict(
-        batch_size=1024,
-        loss_times=None,
-        minibatch_size=8192,
-        updates_per_iteration=8,
-        lr=3e-2,
-        lr_schedule="cosine",
-        max_grad_norm=None,
-        time_weight="inverse",
-        restarts=4.0,
-        restart_after=0.7,
-        residual="copy",
-        likelihood_ratio=0.1,
-        seed=0,
-    )
-    base.update(kw)
-    return AdjointMatchingConfig(**base)
+    return multimodal_recipe(**{"lr": 3e-2, "seed": 0, **kw})

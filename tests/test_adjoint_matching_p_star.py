@@ -8,7 +8,7 @@ import torch
 
 from diffusiongym import energy_distance, null_energy_threshold
 from diffusiongym.tasks import make_task
-from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from diffusiongym.trainers.adjoint_matching import AdjointMatching, multimodal_recipe
 
 # The full budget of benchmarks/adaptation_methods/adjoint_matching.py: (iterations, learning rate).
 BUDGETS = {"GMM1D-v0": (100, 5e-2), "GMM2D-v0": (300, 5e-2)}
@@ -30,22 +30,7 @@ def test_mixture_copy_closes_the_gap_and_samples_p_star(task_id):
     # neither does the two-sample test. GMM2D needs its 300 iterations: with 200, seed 1 missed.
     iterations, lr = BUDGETS[task_id]
     task = make_task(task_id)
-    cfg = AdjointMatchingConfig(
-        iterations=iterations,
-        batch_size=1024,
-        loss_times=None,
-        minibatch_size=8192,
-        updates_per_iteration=8,
-        lr=lr,
-        lr_schedule="cosine",
-        max_grad_norm=None,
-        time_weight="inverse",
-        restarts=4.0,
-        restart_after=0.7,
-        residual="copy",
-        likelihood_ratio=0.1,
-        seed=0,
-    )
+    cfg = multimodal_recipe(iterations=iterations, lr=lr, seed=0)  # the benchmark rows' settings
     trainer = AdjointMatching(task, config=cfg, steps=50)
     trainer.train(progress=False)
     judge = AdjointMatching(task, model=trainer.model)  # the task's own 100-step grid

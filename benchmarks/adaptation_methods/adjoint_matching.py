@@ -22,7 +22,7 @@ from __future__ import annotations
 
 
 from diffusiongym.tasks import make_task
-from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
+from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig, multimodal_recipe
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]
 
@@ -50,24 +50,7 @@ EVAL_STEPS = 100  # the tasks' own grid
 
 def config(task_id: str, quick: bool, seed: int, **overrides: object) -> AdjointMatchingConfig:
     iterations, lr = BUDGETS[(task_id, quick)]
-    options = dict(
-        iterations=iterations,
-        batch_size=1024,
-        loss_times=None,
-        minibatch_size=8192,
-        updates_per_iteration=8,
-        lr=lr,
-        lr_schedule="cosine",
-        max_grad_norm=None,
-        time_weight="inverse",
-        restarts=4.0,
-        restart_after=0.7,
-        residual="copy",
-        likelihood_ratio=0.1,
-        seed=seed,
-    )
-    options.update(overrides)
-    return AdjointMatchingConfig(**options)
+    return multimodal_recipe(**{"iterations": iterations, "lr": lr, "seed": seed, **overrides})
 
 
 def make(

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from diffusiongym.discrete.simulator import DiscreteSimulator, resolve_discrete_task
 from diffusiongym.discrete.tasks import DiscreteTask
+from diffusiongym.envs.gym_env import render_frame
 from diffusiongym.envs.simulator import as_int, check_device
 
 __all__ = ["DiscreteFlowEnv", "DiscreteFlowVectorEnv", "render_tokens"]
@@ -162,13 +163,12 @@ class DiscreteFlowEnv(gym.Env):
 
     def render(self) -> np.ndarray | None:
         """The current tokens as a uint8 ``(H, W, 3)`` frame (``render_mode="rgb_array"``), else ``None``."""
-        if self.render_mode is None:
-            gym.logger.warn("render: called with render_mode=None; pass render_mode='rgb_array' to gym.make")
-            return None
-        if self.sim.x is None:
-            raise ResetNeeded("render: call reset() before render()")
-        path = self.task.path
-        return render_tokens(self.sim.x[0].cpu().numpy(), path.vocab_size, path.mask_token)
+        path, sim = self.task.path, self.sim
+        return render_frame(
+            self.render_mode,
+            sim.x is not None,
+            lambda: render_tokens(sim.x[0].cpu().numpy(), path.vocab_size, path.mask_token),
+        )
 
 
 class DiscreteFlowVectorEnv(gym.vector.VectorEnv):

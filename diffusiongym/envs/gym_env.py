@@ -25,6 +25,8 @@ grid of their values. Drawn with numpy only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Any
 
 import gymnasium as gym
@@ -58,6 +60,17 @@ def _density(task: Task, t: float, points: np.ndarray) -> np.ndarray | None:
     marginal = task.mixture.marginal(float(sched.alpha(tt)), float(sched.beta(tt)))
     logp = marginal.log_prob(torch.as_tensor(points, dtype=marginal.means.dtype)).double().numpy()
     return np.exp(logp - logp.max())
+
+
+def render_frame(render_mode: str | None, ready: bool, draw: Callable[[], np.ndarray]) -> np.ndarray | None:
+    """Gymnasium's render protocol, shared by the envs: ``None`` (with a warning) without a render
+    mode, ``ResetNeeded`` before the first reset, else the frame ``draw()``."""
+    if render_mode is None:
+        gym.logger.warn("render: called with render_mode=None; pass render_mode='rgb_array' to gym.make")
+        return None
+    if not ready:
+        raise ResetNeeded("render: call reset() before render()")
+    return draw()
 
 
 def render_state(task: Task, x: np.ndarray, t: float) -> np.ndarray:
@@ -212,9 +225,9 @@ class DiffusionEnv(gym.Env):
 
     def render(self) -> np.ndarray | None:
         """The current state as a uint8 ``(H, W, 3)`` frame (``render_mode="rgb_array"``), else ``None``."""
-        if self.render_mode is None:
-            gym.logger.warn("render: called with render_mode=None; pass render_mode='rgb_array' to gym.make")
-            return None
-        if self.sim.x is None:
-            raise ResetNeeded("render: call reset() before render()")
-        return render_state(self.task, self.sim.x[0].detach().cpu().float().numpy(), float(self.sim.times[self.sim.k]))
+        sim = self.sim
+        return render_frame(
+            self.render_mode,
+            sim.x is not None,
+            lambda: render_state(self.task, sim.x[0].detach().cpu().float().numpy(), float(sim.times[sim.k])),
+        )

@@ -68,11 +68,7 @@ class ModelControl(_Agent):
             raise TypeError(
                 f"model: expected a callable model(x, t, **cond) in the base parameterisation, got {type(model).__name__}"
             )
-        if not isinstance(env, DiffusionEnvironment):
-            raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
-        if env.noise.is_deterministic:
-            raise ValueError("env: sigma = 0 (noise='ode') defines no control; use a stochastic noise")
-        super().__init__(env, action_scale)
+        super().__init__(env, action_scale, requires_noise=True)
         self.model = model
 
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:

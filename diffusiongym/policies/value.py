@@ -35,10 +35,14 @@ __all__ = ["ValuePolicy", "ControlPolicy"]
 class _Agent(nn.Module):
     """Shared Gymnasium-side behaviour: observation in, normalised action out."""
 
-    def __init__(self, env: DiffusionEnvironment | None, action_scale: float):
+    def __init__(self, env: DiffusionEnvironment | None, action_scale: float, requires_noise: bool = False):
         super().__init__()
-        if env is not None and not isinstance(env, DiffusionEnvironment):
+        if (env is not None or requires_noise) and not isinstance(env, DiffusionEnvironment):
             raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
+        if requires_noise and env.noise.is_deterministic:
+            raise ValueError(
+                "env: sigma = 0 (noise='ode') admits no control u (dX = (b + sigma u) dt); use a stochastic noise"
+            )
         if not (isinstance(action_scale, (int, float)) and not isinstance(action_scale, bool) and action_scale > 0):
             raise ValueError(f"action_scale: expected a positive number, got {action_scale!r}")
         self.env = env
@@ -107,11 +111,7 @@ class ValuePolicy(_Agent):
             raise TypeError(
                 f"value_net: expected an nn.Module value_net(x, t, **cond) -> (n,), got {type(value_net).__name__}"
             )
-        if not isinstance(env, DiffusionEnvironment):
-            raise TypeError(f"env: expected a DiffusionEnvironment (for sigma(t)), got {type(env).__name__}")
-        if env.noise.is_deterministic:
-            raise ValueError("env: sigma = 0 (noise='ode') admits no control u = -sigma grad V; use a stochastic noise")
-        super().__init__(env, action_scale)
+        super().__init__(env, action_scale, requires_noise=True)
         self.value_net = value_net
 
     def value(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:

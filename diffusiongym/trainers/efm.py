@@ -55,7 +55,12 @@ from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.sampling import sample
 from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.checkpoint import CheckpointError, tensor_digest
-from diffusiongym.trainers.flow_matching import efm_weights, flow_matching_target, weighted_flow_matching_loss
+from diffusiongym.trainers.flow_matching import (
+    check_weighted_data,
+    efm_weights,
+    flow_matching_target,
+    weighted_flow_matching_loss,
+)
 
 __all__ = ["EFMConfig", "EFMTrainer", "efm_weights", "flow_matching_target", "weighted_flow_matching_loss"]
 
@@ -217,23 +222,10 @@ class EFMTrainer(Trainer):
             raise ValueError("data: a fixed data set needs mode='offline'")
         if getattr(self.task, "conditioning", {}):
             raise ValueError("data: fixed data sets are for unconditional tasks (this task draws conditioning)")
-        if (
-            not isinstance(data, (tuple, list))
-            or len(data) not in (2, 3)
-            or not all(isinstance(d, Tensor) for d in data)
-        ):
-            raise ValueError("data: expected a tuple (x1, rewards) or (x1, rewards, valid) of tensors")
-        x1, r = data[0], data[1]
+        x1, r, valid = check_weighted_data(data)
         shape = self.env.sample_shape
         if shape is not None and tuple(x1.shape[1:]) != tuple(shape):
             raise ValueError(f"data: x1: expected shape (n, {', '.join(map(str, shape))}), got {tuple(x1.shape)}")
-        if r.shape != (x1.shape[0],):
-            raise ValueError(f"data: rewards: expected shape ({x1.shape[0]},), got {tuple(r.shape)}")
-        valid = data[2] if len(data) == 3 else torch.isfinite(r)
-        if valid.shape != (x1.shape[0],) or valid.dtype != torch.bool:
-            raise ValueError(
-                f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}"
-            )
         return x1.to(self.device, self.dtype), r.to(self.device), valid.to(self.device)
 
     @property

@@ -19,7 +19,7 @@ from diffusiongym.schedulers import Scheduler
 from diffusiongym.timegrid import DEFAULT_T_START
 from diffusiongym.utils.validation import unknown_name_error
 
-__all__ = ["efm_weights", "flow_matching_target", "weighted_flow_matching_loss"]
+__all__ = ["efm_weights", "flow_matching_target", "weighted_flow_matching_loss", "check_weighted_data"]
 
 
 def efm_weights(log_weights: Tensor, valid: Tensor | None = None) -> tuple[Tensor, float]:
@@ -119,3 +119,20 @@ def weighted_flow_matching_loss(
     if weights is None:
         return err.mean()
     return (weights.to(err.dtype) * err).sum()
+
+
+def check_weighted_data(data: object) -> tuple[Tensor, Tensor, Tensor]:
+    """A fixed data set ``(x1, rewards)`` or ``(x1, rewards, valid)``: tensors with one row per
+    sample, ``rewards`` of shape ``(n,)`` and ``valid`` bool ``(n,)`` (default: finite rewards).
+    Returns ``(x1, rewards, valid)``; the caller checks ``x1``'s sample shape."""
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3) or not all(isinstance(d, Tensor) for d in data):
+        raise ValueError("data: expected a tuple (x1, rewards) or (x1, rewards, valid) of tensors")
+    x1, r = data[0], data[1]
+    if r.shape != (x1.shape[0],):
+        raise ValueError(f"data: rewards: expected shape ({x1.shape[0]},), got {tuple(r.shape)}")
+    valid = data[2] if len(data) == 3 else torch.isfinite(r)
+    if valid.shape != (x1.shape[0],) or valid.dtype != torch.bool:
+        raise ValueError(
+            f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}"
+        )
+    return x1, r, valid

@@ -34,7 +34,7 @@ from diffusiongym.discrete.train import cross_entropy_loss
 from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.trainers.checkpoint import tensor_digest
-from diffusiongym.trainers.flow_matching import efm_weights
+from diffusiongym.trainers.flow_matching import check_weighted_data, efm_weights
 from diffusiongym.utils.validation import check_positive_int
 
 __all__ = ["RewardWeightedConfig", "RewardWeightedTrainer"]
@@ -132,22 +132,9 @@ class RewardWeightedTrainer(Trainer):
     def _check_data(self, data: Any) -> tuple[Tensor, Tensor, Tensor] | None:
         if data is None:
             return None
-        if (
-            not isinstance(data, (tuple, list))
-            or len(data) not in (2, 3)
-            or not all(isinstance(d, Tensor) for d in data)
-        ):
-            raise ValueError("data: expected a tuple (x1, rewards) or (x1, rewards, valid) of tensors")
+        x1, r, valid = check_weighted_data(data)
         path = self.env.path
-        x1 = check_tokens(data[0], path.length, path.vocab_size, "data: x1")
-        r = data[1]
-        if r.shape != (x1.shape[0],):
-            raise ValueError(f"data: rewards: expected shape ({x1.shape[0]},), got {tuple(r.shape)}")
-        valid = data[2] if len(data) == 3 else torch.isfinite(r)
-        if valid.shape != (x1.shape[0],) or valid.dtype != torch.bool:
-            raise ValueError(
-                f"data: valid: expected a bool tensor of shape ({x1.shape[0]},), got {valid.dtype} {tuple(valid.shape)}"
-            )
+        x1 = check_tokens(x1, path.length, path.vocab_size, "data: x1")
         return x1.to(self.device), r.to(self.device), valid.to(self.device)
 
     # ------------------------------------------------------- discrete overrides

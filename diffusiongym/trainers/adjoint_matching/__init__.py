@@ -7,11 +7,12 @@
 - :mod:`.trainer`: :class:`AdjointMatching` (sample, adjoint, regression pairs, loss, update).
 """
 
-from diffusiongym.trainers.adjoint_matching.config import AdjointMatchingConfig
+from diffusiongym.trainers.adjoint_matching.config import AdjointMatchingConfig, multimodal_recipe
 from diffusiongym.trainers.adjoint_matching.lean_adjoint import check_differentiable_reward, lean_adjoint
 from diffusiongym.trainers.adjoint_matching.trainer import AdjointMatching, make_finetune_model, time_weights
 
 __all__ = [
+    "multimodal_recipe",
     "AdjointMatching",
     "AdjointMatchingConfig",
     "check_differentiable_reward",
