@@ -79,7 +79,7 @@ def test_jpeg_bits_per_pixel_matches_pillow_and_orders_images():
     noisy = _images(1, seed=3)
     bpp = jpeg_bits_per_pixel(torch.cat([flat, noisy]), quality=75)
     buf = io.BytesIO()
-    Image.fromarray(to_uint8(noisy)[0, 0].numpy(), mode="L").save(buf, format="JPEG", quality=75)
+    Image.fromarray(to_uint8(noisy)[0, 0].numpy()).save(buf, format="JPEG", quality=75)
     assert float(bpp[1]) == pytest.approx(8 * buf.tell() / 64)  # whole file, bits per pixel
     assert bpp[1] > bpp[0]  # noise compresses worse than a flat image
     c, valid = JPEGCompressibility()(torch.cat([flat, noisy]))

@@ -82,12 +82,12 @@ def test_everything_works_with_sockets_refusing_to_connect(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
     report = json.loads(line[len("REPORT") :])
-    import gymnasium as gym
-
-    import diffusiongym  # noqa: F401  (registers the ids)
-
-    expected = sorted(i for i in gym.registry if i.startswith("diffusiongym/"))
-    assert report["ids"] == expected and len(expected) >= 5
+    # the subprocess made every id that `import diffusiongym` registers (this process's registry may
+    # hold more: other tests register their own ids), the shipped ones among them
+    shipped = {
+        f"diffusiongym/{name}" for name in ("GMM1D-v0", "GMM2D-v0", "Digits-v0", "DiscreteGrid-v0", "DiscreteDigits-v0")
+    }
+    assert shipped <= set(report["ids"])
     assert report["pipeline_valid"]
     assert len(report["errors"]) == 2
     for message, _seconds in report["errors"]:
