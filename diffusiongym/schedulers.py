@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from diffusiongym.utils.validation import ArgumentTypeError, check_int, check_real, unknown_name_error
+from diffusiongym.utils.validation import (
+    ArgumentTypeError,
+    as_float64_vector,
+    check_int,
+    check_real,
+    unknown_name_error,
+)
 
 __all__ = ["Scheduler", "LinearScheduler", "CosineScheduler", "DiscreteVPScheduler", "make_scheduler", "SCHEDULERS"]
 
@@ -136,14 +142,7 @@ class DiscreteVPScheduler(Scheduler):
     name = "vp"
 
     def __init__(self, alphas_cumprod: Tensor | Any):
-        try:
-            abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ArgumentTypeError(
-                f"alphas_cumprod: expected a 1-D tensor or sequence of numbers, got {type(alphas_cumprod).__name__}"
-            ) from err
-        if abar.numel() < 2:
-            raise ValueError(f"alphas_cumprod: expected at least 2 entries, got {abar.numel()}")
+        abar = as_float64_vector("alphas_cumprod", alphas_cumprod, "entries")
         if not torch.all((abar > 0) & (abar < 1)):
             raise ValueError("alphas_cumprod: expected every entry in the open interval (0, 1)")
         if not torch.all(abar[1:] < abar[:-1]):

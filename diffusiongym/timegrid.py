@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from diffusiongym.utils.validation import MAX_STEPS, ArgumentTypeError, check_positive_int, check_real
+from diffusiongym.utils.validation import MAX_STEPS, as_float64_vector, check_positive_int, check_real
 
 __all__ = ["make_time_grid", "DEFAULT_T_START"]
 
@@ -48,14 +48,7 @@ def make_time_grid(
         Out-of-range values (naming the argument).
     """
     if grid is not None:
-        try:
-            g = torch.as_tensor(grid, dtype=torch.float64).flatten()
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ArgumentTypeError(
-                f"grid: expected a 1-D tensor or sequence of times, got {type(grid).__name__}"
-            ) from err
-        if g.numel() < 2:
-            raise ValueError(f"grid: expected at least 2 time points, got {g.numel()}")
+        g = as_float64_vector("grid", grid, "time points")
         if g.numel() > MAX_STEPS + 1:
             raise ValueError(f"grid: expected at most {MAX_STEPS + 1} time points, got {g.numel()}")
         if not bool(torch.isfinite(g).all()):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "as_float64_vector",
     "ArgumentTypeError",
     "MAX_STEPS",
     "unknown_name_error",
@@ -132,6 +133,20 @@ def check_real(
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{argument}: expected a number in [{low}, {high}], got {value!r}")
     return value
+
+
+def as_float64_vector(argument: str, value: object, what: str, min_length: int = 2) -> Tensor:
+    """``value`` (a tensor or sequence of numbers) as a flat float64 tensor of at least
+    ``min_length`` entries; ``TypeError`` / ``ValueError`` name ``argument`` and ``what``."""
+    try:
+        vector = torch.as_tensor(value, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ArgumentTypeError(
+            f"{argument}: expected a 1-D tensor or sequence of {what}, got {type(value).__name__}"
+        ) from err
+    if vector.numel() < min_length:
+        raise ValueError(f"{argument}: expected at least {min_length} {what}, got {vector.numel()}")
+    return vector
 
 
 def check_tensor(
