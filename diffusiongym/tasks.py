@@ -33,7 +33,9 @@ and a velocity base model; ``action_scale = 5`` covers the optimal control
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -56,6 +58,8 @@ from diffusiongym.utils.validation import (
 )
 
 __all__ = [
+    "resolve_task",
+    "TASK_OPTIONS",
     "BaseTask",
     "Task",
     "make_task",
@@ -365,3 +369,55 @@ def with_reward(task: Task, reward: Reward, reward_scale: float | None = None) -
     scale = task.reward_scale if reward_scale is None else check_real("reward_scale", reward_scale)
     oracle = task.oracle_factory(reward, scale) if task.oracle_factory is not None else None
     return replace(task, reward=reward, reward_scale=scale, oracle=oracle)
+
+
+#: fields of a task that a trainer's keyword arguments may override
+TASK_OPTIONS = ("name", "steps", "t_start", "action_scale", "oracle", "conditioning")
+
+
+def resolve_task(
+    task: Any, reward: Reward | None = None, reward_scale: float | None = None, **options: Any
+) -> BaseTask:
+    """The task a trainer works on, from a :class:`Task`, a registered id or an environment.
+
+    ``options`` (``steps``, ``t_start``, ``action_scale``, ``oracle``, ``conditioning``,
+    ``name``) override the task's fields, or describe the problem built around a bare
+    environment (then ``reward`` is required).
+    """
+    unknown = sorted(set(options) - set(TASK_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}; the task options are {list(TASK_OPTIONS)}")
+    if reward_scale is not None:
+        if (
+            isinstance(reward_scale, bool)
+            or not isinstance(reward_scale, (int, float))
+            or not math.isfinite(reward_scale)
+        ):
+            raise ValueError(f"reward_scale: expected a finite number, got {reward_scale!r}")
+    if reward is not None and not isinstance(reward, Reward):
+        raise TypeError(
+            f"reward: expected a diffusiongym Reward (wrap a function in CallableReward), got {type(reward).__name__}"
+        )
+    if isinstance(task, str):
+        task = make_task(task)
+    if isinstance(task, DiffusionEnvironment):
+        if reward is None:
+            raise TypeError("reward: required when the first argument is an environment (or pass a Task)")
+        return Task(
+            options.pop("name", "custom"), task, reward, 1.0 if reward_scale is None else float(reward_scale), **options
+        )
+    if not all(hasattr(task, a) for a in ("reward", "reward_scale", "steps")):
+        raise TypeError(
+            f"task: expected a Task, a registered task id or a DiffusionEnvironment, got {type(task).__name__}"
+        )
+    if reward is not None or reward_scale is not None:
+        if isinstance(task, Task):
+            task = with_reward(task, reward if reward is not None else task.reward, reward_scale)
+        else:  # an oracle solves the task's own problem: another reward or scale drops it
+            scale = task.reward_scale if reward_scale is None else float(reward_scale)
+            changed = reward is not None or scale != task.reward_scale
+            oracle = None if changed else getattr(task, "oracle", None)
+            task = dataclasses.replace(
+                task, reward=reward if reward is not None else task.reward, reward_scale=scale, oracle=oracle
+            )
+    return dataclasses.replace(task, **options) if options else task

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import inspect
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -43,9 +41,10 @@ from tqdm.auto import tqdm
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
-from diffusiongym.tasks import Task, make_task, with_reward
+from diffusiongym.tasks import TASK_OPTIONS, resolve_task
 from diffusiongym.timegrid import make_time_grid
 from diffusiongym.trainers.checkpoint import (
+    check_header,
     CheckpointError,
     read_checkpoint,
     stage_generators,
@@ -53,6 +52,7 @@ from diffusiongym.trainers.checkpoint import (
     stage_optimizers,
     write_checkpoint,
 )
+from diffusiongym.trainers.evaluation import EVALUATION_KEYS, trajectory_metrics
 from diffusiongym.trainers.config import LR_SCHEDULES, OPTIMIZERS, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.utils.io import optimizer_tensors
 from diffusiongym.utils.runtime import derive_seed, flush_denormals, seeded
@@ -69,79 +69,6 @@ __all__ = [
     "make_lr_scheduler",
     "trajectory_metrics",
 ]
-
-EVALUATION_KEYS = ("objective", "kl", "reward", "valid_fraction", "gap_closed")
-TASK_OPTIONS = ("name", "steps", "t_start", "action_scale", "oracle", "conditioning")
-
-
-# ----------------------------------------------------------------------------- task
-def resolve_task(task: Any, reward: Reward | None = None, reward_scale: float | None = None, **options: Any) -> Any:
-    """The task a trainer works on, from a :class:`Task`, a registered id or an environment.
-
-    ``options`` (``steps``, ``t_start``, ``action_scale``, ``oracle``, ``conditioning``,
-    ``name``) override the task's fields, or describe the problem built around a bare
-    environment (then ``reward`` is required).
-    """
-    unknown = sorted(set(options) - set(TASK_OPTIONS))
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments {unknown}; the task options are {list(TASK_OPTIONS)}")
-    if reward_scale is not None:
-        if (
-            isinstance(reward_scale, bool)
-            or not isinstance(reward_scale, (int, float))
-            or not math.isfinite(reward_scale)
-        ):
-            raise ValueError(f"reward_scale: expected a finite number, got {reward_scale!r}")
-    if reward is not None and not isinstance(reward, Reward):
-        raise TypeError(
-            f"reward: expected a diffusiongym Reward (wrap a function in CallableReward), got {type(reward).__name__}"
-        )
-    if isinstance(task, str):
-        task = make_task(task)
-    if isinstance(task, DiffusionEnvironment):
-        if reward is None:
-            raise TypeError("reward: required when the first argument is an environment (or pass a Task)")
-        return Task(
-            options.pop("name", "custom"), task, reward, 1.0 if reward_scale is None else float(reward_scale), **options
-        )
-    if not all(hasattr(task, a) for a in ("reward", "reward_scale", "steps")):
-        raise TypeError(
-            f"task: expected a Task, a registered task id or a DiffusionEnvironment, got {type(task).__name__}"
-        )
-    if reward is not None or reward_scale is not None:
-        if isinstance(task, Task):
-            task = with_reward(task, reward if reward is not None else task.reward, reward_scale)
-        else:  # an oracle solves the task's own problem: another reward or scale drops it
-            scale = task.reward_scale if reward_scale is None else float(reward_scale)
-            changed = reward is not None or scale != task.reward_scale
-            oracle = None if changed else getattr(task, "oracle", None)
-            task = dataclasses.replace(
-                task, reward=reward if reward is not None else task.reward, reward_scale=scale, oracle=oracle
-            )
-    return dataclasses.replace(task, **options) if options else task
-
-
-def trajectory_metrics(traj: Trajectory, task: Any) -> dict[str, float]:
-    """:data:`EVALUATION_KEYS` of sampled trajectories (means over valid samples)."""
-    v = traj.valid
-    nan = float("nan")
-    any_valid = bool(v.any())
-    objective = float(traj.objective[v].mean()) if any_valid and traj.kl is not None else nan
-    out = {
-        "objective": objective,
-        "kl": float(traj.kl[v].mean()) if any_valid and traj.kl is not None else nan,
-        "reward": float(traj.reward[v].mean()) if any_valid else nan,
-        "valid_fraction": float(v.float().mean()),
-        "gap_closed": nan,
-    }
-    oracle = getattr(task, "oracle", None)
-    if (
-        oracle is not None
-        and abs(oracle.optimal_objective - oracle.base_objective) > 1e-12
-        and math.isfinite(objective)
-    ):
-        out["gap_closed"] = float(oracle.gap_closed(objective))
-    return out
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -464,36 +391,7 @@ class Trainer(abc.ABC):
         return self
 
     def _stage(self, meta: dict[str, Any], tensors: dict[str, Tensor], where: Path) -> Callable[[], None]:
-        name = type(self).__name__
-        if meta.get("method") != name:
-            raise CheckpointError(f"{where}: method: this is a {meta.get('method')} checkpoint, not a {name} one")
-        want_task, got_task = self.task_fingerprint(), meta.get("task")
-        if not isinstance(got_task, dict):
-            raise CheckpointError(f"{where}: task: expected a dict, got {type(got_task).__name__}")
-        for key, value in want_task.items():
-            if got_task.get(key) != value:
-                raise CheckpointError(
-                    f"{where}: task.{key}: the checkpoint has {got_task.get(key)!r}, this trainer's task has {value!r}"
-                )
-        saved_config = self.config_class.from_dict(meta.get("config"), source=f"{where}: config")
-        if saved_config != self.config:
-            diff = [
-                f.name
-                for f in dataclasses.fields(self.config)
-                if getattr(saved_config, f.name) != getattr(self.config, f.name)
-            ]
-            raise CheckpointError(
-                f"{where}: config: fields {diff} differ from this trainer's; build it with {self.config_class.__name__}.from_dict(the saved config)"
-            )
-        iteration = meta.get("iteration")
-        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-            raise CheckpointError(f"{where}: iteration: expected a non-negative integer, got {iteration!r}")
-        history = meta.get("history")
-        if not isinstance(history, dict) or not all(
-            isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-            for v in history.values()
-        ):
-            raise CheckpointError(f"{where}: history: expected a dict of lists of numbers")
+        iteration, history = check_header(meta, where, type(self).__name__, self.task_fingerprint(), self.config)
         used: set[str] = set()
         steps: list[Callable[[], None]] = []
         steps += stage_modules(self.checkpoint_modules(), meta.get("modules"), tensors, where, used)

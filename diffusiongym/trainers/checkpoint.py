@@ -24,6 +24,7 @@ returns the functions that apply, so nothing is changed until everything has bee
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "read_checkpoint",
     "CheckpointError",
     "tensor_digest",
+    "check_header",
     "stage_modules",
     "stage_optimizers",
     "stage_generators",
@@ -159,6 +161,37 @@ def tensor_digest(*tensors: Tensor) -> str:
         h.update(f"{x.dtype}{tuple(x.shape)}".encode())
         h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
     return h.hexdigest()
+
+
+def check_header(
+    meta: dict[str, Any], where: Path, method: str, fingerprint: dict[str, Any], config: Any
+) -> tuple[int, dict[str, list[float]]]:
+    """Check a checkpoint's method, task fingerprint, config (must equal ``config``), iteration and
+    history against the live trainer's; returns ``(iteration, history)``."""
+    if meta.get("method") != method:
+        raise CheckpointError(f"{where}: method: this is a {meta.get('method')} checkpoint, not a {method} one")
+    got_task = meta.get("task")
+    if not isinstance(got_task, dict):
+        raise CheckpointError(f"{where}: task: expected a dict, got {type(got_task).__name__}")
+    for key, value in fingerprint.items():
+        if got_task.get(key) != value:
+            raise CheckpointError(
+                f"{where}: task.{key}: the checkpoint has {got_task.get(key)!r}, this trainer's task has {value!r}"
+            )
+    saved = type(config).from_dict(meta.get("config"), source=f"{where}: config")
+    if saved != config:
+        diff = [f.name for f in dataclasses.fields(config) if getattr(saved, f.name) != getattr(config, f.name)]
+        raise CheckpointError(
+            f"{where}: config: fields {diff} differ from this trainer's; build it with {type(config).__name__}.from_dict(the saved config)"
+        )
+    iteration = meta.get("iteration")
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise CheckpointError(f"{where}: iteration: expected a non-negative integer, got {iteration!r}")
+    history = meta.get("history")
+    numbers = lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)  # noqa: E731
+    if not isinstance(history, dict) or not all(numbers(v) for v in history.values()):
+        raise CheckpointError(f"{where}: history: expected a dict of lists of numbers")
+    return iteration, history
 
 
 def stage_modules(
