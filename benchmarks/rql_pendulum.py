@@ -39,16 +39,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from diffusiongym.trainers.rql import (
-    RQL,
-    FlowPolicy,
-    OfflineDataset,
-    OfflineTask,
-    RQLConfig,
-    collect_dataset,
-    evaluate_policy,
-    flow_matching_bc,
-)
+from diffusiongym.trainers.flow_policy import flow_matching_bc, FlowPolicy
+from diffusiongym.trainers.offline_data import collect_dataset, evaluate_policy, OfflineDataset, OfflineTask
+from diffusiongym.trainers.rql import RQL, RQLConfig
 from diffusiongym.utils.runtime import seeded
 
 

@@ -17,19 +17,10 @@ from diffusiongym.policies.agent import ControlAgent
 from diffusiongym.tasks import make_task
 from diffusiongym.trainers.base import EVALUATION_KEYS
 from diffusiongym.trainers.checkpoint import CheckpointError
-from diffusiongym.trainers.rql import (
-    RQL,
-    FlowPolicy,
-    OfflineDataset,
-    OfflineTask,
-    RQLConfig,
-    diffusion_dataset,
-    diffusion_policy,
-    drift_agent,
-    flow_kl_to_density,
-    flow_matching_bc,
-    reversal_error,
-)
+from diffusiongym.trainers.flow_diffusion import diffusion_dataset, diffusion_policy, drift_agent, flow_kl_to_density
+from diffusiongym.trainers.flow_policy import flow_matching_bc, FlowPolicy, reversal_error
+from diffusiongym.trainers.offline_data import OfflineDataset, OfflineTask
+from diffusiongym.trainers.rql import RQL, RQLConfig
 from diffusiongym.utils.runtime import seeded
 
 

@@ -1,50 +1,26 @@
 """Reversal Q-Learning (RQL): each flow (denoising) step of a flow policy is an RL action.
 
-Oberai, Park, Levine (2026), "Reversal Q-Learning"; ``docs/maths.md``, "Reversal
-Q-Learning". The pieces, in the order one iteration (:meth:`RQL.update`) uses them:
-
-Flow policy ``v(s, x^f, t_f)`` (:class:`~diffusiongym.trainers.flow_policy.FlowPolicy`)
-    ``F`` Euler steps ``x^{f+1} = x^f + v(s, x^f, t_f) h_f`` from ``x^0 ~ N(0, x0_std^2 I)``;
-    ``x^F`` is the action. In the diffusion gym ``s`` is empty, ``x^F = x1`` and the grid is
-    the task's (``steps`` Euler steps on ``[t_start, 1]``).
-Flow reversal
-    From a dataset action ``a = x^F``, integrate the current field backwards (explicit Euler,
-    optionally refined by ``reversal_iters`` fixed-point iterations of the implicit inverse).
-    The "virtual trajectory" ``x^0, ..., x^F`` is deterministic and on-policy.
-Value ``V(s, x^f, f)``
-    One network over complete (``f = F``: ``Q(s, a)``) and partial actions. Because the
-    virtual trajectory is deterministic and on-policy, every ``f`` has the *same* target
-    ``y = r + gamma (1 - done) V_target(s', x'^0, 0)``, ``x'^0`` fresh (gamma only on real
-    environment transitions). Huber loss, Polyak target network. ``chain_discount=True`` is
-    the ablation that discounts inside the chain (the wrong target ``gamma^{F - f} y``).
-Policy loss
-    Stepwise pathwise gradient, one hop per flow step, no backpropagation through the chain:
-    ``-V(s, x^f + v(s, x^f, t_f) h_f, f + 1)`` with ``x^f`` detached, plus
-    ``alpha |v(s, x^f, t_f) - (x^{f+1} - x^f) / h_f|^2``, behaviour cloning towards a
-    reversal's own step. ``bc_reversal`` picks which field reverses the data for that target:
-
-    - ``"current"`` (the paper's literal version): the same virtual trajectory. Its step is
-      ``v`` itself up to the integrator's error, so the term vanishes as ``reversal_iters``
-      grows whatever the distance to the data (tested): no behaviour constraint.
-    - ``"initial"`` (default): the frozen initial flow (the pretrained base / BC flow)
-      reverses the data (once, cached); ``v`` is evaluated at that flow's ``x^f``. A real
-      behaviour constraint: larger ``alpha`` stays closer to the data.
-
-    ``alpha`` multiplies a term in velocity units (``|dv|^2 ~ |da|^2 / h^2``: ``~F^2`` times
-    stronger than on actions). With ``normalize_q`` the value term is divided by the batch
-    mean of ``|V|`` (TD3+BC) so that ``alpha`` means the same across reward scales.
+Oberai, Park, Levine (2026), "Reversal Q-Learning"; the maths (flow reversal, the shared TD
+target of every flow step, the stepwise policy loss, the ``bc_reversal`` choices and the
+``alpha`` scale) is in ``docs/maths.md``, "Reversal Q-Learning". One iteration
+(:meth:`RQL.update`): reverse a batch of data actions through the flow, regress ``V(s, x^f, f)``
+on ``r + gamma (1 - done) V_target(s', x'^0, 0)`` at every ``f`` (Huber, Polyak target), and,
+every ``policy_delay`` updates after ``value_warmup``, step the policy on
+``-V(s, x^f + v h_f, f + 1) + alpha |v - (x^{f+1} - x^f) / h_f|^2``.
 
 Construction: ``RQL(task, config=..., steps=10)`` in the diffusion gym (the flow runs on the
-task's grid; default model :func:`diffusion_policy`, default data :func:`diffusion_dataset`), or
+task's grid; default model :func:`~diffusiongym.trainers.flow_diffusion.diffusion_policy`, default
+data :func:`~diffusiongym.trainers.flow_diffusion.diffusion_dataset`), or
 ``RQL(OfflineTask(data), model=FlowPolicy(...), config=...)`` for any offline data set (e.g. a
-Gymnasium Box env's, :func:`collect_dataset`; act with :meth:`RQL.act`, roll out with
-:func:`evaluate_policy`).
+Gymnasium Box env's, :func:`~diffusiongym.trainers.offline_data.collect_dataset`). The flow
+policy, its reversal and BC live in :mod:`~diffusiongym.trainers.flow_policy`, the data in
+:mod:`~diffusiongym.trainers.offline_data`, the diffusion-gym glue in
+:mod:`~diffusiongym.trainers.flow_diffusion`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -56,125 +32,19 @@ from torch import Tensor, nn
 from diffusiongym.sampling import Trajectory
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.trainers.checkpoint import CheckpointError
+from diffusiongym.trainers.rql_config import RQLConfig
 from diffusiongym.trainers.flow_diffusion import (
     FlowDrift,
     diffusion_base,
     diffusion_dataset,
     diffusion_policy,
-    drift_agent,
-    flow_kl_to_density,
     terminal_metrics,
 )
-from diffusiongym.trainers.flow_policy import FlowPolicy, FlowValue, flow_matching_bc, reversal_error
-from diffusiongym.trainers.offline_data import OfflineDataset, OfflineTask, collect_dataset, evaluate_policy
+from diffusiongym.trainers.flow_policy import FlowPolicy, FlowValue
+from diffusiongym.trainers.offline_data import OfflineDataset, OfflineTask
 from diffusiongym.utils.validation import check_positive_int
 
-__all__ = ["RQL", "RQLConfig"]  # and, re-exported for one import place, the pieces above
-__all__ += [
-    "FlowDrift",
-    "FlowPolicy",
-    "FlowValue",
-    "OfflineDataset",
-    "OfflineTask",
-    "collect_dataset",
-    "diffusion_dataset",
-]
-__all__ += [
-    "diffusion_policy",
-    "drift_agent",
-    "evaluate_policy",
-    "flow_kl_to_density",
-    "flow_matching_bc",
-    "reversal_error",
-]
-
-
-@dataclasses.dataclass
-class RQLConfig(TrainerConfig):
-    """Settings of :class:`RQL`; one iteration is one value update (and a policy update every
-    ``policy_delay`` after ``value_warmup``). ``lr`` is both networks' learning rate;
-    ``max_grad_norm`` clips each network's gradient.
-
-    Attributes
-    ----------
-    gamma : float
-        Discount on real environment transitions only, in ``[0, 1]``.
-    alpha : float
-        Weight of the behaviour-cloning term (velocity units).
-    bc_reversal : {"initial", "current"}
-        Which flow reverses the data for the BC target (module docstring).
-    reversal_iters : int
-        Fixed-point refinements of the reversal (0: explicit Euler).
-    chain_discount : bool
-        Ablation: discount inside the flow chain (wrong).
-    tau : float
-        Polyak rate of the target value network, in ``(0, 1]``.
-    huber_delta : float
-    normalize_q : bool
-        Divide the value term by the batch mean of ``|V|`` (TD3+BC).
-    value_hidden, value_layers : int
-        Value MLP size.
-    policy_hidden, policy_layers : int
-        Residual MLP of the default diffusion policy (ignored when a model is given).
-    policy_delay : int
-        A policy update every this many value updates.
-    value_warmup : int
-        Value-only iterations before the policy starts moving.
-    flow_samples : int
-        Flow indices per transition in each loss (0: all ``F + 1`` / ``F``; ``k``: ``k`` random ones).
-    dataset_size : int
-        Base samples drawn for a diffusion task when no ``dataset`` is given.
-    dataset_noise : {"ode", "memoryless"}
-        Sampler of that data set.
-    dataset_steps : int or None
-        Its Euler steps (``None``: the task's ``steps``).
-    """
-
-    iterations: int = 1000
-    batch_size: int = 256
-    lr: float = 3e-4
-    max_grad_norm: float | None = 10.0
-    gamma: float = 0.99
-    alpha: float = 1.0
-    bc_reversal: str = "initial"
-    reversal_iters: int = 0
-    chain_discount: bool = False
-    tau: float = 0.005
-    huber_delta: float = 1.0
-    normalize_q: bool = False
-    value_hidden: int = 256
-    value_layers: int = 3
-    policy_hidden: int = 128
-    policy_layers: int = 3
-    policy_delay: int = 1
-    value_warmup: int = 0
-    flow_samples: int = 0
-    dataset_size: int = 4096
-    dataset_noise: str = "ode"
-    dataset_steps: int | None = None
-
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        "bc_reversal": ("initial", "current"),
-        "dataset_noise": ("ode", "memoryless"),
-    }
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma: expected a value in [0, 1], got {self.gamma}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau: expected a value in (0, 1], got {self.tau}")
-        if self.alpha < 0:
-            raise ValueError(f"alpha: expected alpha >= 0, got {self.alpha}")
-        if self.huber_delta <= 0:
-            raise ValueError(f"huber_delta: expected a positive number, got {self.huber_delta}")
-        for name in ("value_hidden", "policy_hidden", "policy_delay", "dataset_size"):
-            check_positive_int(name, getattr(self, name))
-        if self.dataset_steps is not None:
-            check_positive_int("dataset_steps", self.dataset_steps)
-        for name in ("reversal_iters", "value_layers", "policy_layers", "value_warmup", "flow_samples"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)!r}")
+__all__ = ["RQL", "RQLConfig"]
 
 
 class RQL(Trainer):
