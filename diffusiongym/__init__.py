@@ -23,7 +23,8 @@ from diffusiongym.noise import ODE, CallableNoise, Constant, Memoryless, Noise, 
 from diffusiongym.schedulers import CosineScheduler, DiscreteVPScheduler, LinearScheduler, Scheduler, make_scheduler
 
 # Base models
-from diffusiongym.models.diffusers_bridge import diffusers_environment, load_diffusers_environment
+from diffusiongym.models.diffusers_bridge import diffusers_environment
+from diffusiongym.models.diffusers_loader import load_diffusers_environment
 from diffusiongym.models.digits import digits_task, load_digits_model
 from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, TrainableGaussianMixtureModel, gmm_preset
 from diffusiongym.models.lora import add_lora, load_lora, save_lora

@@ -14,12 +14,8 @@ from torch import nn
 
 from diffusiongym import GaussianMixture, energy_distance, gmm_preset, sample
 from diffusiongym.envs.environment import EndpointEnvironment, EpsilonEnvironment, VelocityEnvironment
-from diffusiongym.models.diffusers_bridge import (
-    DiffusersModel,
-    diffusers_environment,
-    load_diffusers_environment,
-    scheduler_from_diffusers,
-)
+from diffusiongym.models.diffusers_bridge import DiffusersModel, diffusers_environment, scheduler_from_diffusers
+from diffusiongym.models.diffusers_loader import load_diffusers_environment
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from tiny_unets import tiny_unet
 from torch import nn
 
 from diffusiongym import AdjointMatching, AdjointMatchingConfig, BrightnessReward, add_lora, load_lora, save_lora
-from diffusiongym.models.diffusers_bridge import load_diffusers_environment
+from diffusiongym.models.diffusers_loader import load_diffusers_environment
 from diffusiongym.models.digits import digits_environment, load_digits_model
 from diffusiongym.models.lora import lora_settings, lora_state_dict, lora_targets
 

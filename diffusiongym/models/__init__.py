@@ -1,11 +1,7 @@
 """Base models: exact Gaussian mixtures, the shipped digits model, and the diffusers bridge."""
 
-from diffusiongym.models.diffusers_bridge import (
-    DiffusersModel,
-    diffusers_environment,
-    load_diffusers_environment,
-    scheduler_from_diffusers,
-)
+from diffusiongym.models.diffusers_bridge import DiffusersModel, diffusers_environment, scheduler_from_diffusers
+from diffusiongym.models.diffusers_loader import load_diffusers_environment
 from diffusiongym.models.digit_classifier import DigitClassifier, load_digit_classifier
 from diffusiongym.models.digits import DigitsUNet, digits_environment, digits_task, load_digits_model
 from diffusiongym.models.gmm import (
