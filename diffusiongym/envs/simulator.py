@@ -42,6 +42,7 @@ import torch
 from gymnasium import spaces
 from torch import Tensor
 
+from diffusiongym.policies.control import output_control
 from diffusiongym.sampling import StepSchedule
 from diffusiongym.tasks import TASKS, Task, make_task
 from diffusiongym.timegrid import make_time_grid
@@ -406,7 +407,7 @@ class DiffusionSimulator:
         else:
             out = a * self.action_scale
             drift = torch.add(x * s.coef_x[k], out, alpha=s.coef_out[k])
-            u = None if self.deterministic else (out - out_base) * (s.coef_out[k] / sig)
+            u = None if self.deterministic else output_control(out, out_base, s.coef_out[k] / sig)
         reward = (
             torch.zeros(n, dtype=self.dtype, device=self.device)
             if u is None
