@@ -28,8 +28,12 @@ TASKS = ["GMM1D-v0", "GMM2D-v0"]
 FLOW_STEPS = 10
 # BC weight per task (normalised Q), quick budget, seed 0 unless said:
 # GMM1D alpha 0.05 gap 0.28 (seeds 1, 2: 0.25, 0.15), 0.07 0.18, 0.1 0.18 (seeds 1, 2: 0.19, 0.16),
-# 0.15 0.17, 0.2 0.14 (the previous implementation: 0.03 ran away, KL 1e7); GMM2D alpha 0.03 gap 0.45.
-ALPHA = {"GMM1D-v0": 0.05, "GMM2D-v0": 0.03}
+# 0.15 0.17, 0.2 0.14 (the previous implementation: 0.03 ran away, KL 1e7).
+# GMM2D, mean (min-max) of the gap over 10 evaluation seeds of 4096 samples, training seeds 0 / 1: alpha 0.03
+# -0.21 (-2.09-0.37: a few samples far from the base's modes make the exact terminal KL heavy-tailed), 0.05
+# 0.347 (0.33-0.37) / 0.332 (0.31-0.36), 0.1 0.248 / 0.248, 0.2 0.153 / 0.156. The previous implementation's
+# policy (alpha 0.03) scored 0.140 (-0.15-0.21) on the same 10 seeds; GMM1D 0.201 then, 0.257 now.
+ALPHA = {"GMM1D-v0": 0.05, "GMM2D-v0": 0.05}
 
 
 def config(seed: int, alpha: float = 0.03, quick: bool = True) -> RQLConfig:
