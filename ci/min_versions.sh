@@ -9,12 +9,14 @@ VENV=${1:-/tmp/diffusiongym-min}
 python3 -m venv "$VENV"
 PIP="$VENV/bin/pip"
 "$PIP" install "${TORCH_SPEC:-torch==2.13.0}"  # set TORCH_SPEC / PIP_EXTRA_INDEX_URL for a CPU wheel index in CI
-"$PIP" install -c "$ROOT/ci/constraints-min.txt" gymnasium numpy safetensors tqdm pytest
+"$PIP" install -c "$ROOT/ci/constraints-min.txt" gymnasium numpy safetensors tqdm diffusers pytest
 "$PIP" install --no-deps -e "$ROOT"
 "$VENV/bin/python" - <<'PY'
 import gymnasium, numpy
-assert gymnasium.__version__ == "1.1.0" and numpy.__version__ == "1.24.4", (gymnasium.__version__, numpy.__version__)
+import diffusers
+assert (gymnasium.__version__, numpy.__version__, diffusers.__version__) == ("1.1.0", "1.24.4", "0.30.0"), (gymnasium.__version__, numpy.__version__, diffusers.__version__)
 PY
 cd "$ROOT"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
-    tests/test_gym_env.py tests/test_vector_env.py tests/test_discrete.py tests/test_env_bad_inputs.py tests/test_gym_interop.py
+    tests/test_gym_env.py tests/test_vector_env.py tests/test_discrete.py tests/test_env_bad_inputs.py tests/test_gym_interop.py \
+    tests/test_diffusers_bridge.py tests/test_no_network.py
