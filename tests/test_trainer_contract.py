@@ -27,6 +27,7 @@ from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatch
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.trainers.efm import EFMConfig, EFMTrainer
 from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig
+from diffusiongym.trainers.policy_gradient_discrete import DiscretePolicyGradient
 from diffusiongym.trainers.reward_weighted import RewardWeightedConfig, RewardWeightedTrainer
 from diffusiongym.trainers.rql import RQL, RQLConfig
 from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
@@ -91,6 +92,13 @@ def make_policy_gradient(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10)
     return PolicyGradient(task, config=config, steps=steps)
 
 
+def make_policy_gradient_discrete(seed: int = 0) -> Trainer:
+    config = PolicyGradientConfig(
+        iterations=6, batch_size=16, group_size=8, num_minibatches=2, hidden=16, layers=2, seed=seed
+    )
+    return DiscretePolicyGradient(grid_task(size=8, steps=10), config=config)
+
+
 def make_rql(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
     config = RQLConfig(
         iterations=6,
@@ -110,6 +118,7 @@ def make_rql(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
 TRAINERS: dict[str, Callable[..., Trainer]] = {
     "rql": make_rql,
     "policy_gradient": make_policy_gradient,
+    "policy_gradient_discrete": make_policy_gradient_discrete,
     "adjoint_matching": make_adjoint_matching,
     "efm": make_efm,
     "reward_weighted_discrete": make_reward_weighted_discrete,

@@ -7,7 +7,8 @@
 - Energy-weighted flow matching: :class:`EFMTrainer`.
 - Policy gradient (GRPO/PPO) on the denoising MDP: :class:`PolicyGradient`.
 - Reversal Q-learning: :class:`RQL`.
-- Discrete (CTMC) reward-weighted cross-entropy: :class:`RewardWeightedTrainer`.
+- Discrete (CTMC) tasks: reward-weighted cross-entropy :class:`RewardWeightedTrainer` and policy
+  gradient :class:`DiscretePolicyGradient` (both on :class:`~diffusiongym.trainers.discrete_trainer.DiscreteTrainer`).
 
 Method internals (``lean_adjoint``, ``group_advantages``, ``efm_weights``, ...) are
 reachable from their modules.
@@ -18,6 +19,7 @@ from diffusiongym.trainers.base import Trainer
 from diffusiongym.trainers.config import TrainerConfig
 from diffusiongym.trainers.efm import EFMConfig, EFMTrainer
 from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig
+from diffusiongym.trainers.policy_gradient_discrete import DiscretePolicyGradient
 from diffusiongym.trainers.reward_weighted import RewardWeightedConfig, RewardWeightedTrainer
 from diffusiongym.trainers.rql import RQL, RQLConfig
 from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig, load_value_policy
@@ -34,6 +36,7 @@ __all__ = [
     "EFMConfig",
     "PolicyGradient",
     "PolicyGradientConfig",
+    "DiscretePolicyGradient",
     "RQL",
     "RQLConfig",
     "RewardWeightedTrainer",

@@ -67,7 +67,15 @@ from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
-__all__ = ["PolicyGradient", "PolicyGradientConfig", "Rollout", "group_advantages"]
+__all__ = [
+    "PolicyGradient",
+    "PolicyGradientConfig",
+    "Rollout",
+    "group_advantages",
+    "ppo_loss",
+    "ppo_update",
+    "rollout_metrics",
+]
 
 POLICY_TYPES = ("model", "control")
 
@@ -141,14 +149,15 @@ def group_advantages(returns: Tensor, group_size: int, normalize_std: bool = Tru
 
 @dataclass
 class Rollout:
-    """One batch of episodes collected from the vector env (``m`` steps, ``n`` envs).
+    """One batch of episodes (``m`` steps, ``n`` envs) for :func:`ppo_update`.
 
     Attributes
     ----------
     states : Tensor, (m + 1, n, *shape)
         Observed ``x`` from ``reset`` to the final observation.
     base_out : Tensor, (m, n, *shape)
-        Base model output at each visited state (no grad).
+        Base model output at each visited state (no grad); for a discrete chain
+        (:mod:`~diffusiongym.trainers.policy_gradient_discrete`) the base jump rates ``(m, n, D, K)``.
     log_probs : Tensor, (m, n)
         ``log pi(x_{k+1} | x_k)`` under the policy that acted.
     step_rewards : Tensor, (m, n)
@@ -172,6 +181,99 @@ class Rollout:
     def returns(self) -> Tensor:
         """Undiscounted env return ``lambda r - KL``, shape ``(n,)``."""
         return self.step_rewards.sum(0)
+
+
+def rollout_metrics(batch: Rollout, reward_scale: float) -> dict[str, float]:
+    """``reward`` (mean ``r`` over valid episodes), ``kl`` (the running cost, ``lambda r``
+    minus the return), ``objective`` (the return ``lambda r - KL``), both over valid
+    episodes, and ``valid_fraction`` of a rollout."""
+    valid = batch.valid
+    nan = float("nan")
+    any_valid = bool(valid.any())
+    kl = reward_scale * batch.reward - batch.returns
+    return {
+        "reward": float(batch.reward[valid].mean()) if any_valid else nan,
+        "kl": float(kl[valid].mean()) if any_valid else nan,
+        "objective": float(batch.returns[valid].mean()) if any_valid else nan,
+        "valid_fraction": float(valid.float().mean()),
+    }
+
+
+StepTerms = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def ppo_loss(
+    new_logp: Tensor, old_logp: Tensor, adv: Tensor, kl: Tensor, clip_coef: float, kl_scale: float, steps: int
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO loss of a minibatch of ``b`` (step, trajectory) pairs, all arguments of shape ``(b,)``.
+
+    ``steps * (mean(-min(rho A, clip(rho, 1 - eps, 1 + eps) A)) + kl_scale * mean(kl))`` with
+    ``rho = exp(new_logp - old_logp)`` and ``kl`` the exact per-step KL to the base (the
+    factor ``steps`` turns means over pairs into per-trajectory sums over steps). Returns the
+    loss and its floats ``loss``, ``pg_loss``, ``kl_loss``, ``clip_fraction``, ``approx_kl``.
+    """
+    log_ratio = new_logp - old_logp
+    ratio = log_ratio.exp()
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+    kl_step = kl.mean()
+    loss = steps * (pg_loss + kl_scale * kl_step)
+    with torch.no_grad():
+        stats = {
+            "loss": float(loss),
+            "pg_loss": float(pg_loss),
+            "kl_loss": float(kl_step) * steps,
+            "clip_fraction": float(((ratio - 1).abs() > clip_coef).float().mean()),
+            "approx_kl": float(((ratio - 1) - log_ratio).mean()),
+        }
+    return loss, stats
+
+
+def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[str, float]:
+    """The PPO update shared by the policy-gradient trainers (``docs/maths.md``, "Policy gradients").
+
+    Group advantages of the batch's returns (``kl_in_return``; invalid episodes get 0), then
+    ``update_epochs`` passes over shuffled minibatches (``trainer.generator``) of the
+    ``m * n`` (step, trajectory) pairs with :func:`ppo_loss`; ``step_terms(k, i)`` (step and
+    trajectory indices, ``(b,)`` each) returns the current policy's ``log pi(x_{k+1} | x_k)``
+    and its exact per-step KL to the base, ``(b,)`` each, differentiable in ``trainer.model``.
+    Returns the means over minibatches of the :func:`ppo_loss` floats and ``grad_norm``.
+    """
+    cfg = trainer.config
+    m, n = batch.log_probs.shape
+    returns = batch.returns if cfg.kl_in_return else trainer.task.reward_scale * batch.reward
+    valid = batch.valid
+    adv = group_advantages(returns, cfg.group_size, cfg.normalize_std)
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    # the KL penalty is divided by the same return scale as the advantages, so that
+    # kl_coef = 1 is the gradient of lambda r - KL (up to a positive factor)
+    ret_std = float(returns[valid].std()) if int(valid.sum()) > 1 else 0.0
+    kl_scale = cfg.kl_coef / (ret_std + 1e-6) if cfg.normalize_std else cfg.kl_coef
+
+    trainer.model.train()
+    device = batch.log_probs.device
+    flat_k = torch.arange(m, device=device).repeat_interleave(n)
+    flat_i = torch.arange(n, device=device).repeat(m)
+    total = m * n
+    mb = max(1, total // cfg.num_minibatches)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    stats = dict.fromkeys(("loss", "pg_loss", "kl_loss", "clip_fraction", "approx_kl", "grad_norm"), 0.0)
+    count = 0
+    for _epoch in range(cfg.update_epochs):
+        perm = torch.randperm(total, generator=trainer.generator, device=device)
+        for start in range(0, total, mb):
+            sel = perm[start : start + mb]
+            k, i = flat_k[sel], flat_i[sel]
+            new_logp, kl = step_terms(k, i)
+            loss, floats = ppo_loss(new_logp, batch.log_probs[k, i], adv[i], kl, cfg.clip_coef, kl_scale, m)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            floats["grad_norm"] = trainer.clip_gradients(params)
+            trainer.optimizer.step()
+            for key, value in floats.items():
+                stats[key] += value
+            count += 1
+    trainer.model.eval()
+    return {key: value / count for key, value in stats.items()}
 
 
 class PolicyGradient(Trainer):
@@ -305,81 +407,30 @@ class PolicyGradient(Trainer):
         return torch.where(valid, r.to(self.dtype), torch.zeros((), dtype=self.dtype, device=r.device)), valid
 
     def rollout_metrics(self, batch: Rollout) -> dict[str, float]:
-        """``reward`` (mean ``r`` over valid episodes), ``kl`` (the env's running cost
-        ``sum_k 1/2 h |u_k|^2``), ``objective`` (the env's return ``lambda r - KL``), both over
-        valid episodes, and ``valid_fraction`` of a rollout."""
-        valid = batch.valid
-        nan = float("nan")
-        any_valid = bool(valid.any())
-        kl = self.task.reward_scale * batch.reward - batch.returns
-        return {
-            "reward": float(batch.reward[valid].mean()) if any_valid else nan,
-            "kl": float(kl[valid].mean()) if any_valid else nan,
-            "objective": float(batch.returns[valid].mean()) if any_valid else nan,
-            "valid_fraction": float(valid.float().mean()),
-        }
+        """:func:`rollout_metrics` of a rollout of this trainer."""
+        return rollout_metrics(batch, self.task.reward_scale)
 
     # ------------------------------------------------------------------ training
     def _step(self) -> dict[str, float]:
-        """Rollout with the current policy, then the PPO update. ``reward``, ``kl``,
-        ``objective`` and ``valid_fraction`` describe the rollout (the policy *before* its
-        update); ``loss``, ``pg_loss``, ``kl_loss``, ``clip_fraction``, ``approx_kl`` and
+        """Rollout with the current policy, then the PPO update (:func:`ppo_update`). ``reward``,
+        ``kl``, ``objective`` and ``valid_fraction`` describe the rollout (the policy *before*
+        its update); ``loss``, ``pg_loss``, ``kl_loss``, ``clip_fraction``, ``approx_kl`` and
         ``grad_norm`` are means over the update's minibatches."""
-        cfg = self.config
-        n, m = self.num_envs, self.sim.steps
         self.model.eval()
         batch = self.rollout(self.init_seed("rollout", self.iteration))
-        states, base_out, old_logp, cond, valid = batch.states, batch.base_out, batch.log_probs, batch.cond, batch.valid
-
-        returns = batch.returns if cfg.kl_in_return else self.task.reward_scale * batch.reward
-        adv = group_advantages(returns, cfg.group_size, cfg.normalize_std)
-        adv = torch.where(valid, adv, torch.zeros_like(adv))
-        # the KL penalty is divided by the same return scale as the advantages, so that
-        # kl_coef = 1 is the gradient of lambda r - KL (up to a positive factor)
-        ret_std = float(returns[valid].std()) if int(valid.sum()) > 1 else 0.0
-        kl_scale = cfg.kl_coef / (ret_std + 1e-6) if cfg.normalize_std else cfg.kl_coef
-
-        self.model.train()
+        states, base_out, cond = batch.states, batch.base_out, batch.cond
         times = self.sim.times
-        flat_k = torch.arange(m, device=self.device).repeat_interleave(n)
-        flat_i = torch.arange(n, device=self.device).repeat(m)
-        total = m * n
-        mb = max(1, total // cfg.num_minibatches)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        stats = dict.fromkeys(("loss", "pg_loss", "kl_loss", "clip_fraction", "approx_kl", "grad_norm"), 0.0)
-        count = 0
-        for _epoch in range(cfg.update_epochs):
-            perm = torch.randperm(total, generator=self.generator, device=self.device)
-            for start in range(0, total, mb):
-                sel = perm[start : start + mb]
-                k, i = flat_k[sel], flat_i[sel]
-                x, x_next, out_b = states[k, i], states[k + 1, i], base_out[k, i]
-                shape = (-1, *([1] * (x.ndim - 1)))
-                drift = self._coef_x[k].reshape(shape) * x + self._coef_out[k].reshape(shape) * out_b
-                u = self._control(x, times[k], {name: value[i] for name, value in cond.items()}, out_b, k)
-                new_logp = euler_step_log_prob(x_next, x, drift, self._h[k], self._sigma[k], u)
-                log_ratio = new_logp - old_logp[k, i]
-                ratio = log_ratio.exp()
-                a = adv[i]
-                pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
-                # exact per-step Gaussian KL to the base: |mean_theta - mean_base|^2 / (2 h sigma^2) = 1/2 h |u|^2
-                kl_step = (0.5 * self._h[k] * (u**2).reshape(len(sel), -1).sum(1)).mean()
-                # per-trajectory sums over steps: m * (mean over pairs)
-                loss = m * (pg_loss + kl_scale * kl_step)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = self.clip_gradients(params)
-                self.optimizer.step()
-                with torch.no_grad():
-                    stats["loss"] += float(loss)
-                    stats["pg_loss"] += float(pg_loss)
-                    stats["kl_loss"] += float(kl_step) * m
-                    stats["clip_fraction"] += float(((ratio - 1).abs() > cfg.clip_coef).float().mean())
-                    stats["approx_kl"] += float(((ratio - 1) - log_ratio).mean())
-                    stats["grad_norm"] += grad_norm
-                count += 1
-        self.model.eval()
-        return {**self.rollout_metrics(batch), **{key: value / count for key, value in stats.items()}}
+
+        def step_terms(k: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+            x, x_next, out_b = states[k, i], states[k + 1, i], base_out[k, i]
+            shape = (-1, *([1] * (x.ndim - 1)))
+            drift = self._coef_x[k].reshape(shape) * x + self._coef_out[k].reshape(shape) * out_b
+            u = self._control(x, times[k], {name: value[i] for name, value in cond.items()}, out_b, k)
+            new_logp = euler_step_log_prob(x_next, x, drift, self._h[k], self._sigma[k], u)
+            # exact per-step Gaussian KL to the base: |mean_theta - mean_base|^2 / (2 h sigma^2) = 1/2 h |u|^2
+            return new_logp, 0.5 * self._h[k] * (u**2).reshape(len(k), -1).sum(1)
+
+        return {**self.rollout_metrics(batch), **ppo_update(self, batch, step_terms)}
 
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

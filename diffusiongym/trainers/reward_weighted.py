@@ -27,13 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusiongym.discrete.chain import DiscreteTrajectory, control_from_model, sample_chain, time_grid
-from diffusiongym.discrete.models import PosteriorModel, ResidualPosterior, check_tokens
-from diffusiongym.discrete.tasks import DiscreteTask
+from diffusiongym.discrete.chain import sample_chain
+from diffusiongym.discrete.models import check_tokens
 from diffusiongym.discrete.train import cross_entropy_loss
-from diffusiongym.trainers.base import Trainer, TrainerConfig
-from diffusiongym.trainers.checkpoint import CheckpointError
-from diffusiongym.trainers.checkpoint import tensor_digest
+from diffusiongym.trainers.base import TrainerConfig
+from diffusiongym.trainers.discrete_trainer import DiscreteTrainer
+from diffusiongym.trainers.checkpoint import CheckpointError, tensor_digest
 from diffusiongym.trainers.flow_matching import check_weighted_data, efm_weights
 from diffusiongym.utils.validation import check_positive_int
 
@@ -73,7 +72,7 @@ class RewardWeightedConfig(TrainerConfig):
             raise ValueError(f"ess_warn_fraction: expected a number in (0, 1), got {self.ess_warn_fraction!r}")
 
 
-class RewardWeightedTrainer(Trainer):
+class RewardWeightedTrainer(DiscreteTrainer):
     """Reward-weighted cross-entropy fine-tune (see the module docstring) on a discrete task.
 
     Parameters
@@ -104,29 +103,9 @@ class RewardWeightedTrainer(Trainer):
     config: RewardWeightedConfig
 
     def setup(self, model: Any, *, data: tuple[Tensor, ...] | None = None) -> None:
-        if not isinstance(self.task, DiscreteTask):
-            raise TypeError(f"task: expected a DiscreteTask or a discrete task id, got {type(self.task).__name__}")
-        base = self.env
-        base_device = next((b.device for b in base.buffers()), None) or next(
-            (p.device for p in base.parameters()), self.device
-        )
-        if base_device != self.device:
-            raise ValueError(
-                f"device: the task's base model is on {base_device}, expected {self.device} (move it with task.model.to(device))"
-            )
-        if model is None:
-            model = self.build(lambda: ResidualPosterior(base, hidden=128, layers=2), "model").to(self.device)
-        elif not isinstance(model, PosteriorModel):
-            raise TypeError(
-                f"model: expected a PosteriorModel (e.g. ResidualPosterior(base)), got {type(model).__name__}"
-            )
-        if model.path.config() != base.path.config():
-            raise ValueError(f"model: expected the base's path {base.path.config()}, got {model.path.config()}")
-        self.model = model
+        self.setup_model(model, hidden=128, layers=2)
         self.data = self._check_data(data)
         self._data_digest = None if self.data is None else tensor_digest(*self.data)
-        self.configure_optimizer(model)
-        self._policy = control_from_model(base, model)
         self._dataset: dict[str, Any] | None = None
 
     def _check_data(self, data: Any) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -136,49 +115,6 @@ class RewardWeightedTrainer(Trainer):
         path = self.env.path
         x1 = check_tokens(x1, path.length, path.vocab_size, "data: x1")
         return x1.to(self.device), r.to(self.device), valid.to(self.device)
-
-    # ------------------------------------------------------- discrete overrides
-    @property
-    def env(self) -> PosteriorModel:  # type: ignore[override]
-        """The base posterior model (its chain is the reference process)."""
-        return self.task.model
-
-    @property
-    def times(self) -> Tensor:
-        """The uniform jump-chain grid on [0, 1], float64 ``(steps + 1,)``."""
-        return time_grid(self.task.steps)
-
-    @property
-    def policy(self) -> Callable[..., Tensor]:
-        return self._policy
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, seed: int = 0, steps: int | None = None, **kwargs: Any) -> DiscreteTrajectory:  # type: ignore[override]
-        """Fresh chains of the current :attr:`policy` (no effect on training's RNG), on the task's
-        grid or a uniform grid of ``steps`` jump steps."""
-        n = check_positive_int("num_samples", num_samples)
-        times = self.times if steps is None else time_grid(check_positive_int("steps", steps))
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        return sample_chain(
-            self.env,
-            n,
-            times=times,
-            control=self.policy,
-            reward=self.task.reward,
-            reward_scale=self.task.reward_scale,
-            generator=gen,
-            **kwargs,
-        )
-
-    def task_fingerprint(self) -> dict[str, Any]:
-        t = self.task
-        return {
-            "name": str(t.name),
-            "path": self.env.path.config(),
-            "reward": type(t.reward).__name__,
-            "reward_scale": float(t.reward_scale),
-            "steps": int(t.steps),
-        }
 
     # ------------------------------------------------------------------ training
     def _weighted_data(self) -> dict[str, Any]:
