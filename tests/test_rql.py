@@ -21,6 +21,7 @@ from diffusiongym.trainers.flow_diffusion import diffusion_dataset, diffusion_po
 from diffusiongym.trainers.flow_policy import flow_matching_bc, FlowPolicy, reversal_error
 from diffusiongym.trainers.offline_data import OfflineDataset, OfflineTask
 from diffusiongym.trainers.rql import RQL, RQLConfig
+from diffusiongym.trainers.rql_config import diffusion_recipe
 from diffusiongym.utils.runtime import seeded
 
 
@@ -440,24 +441,8 @@ def test_rql_beats_behaviour_cloning_on_a_two_step_chain(chain_bc, bc_reversal):
 @pytest.fixture(scope="module")
 def trained_gmm2d(gmm2d):
     """RQL trained offline on 2048 base ODE samples of GMM2D-v0, 300 iterations (shared by two tests)."""
-    cfg = RQLConfig(
-        alpha=0.3,
-        bc_reversal="initial",
-        reversal_iters=1,
-        gamma=1.0,
-        batch_size=128,
-        value_hidden=128,
-        value_layers=2,
-        policy_hidden=64,
-        policy_layers=2,
-        lr=1e-3,
-        flow_samples=2,
-        value_warmup=50,
-        iterations=300,
-        dataset_size=2048,
-        dataset_steps=100,
-        seed=0,
-    )
+    # the benchmark rows' settings with a stronger BC weight, raw Q and a shorter run
+    cfg = diffusion_recipe(alpha=0.3, normalize_q=False, value_warmup=50, iterations=300, dataset_size=2048, seed=0)
     trainer = RQL(gmm2d, config=cfg, steps=10)
     trainer.train(progress=False)
     return trainer

@@ -23,6 +23,7 @@ import torch
 
 from diffusiongym.tasks import make_task
 from diffusiongym.trainers.rql import RQL, RQLConfig
+from diffusiongym.trainers.rql_config import diffusion_recipe
 
 TASKS = ["GMM1D-v0", "GMM2D-v0"]
 FLOW_STEPS = 10
@@ -40,23 +41,11 @@ def config(seed: int, alpha: float = 0.03, quick: bool = True) -> RQLConfig:
     """The benchmark's RQL settings: BC towards the frozen base flow's reversal of the data, Q
     normalised for the actor, 200 value-only warm-up iterations; the data are 100-step ODE
     samples of the base (4096 quick, 16384 full)."""
-    return RQLConfig(
+    return diffusion_recipe(
         alpha=alpha,
-        bc_reversal="initial",
-        reversal_iters=1,
-        gamma=1.0,
-        normalize_q=True,
-        batch_size=128,
-        value_hidden=128,
-        value_layers=2,
-        policy_hidden=64,
-        policy_layers=2,
-        lr=1e-3,
-        flow_samples=2,
         value_warmup=200,
         iterations=800 if quick else 4000,
         dataset_size=4096 if quick else 16384,
-        dataset_steps=100,
         seed=seed,
     )
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 from diffusiongym.trainers.config import TrainerConfig
 from diffusiongym.utils.validation import check_positive_int
 
-__all__ = ["RQLConfig"]
+__all__ = ["RQLConfig", "diffusion_recipe"]
 
 
 @dataclasses.dataclass
@@ -97,3 +97,27 @@ class RQLConfig(TrainerConfig):
         for name in ("reversal_iters", "value_layers", "policy_layers", "value_warmup", "flow_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)!r}")
+
+
+def diffusion_recipe(**overrides: object) -> RQLConfig:
+    """The settings measured in the diffusion gym (GMM tasks, ``benchmarks/adaptation_methods/rql.py``):
+    BC towards the frozen base flow's reversal of the data (one fixed-point refinement), no
+    discount on the one-step episodes, Q normalised for the actor, batches of 128, a 128 x 2 value
+    and a 64 x 2 policy residual, lr 1e-3, 2 flow samples per target, 100-step ODE data of the
+    base. ``overrides`` replace any field (e.g. ``alpha``, ``iterations``, ``dataset_size``, ``seed``)."""
+    options: dict[str, object] = dict(
+        bc_reversal="initial",
+        reversal_iters=1,
+        gamma=1.0,
+        normalize_q=True,
+        batch_size=128,
+        value_hidden=128,
+        value_layers=2,
+        policy_hidden=64,
+        policy_layers=2,
+        lr=1e-3,
+        flow_samples=2,
+        dataset_steps=100,
+    )
+    options.update(overrides)
+    return RQLConfig(**options)  # type: ignore[arg-type]
