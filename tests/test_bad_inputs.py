@@ -332,8 +332,8 @@ LOADERS = [
     case("loaders", "source_type", lambda f: dg.load_diffusers_environment(123), TypeError, "source"),
     case(
         "loaders",
-        "local_files_only_str",
-        lambda f: dg.load_diffusers_environment(f.good, local_files_only="yes"),
+        "no_download_mode",
+        lambda f: dg.load_diffusers_environment(f.good, local_files_only=False),
         TypeError,
         "local_files_only",
     ),
@@ -378,7 +378,7 @@ LOADERS = [
         "uncached_hub_id",
         lambda f: dg.load_diffusers_environment("tiny-org/nothing", cache_dir=str(f.empty_cache)),
         FileNotFoundError,
-        "local_files_only",
+        "never downloads",
     ),
     case(
         "loaders",

@@ -265,33 +265,6 @@ def test_bad_inputs():
     assert math.isfinite(THRESHOLD)
 
 
-def test_download_mode_fetches_only_configs_and_safetensors(tmp_path, monkeypatch):
-    # local_files_only=False downloads through huggingface_hub.snapshot_download; here it is
-    # replaced by a local copy so that the test stays offline.
-    import fnmatch
-
-    import huggingface_hub
-
-    folder = tmp_path / "snapshot"
-    tiny_unet().save_pretrained(folder / "unet")
-    diffusers.DDPMScheduler(num_train_timesteps=50).save_pretrained(folder / "scheduler")
-    calls = []
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return str(folder)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    env = load_diffusers_environment("tiny-org/tiny-ddpm", local_files_only=False, revision="main")
-    assert isinstance(env, EpsilonEnvironment) and env.model.num_train_timesteps == 50
-    ((repo_id, kwargs),) = calls
-    assert repo_id == "tiny-org/tiny-ddpm" and kwargs["revision"] == "main"
-    allowed = lambda name: any(fnmatch.fnmatch(name, p) for p in kwargs["allow_patterns"])  # noqa: E731
-    assert allowed("unet/diffusion_pytorch_model.safetensors") and allowed("scheduler/scheduler_config.json")
-    assert not allowed("unet/diffusion_pytorch_model.bin") and not allowed("vae/diffusion_pytorch_model.safetensors")
-    assert not allowed("text_encoder/model.safetensors")
-
-
 def test_offline_hub_id_without_hf_hub_offline_and_pickle_refusal(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     repo = tmp_path / "models--tiny-org--tiny-ddpm"
@@ -302,7 +275,7 @@ def test_offline_hub_id_without_hf_hub_offline_and_pickle_refusal(tmp_path, monk
     (repo / "refs" / "main").write_text("1" * 40)
     env = load_diffusers_environment("tiny-org/tiny-ddpm", cache_dir=str(tmp_path))
     assert isinstance(env, EpsilonEnvironment)
-    with pytest.raises(FileNotFoundError, match="local_files_only=False"):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
         load_diffusers_environment("tiny-org/tiny-ddpm", cache_dir=str(tmp_path), revision="v2")
     (snap / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="safetensors"):

@@ -3,9 +3,8 @@ and the cache: :mod:`diffusiongym.models.diffusers_loader`).
 
 Sources: a local folder (a pipeline folder with ``unet/`` and ``scheduler/``, or a model
 folder with ``config.json`` and ``scheduler_config.json`` / ``scheduler/``), a hub id that
-is already in the local Hugging Face cache (by default, ``local_files_only=True``: the hub id
-is resolved from the cache folders alone and the network is never touched; pass
-``local_files_only=False`` to download), or objects in memory (:func:`diffusers_environment`).
+is already in the local Hugging Face cache (resolved from the cache folders alone: the network
+is never touched), or objects in memory (:func:`diffusers_environment`).
 Model classes: :data:`SUPPORTED_MODELS` (``UNet2DModel``, class-conditional
 ``UNet2DModel(num_class_embeds=...)``, ``UNet2DConditionModel``); weights: safetensors only
 (pickled ``.bin`` files are refused); ``diffusers`` is imported lazily.

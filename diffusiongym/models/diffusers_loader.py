@@ -1,10 +1,10 @@
 """Load a diffusers UNet and its scheduler from a folder or the local Hugging Face cache.
 
 :func:`load_diffusers_environment` reads a pipeline folder (``unet/`` and ``scheduler/``), a model
-folder (``config.json`` and ``scheduler_config.json`` / ``scheduler/``) or a hub id. Offline by
-default (``local_files_only=True``): a hub id is resolved from the cache folders alone and the
-network is never touched; ``local_files_only=False`` downloads the JSON configs and the
-safetensors weights only. Model classes are those of
+folder (``config.json`` and ``scheduler_config.json`` / ``scheduler/``) or a hub id that is already
+in the local Hugging Face cache: it is resolved from the cache folders alone. Nothing here touches
+the network (download a model yourself first with the Hugging Face tools,
+and pass its folder or ``cache_dir``). Model classes are those of
 :data:`~diffusiongym.models.diffusers_bridge.SUPPORTED_MODELS`; config sizes are checked before
 diffusers builds the network; pickled ``.bin`` weights are refused. The conversion to an
 environment is :func:`~diffusiongym.models.diffusers_bridge.diffusers_environment`.
@@ -22,7 +22,7 @@ from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.models.diffusers_bridge import SUPPORTED_MODELS, _import_diffusers, diffusers_environment
 from diffusiongym.utils.validation import check_keywords, check_real, read_json_config
 
-__all__ = ["load_diffusers_environment", "download_patterns"]
+__all__ = ["load_diffusers_environment"]
 
 MAX_CONFIG_INT = 1_000_000
 # Sizes of a model config checked before diffusers builds the network.
@@ -43,10 +43,8 @@ _LOADER_OPTIONS = (
     "guidance_scale",
     "device",
     "dtype",
-    "local_files_only",
     "cache_dir",
     "revision",
-    "token",
     "variant",
 )
 _WEIGHTS = "diffusion_pytorch_model"
@@ -84,18 +82,9 @@ def _cached_snapshot(repo_id: str, cache_dir: Any, revision: str | None, files: 
     return None
 
 
-def _resolve_source(
-    source: str,
-    local_files_only: bool,
-    cache_dir: Any,
-    revision: str | None,
-    token: Any,
-    subfolders: list[str | None],
-    sched_subfolders: list[str | None],
-) -> Path:
-    """A local folder holding the configs and weights: ``source`` itself, its snapshot in the
-    local cache (``local_files_only=True``: no network), or a fresh download of only the JSON
-    configs and safetensors weights (``local_files_only=False``)."""
+def _resolve_source(source: str, cache_dir: Any, revision: str | None, subfolders: list[str | None]) -> Path:
+    """A local folder holding the configs and weights: ``source`` itself, or its snapshot in the
+    local Hugging Face cache (the cache folders only: never the network)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -106,42 +95,17 @@ def _resolve_source(
             f"source: no folder {source!r} (and it is not a hub id such as 'google/ddpm-cifar10-32')"
         )
     wanted = [f"{sub}/config.json" if sub else "config.json" for sub in subfolders]
-    if local_files_only:
-        snapshot = _cached_snapshot(source, cache_dir, revision, wanted)
-        if snapshot is None:
-            from huggingface_hub import constants
+    snapshot = _cached_snapshot(source, cache_dir, revision, wanted)
+    if snapshot is None:
+        from huggingface_hub import constants
 
-            where = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
-            raise FileNotFoundError(
-                f"source: {source!r} is not a local folder and is not in the local Hugging Face cache ({where}); "
-                "local_files_only=True (the default) never touches the network: pass local_files_only=False to download it, "
-                "or cache_dir= where it is cached"
-            )
-        return snapshot
-    from huggingface_hub import snapshot_download
-
-    return Path(
-        snapshot_download(
-            source,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            allow_patterns=download_patterns(subfolders, sched_subfolders),
+        where = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
+        raise FileNotFoundError(
+            f"source: {source!r} is not a local folder and is not in the local Hugging Face cache ({where}); "
+            "diffusiongym never downloads: fetch it first with the Hugging Face tools and pass its "
+            "folder, or cache_dir= where it is cached"
         )
-    )
-
-
-def download_patterns(subfolders: list[str | None], sched_subfolders: list[str | None]) -> list[str]:
-    """``allow_patterns`` of a download: the model's and the scheduler's JSON configs and the
-    model's safetensors weights in the candidate subfolders, nothing else (no ``.bin``, no
-    other pipeline component)."""
-    prefix = [f"{sub}/" if sub else "" for sub in subfolders]
-    patterns = ["model_index.json"] + [f"{p}config.json" for p in prefix]
-    patterns += [f"{p}{_WEIGHTS}*.safetensors" for p in prefix] + [
-        f"{p}{_WEIGHTS}*.safetensors.index.json" for p in prefix
-    ]
-    patterns += [f"{sub}/scheduler_config.json" if sub else "scheduler_config.json" for sub in sched_subfolders]
-    return patterns
+    return snapshot
 
 
 def _check_safetensors(folder: Path, variant: str | None) -> None:
@@ -169,10 +133,8 @@ def load_diffusers_environment(
     guidance_scale: float = 1.0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    local_files_only: bool = True,
     cache_dir: str | Path | None = None,
     revision: str | None = None,
-    token: str | bool | None = None,
     variant: str | None = None,
     **unknown: Any,
 ) -> DiffusionEnvironment:
@@ -189,14 +151,11 @@ def load_diffusers_environment(
         See :func:`diffusers_environment`.
     device, dtype
         Where to put the model (and its precision).
-    local_files_only : bool
-        Default ``True``: never touch the network. A hub id is then resolved from the local
-        Hugging Face cache folders only (``huggingface_hub.try_to_load_from_cache``), and an
-        uncached one fails at once with ``FileNotFoundError``. ``False`` downloads the JSON
-        configs and safetensors weights (nothing else) into the cache first.
-    cache_dir, revision, token, variant
-        Hugging Face cache folder, revision (branch, tag or commit), access token (downloads
-        only) and weights variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
+    cache_dir, revision, variant
+        Hugging Face cache folder and revision (branch, tag or commit) a hub id is looked up in
+        (``huggingface_hub.try_to_load_from_cache``: folders only, no network; an uncached id fails
+        at once with ``FileNotFoundError``), and the weights variant (``"fp16"`` reads
+        ``diffusion_pytorch_model.fp16.safetensors``).
 
     Safety: only safetensors weights are read (a folder with only ``.bin`` pickles raises
     ``ValueError``); the config's ``_class_name`` must be one of :data:`SUPPORTED_MODELS`; sizes
@@ -205,8 +164,6 @@ def load_diffusers_environment(
     check_keywords("load_diffusers_environment", unknown, _LOADER_OPTIONS)
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source: expected a folder path or a hub id (str), got {type(source).__name__}")
-    if not isinstance(local_files_only, bool):
-        raise TypeError(f"local_files_only: expected a bool, got {type(local_files_only).__name__}")
     for name, value in (
         ("subfolder", subfolder),
         ("scheduler_subfolder", scheduler_subfolder),
@@ -221,7 +178,7 @@ def load_diffusers_environment(
     src = str(source)
     candidates = [subfolder] if subfolder is not None else ["unet", None]
     sched_candidates = [scheduler_subfolder] if scheduler_subfolder is not None else ["scheduler", None]
-    root = _resolve_source(src, local_files_only, cache_dir, revision, token, candidates, sched_candidates)
+    root = _resolve_source(src, cache_dir, revision, candidates)
 
     model_sub, model_cfg = None, None
     for sub in candidates:
