@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.utils.runtime import seeded
+
 __all__ = [
     "add_lora",
     "lora_state_dict",
@@ -252,9 +254,8 @@ def add_lora(
         bias="none",
         init_lora_weights=True,
     )
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+    device = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
+    with seeded(seed, device):  # peft's initialisers draw from the global RNG: fork and restore it
         model = peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     model.requires_grad_(False)
     trainable = 0

@@ -12,8 +12,9 @@ images are never seen; see :func:`diffusiongym.models.digits.digits_dataset`):
 
 Then it evaluates both (:func:`evaluate`) and writes ``weights/digits_unet.*`` and
 ``weights/digit_classifier.*`` (safetensors + JSON with the config and the metrics).
-Deterministic on the CPU for a fixed seed, torch version and thread count: :func:`main` runs
-with one thread (``--threads``) and restores the caller's count on return. The global RNG
+Deterministic on the CPU for a fixed seed, torch version and thread count; the shipped weights
+were trained with one thread (``OMP_NUM_THREADS=1 python -m diffusiongym.train.digits``: the
+script never changes the thread count itself). The global RNG
 (network initialisation, dropout) is seeded inside :func:`~diffusiongym.utils.runtime.seeded`
 blocks and restored afterwards, with the same streams as the ``torch.manual_seed`` calls that
 produced the shipped weights. About 10 minutes on one CPU core with the defaults.
@@ -241,17 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--classifier-epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads while training (the shipped weights: 1)"
-    )
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        with flush_denormals():
-            return _train_and_save(args)
-    finally:
-        torch.set_num_threads(threads)
+    with flush_denormals():
+        return _train_and_save(args)
 
 
 def _train_and_save(args: argparse.Namespace) -> dict[str, Any]:
