@@ -33,11 +33,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from diffusiongym.noise import Noise, make_noise
+from diffusiongym.noise import Memoryless, Noise, make_noise
 from diffusiongym.parameterization import PARAMETERIZATIONS, check_parameterization, conversion_coefficients, convert
 from diffusiongym.schedulers import Scheduler, make_scheduler
 
 __all__ = [
+    "time_vector",
     "DiffusionEnvironment",
     "VelocityEnvironment",
     "EpsilonEnvironment",
@@ -49,13 +50,15 @@ __all__ = [
 Model = Callable[..., Tensor]
 
 
-def _time_vector(t: Tensor | float, x: Tensor) -> Tensor:
-    """``t`` as a tensor of shape ``(n,)`` in ``x``'s dtype and device."""
+def time_vector(t: Tensor | float, x: Tensor) -> Tensor:
+    """``t`` as a vector of shape ``(n,)`` in ``x``'s dtype and device (a scalar is expanded;
+    ``(n, 1)``, the Gymnasium observation's shape, is flattened)."""
     tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if tt.ndim == 0:
         return tt.expand(x.shape[0])
+    tt = tt.reshape(-1) if tt.ndim == 2 and tt.shape[1] == 1 else tt
     if tt.shape != (x.shape[0],):
-        raise ValueError(f"t: expected a scalar or shape ({x.shape[0]},), got {tuple(tt.shape)}")
+        raise ValueError(f"t: expected a scalar, shape ({x.shape[0]},) or ({x.shape[0]}, 1), got {tuple(tt.shape)}")
     return tt
 
 
@@ -114,7 +117,7 @@ class DiffusionEnvironment:
     # ------------------------------------------------------------------ evaluation
     def output(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         """Raw model output at ``(x, t)``, shape of ``x``."""
-        out = self.model(x, _time_vector(t, x), **cond)
+        out = self.model(x, time_vector(t, x), **cond)
         if out.shape != x.shape:
             raise ValueError(f"model output: expected shape {tuple(x.shape)} (same as x), got {tuple(out.shape)}")
         return out
@@ -150,6 +153,13 @@ class DiffusionEnvironment:
         new = copy.copy(self)
         new.noise = make_noise(noise)
         return new
+
+    def as_memoryless(self) -> DiffusionEnvironment:
+        """This environment if its noise is already the memoryless ``sigma^2 = 2 eta``, else a copy
+        with it (the schedule under which the optimally controlled ``X1`` has law ``p*``)."""
+        if isinstance(self.noise, Memoryless) and self.noise.is_memoryless:
+            return self
+        return self.with_noise(Memoryless())
 
     def with_model(self, model: Model) -> DiffusionEnvironment:
         """A shallow copy around another model in the same parameterisation (e.g. a fine-tuned copy)."""

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusiongym.envs.environment import DiffusionEnvironment
-from diffusiongym.policies.networks import time_vector as _time_vector
+from diffusiongym.envs.environment import time_vector as _time_vector
 from diffusiongym.policies.value import _Agent
 
 __all__ = ["output_control", "control_factor", "ModelControl"]

@@ -22,31 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusiongym.envs.environment import DiffusionEnvironment
-from diffusiongym.noise import Memoryless
+from diffusiongym.envs.environment import DiffusionEnvironment, time_vector
 from diffusiongym.schedulers import Scheduler, make_scheduler
 
-__all__ = [
-    "time_vector",
-    "mlp",
-    "FourierTimeEmbedding",
-    "TimeMLP",
-    "ResidualModel",
-    "TimeCNN",
-    "SignalScaled",
-    "ControlScaledNet",
-]
-
-
-def time_vector(t: Tensor | float, x: Tensor) -> Tensor:
-    """``t`` as a vector of shape ``(n,)`` in ``x``'s dtype (a scalar is expanded; ``(n, 1)`` is flattened)."""
-    tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    if tt.ndim == 0:
-        return tt.expand(x.shape[0])
-    tt = tt.reshape(-1) if tt.ndim == 2 and tt.shape[1] == 1 else tt
-    if tt.shape != (x.shape[0],):
-        raise ValueError(f"t: expected a scalar, shape ({x.shape[0]},) or ({x.shape[0]}, 1), got {tuple(tt.shape)}")
-    return tt
+__all__ = ["mlp", "FourierTimeEmbedding", "TimeMLP", "ResidualModel", "TimeCNN", "SignalScaled", "ControlScaledNet"]
 
 
 def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, zero_init: bool = False) -> nn.Sequential:
@@ -125,9 +104,7 @@ class TimeMLP(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = time_vector(t, x)
         h = torch.cat([x.reshape(x.shape[0], -1), self.embed(t)], dim=1)
         return self.head(self.body(h))
 
@@ -305,9 +282,7 @@ class ControlScaledNet(nn.Module):
     def __init__(self, net: nn.Module, env: DiffusionEnvironment):
         super().__init__()
         self.net = net
-        self._env = (
-            env if isinstance(env.noise, Memoryless) and env.noise.is_memoryless else env.with_noise(Memoryless())
-        )
+        self._env = env.as_memoryless()
 
     def scale(self, t: Tensor) -> Tensor:
         """``sigma(t) / coef_out(t)``, shape of ``t`` (float64 maths, cast to ``t``'s dtype)."""
@@ -316,8 +291,6 @@ class ControlScaledNet(nn.Module):
         return (self._env.sigma(t64) / coef_out).to(t.dtype)
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = time_vector(t, x)
         out = self.net(x, t, **cond).reshape(x.shape)
         return self.scale(t).reshape(-1, *([1] * (x.ndim - 1))) * out

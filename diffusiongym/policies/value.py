@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.agent import control_action
-from diffusiongym.policies.networks import time_vector as _time_vector
+from diffusiongym.envs.environment import time_vector as _time_vector
 
 __all__ = ["ValuePolicy", "ControlPolicy"]
 

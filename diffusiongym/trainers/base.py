@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import inspect
 import time
 import warnings
@@ -54,7 +55,7 @@ from diffusiongym.trainers.checkpoint import (
 )
 from diffusiongym.trainers.evaluation import EVALUATION_KEYS, trajectory_metrics
 from diffusiongym.trainers.config import LR_SCHEDULES, OPTIMIZERS, TrainerConfig, make_lr_scheduler, make_optimizer
-from diffusiongym.utils.io import optimizer_tensors
+from diffusiongym.utils.io import frozen_parameter_names, optimizer_tensors
 from diffusiongym.utils.runtime import derive_seed, flush_denormals, seeded
 from diffusiongym.utils.validation import check_positive_int
 
@@ -159,9 +160,9 @@ class Trainer(abc.ABC):
         """The base environment (model, scheduler, noise) the method samples with."""
         return self.task.environment
 
-    @property
+    @functools.cached_property
     def times(self) -> Tensor:
-        """The task's time grid, float64 ``(steps + 1,)``."""
+        """The task's time grid, float64 ``(steps + 1,)`` (built once)."""
         return make_time_grid(self.task.steps, self.task.t_start)
 
     def init_seed(self, *names: object) -> int:
@@ -247,7 +248,7 @@ class Trainer(abc.ABC):
         )
         if callback is not None and not callable(callback):
             raise TypeError(f"callback: expected a callable callback(record), got {type(callback).__name__}")
-        with flush_denormals(), tqdm(total=todo, disable=not progress, desc=type(self).__name__, leave=False) as bar:
+        with tqdm(total=todo, disable=not progress, desc=type(self).__name__, leave=False) as bar:
             for _ in range(todo):
                 record = self.step()
                 bar.update(1)
@@ -351,7 +352,7 @@ class Trainer(abc.ABC):
         tensors: dict[str, Tensor] = {}
         modules_meta: dict[str, list[str]] = {}
         for name, module in self.checkpoint_modules().items():
-            frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
+            frozen = frozen_parameter_names(module)
             modules_meta[name] = sorted(frozen)
             for key, value in module.state_dict().items():
                 if key not in frozen:

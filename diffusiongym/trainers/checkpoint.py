@@ -39,7 +39,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from diffusiongym.utils.io import load_optimizer_tensors
+from diffusiongym.utils.io import frozen_parameter_names, load_optimizer_tensors
 
 __all__ = [
     "FORMAT",
@@ -205,7 +205,7 @@ def stage_modules(
             f"{where}: modules: expected {sorted(modules)}, got {sorted(saved) if isinstance(saved, dict) else saved!r}"
         )
     for name, module in modules.items():
-        frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
+        frozen = frozen_parameter_names(module)
         live = {k: v for k, v in module.state_dict().items() if k not in frozen}
         prefix = f"module.{name}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

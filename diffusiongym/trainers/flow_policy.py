@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffusiongym.envs.environment import time_vector
 from diffusiongym.policies.networks import FourierTimeEmbedding, mlp
 from diffusiongym.utils.runtime import flush_denormals
 from diffusiongym.utils.validation import check_positive_int
@@ -117,9 +118,7 @@ class FlowPolicy(nn.Module):
     def forward(self, s: Tensor | None, x: Tensor, t: Tensor | float) -> Tensor:
         """Velocity ``v(s, x, t)``, shape ``(n, d)``; ``t`` a scalar or shape ``(n,)``."""
         s = self._check(s, x)
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if tt.ndim == 0:
-            tt = tt.expand(x.shape[0])
+        tt = time_vector(t, x)
         out = self.net(torch.cat([s, x, self.embed(tt)], dim=1))
         if self.base is not None:
             out = out + self.base(x, tt)
@@ -226,9 +225,7 @@ class FlowValue(nn.Module):
 
     def forward(self, s: Tensor, x: Tensor, f: Tensor | int) -> Tensor:
         """``V`` at states ``s`` ``(n, ds)``, partial actions ``x`` ``(n, d)`` and flow indices ``f`` (scalar or ``(n,)``)."""
-        ff = torch.as_tensor(f, dtype=x.dtype, device=x.device)
-        if ff.ndim == 0:
-            ff = ff.expand(x.shape[0])
+        ff = time_vector(f, x)
         return self.net(torch.cat([s, x, self.embed(ff / self.flow_steps)], dim=1)).squeeze(1)
 
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffusiongym.trainers.checkpoint import tensor_digest
 from diffusiongym.utils.validation import check_positive_int, check_tensor
 
 __all__ = ["OfflineDataset", "OfflineTask", "collect_dataset", "evaluate_policy"]
@@ -93,16 +93,11 @@ class OfflineDataset:
 
     def fingerprint(self) -> dict[str, Any]:
         """Size, dimensions and a SHA-256 of the contents (what a checkpoint must agree on)."""
-        digest = hashlib.sha256()
-        for name in FIELDS:
-            value = getattr(self, name).detach().cpu().contiguous()
-            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-            digest.update(value.numpy().tobytes())
         return {
             "size": len(self),
             "state_dim": self.state_dim,
             "action_dim": self.action_dim,
-            "sha256": digest.hexdigest()[:16],
+            "sha256": tensor_digest(*(getattr(self, name) for name in FIELDS))[:16],
         }
 
 

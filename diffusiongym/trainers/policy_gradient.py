@@ -444,6 +444,3 @@ class PolicyGradient(Trainer):
                 f"extra.policy_type: the checkpoint has {meta.get('policy_type')!r}, this trainer's is {self.policy_type!r}"
             )
         return lambda: None
-
-
-# Old names, kept while ``diffusiongym.trainers.__init__`` still imports them.

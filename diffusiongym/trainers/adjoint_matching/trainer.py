@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from diffusiongym.envs.environment import DiffusionEnvironment
-from diffusiongym.noise import Memoryless
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.policies.networks import ControlScaledNet, ResidualModel, TimeMLP
 from diffusiongym.sampling import StepSchedule, Trajectory, sample
@@ -131,11 +130,7 @@ class AdjointMatching(Trainer):
 
     def setup(self, model: Any) -> None:
         check_differentiable_reward(self.task.reward)
-        base_env = self.task.environment
-        noise = base_env.noise
-        self._env = (
-            base_env if isinstance(noise, Memoryless) and noise.is_memoryless else base_env.with_noise(Memoryless())
-        )
+        self._env = self.task.environment.as_memoryless()
         self.schedule = StepSchedule.build(self._env, self.times)
         if model is None:
             model = self.build(self._default_model, "model")
@@ -285,12 +280,13 @@ class AdjointMatching(Trainer):
 
     def _step(self) -> dict[str, float]:
         c = self.config
-        self.model.train()
         cond = self.conditioning(c.batch_size)
-        traj = self.rollout(cond, num_samples=c.batch_size)
-        batch = self.segment(traj, cond)
-        segments = [batch, self.restart(traj.states, cond)] if c.restarts > 0 else [batch]
+        with self.eval_mode():  # the paths are the policy's samples: no dropout
+            traj = self.rollout(cond, num_samples=c.batch_size)
+            batch = self.segment(traj, cond)
+            segments = [batch, self.restart(traj.states, cond)] if c.restarts > 0 else [batch]
         pairs = self.regression_pairs(segments)
+        self.model.train()
         losses = [self.update(pairs) for _ in range(c.updates_per_iteration if bool(batch.valid.any()) else 0)]
         metrics = trajectory_metrics(dataclasses.replace(traj, valid=batch.valid), self.task)
         return {"loss": sum(losses) / len(losses) if losses else float("nan"), **metrics}
