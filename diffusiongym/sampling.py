@@ -16,6 +16,8 @@ model in the base model's own parameterisation (e.g. a fine-tuned copy); then
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +39,15 @@ from diffusiongym.utils.validation import (
     unknown_name_error,
 )
 
-__all__ = ["Trajectory", "sample", "StepSchedule", "STORABLE"]
+# fewer steps than this with a first-step amplification |1 + h coef_x| above STIFF_FACTOR warns
+MIN_STABLE_STEPS = 5
+STIFF_FACTOR = 30.0
+
+__all__ = ["Trajectory", "sample", "StepSchedule", "STORABLE", "MIN_STABLE_STEPS", "STIFF_FACTOR"]
+
+# fewer steps than this with a first-step amplification |1 + h coef_x| above STIFF_FACTOR warns
+MIN_STABLE_STEPS = 5
+STIFF_FACTOR = 30.0
 
 STORABLE = ("states", "drifts", "noises", "controls")
 Control = Callable[..., Tensor]
@@ -71,7 +81,7 @@ class StepSchedule:
                 f"grid: the drift is singular at t = {bad.tolist()[:3]} for {env.parameterization} with "
                 f"{env.scheduler!r} and {env.noise!r}; start the grid later (t_start > 0)"
             )
-        return cls(
+        schedule = cls(
             times=times,
             t=left.tolist(),
             h=h.tolist(),
@@ -81,6 +91,22 @@ class StepSchedule:
             coef_out=coef_out.tolist(),
             deterministic=env.noise.is_deterministic,
         )
+        schedule.warn_if_stiff()
+        return schedule
+
+    def warn_if_stiff(self) -> None:
+        """Warn when fewer than :data:`MIN_STABLE_STEPS` stochastic steps start with a first Euler step
+        that amplifies the state by more than :data:`STIFF_FACTOR` (``|1 + h_0 coef_x(t_0)|``): the
+        samples then blow up (measured std of ``x1`` 20-1000 instead of ~1 on the GMM tasks at 1-4 steps)."""
+        stiff = abs(1.0 + self.h[0] * self.coef_x[0])
+        if len(self.h) < MIN_STABLE_STEPS and not self.deterministic and stiff > STIFF_FACTOR:
+            warnings.warn(
+                f"steps={len(self.h)}: the first Euler-Maruyama step from t={self.t[0]:.4g} is stiff "
+                f"(|1 + h b_x| = {stiff:.3g}); with fewer than {MIN_STABLE_STEPS} steps the samples blow up "
+                "or are badly inflated. Use steps >= 5, a larger t_start, or noise='ode'/a constant noise.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def __len__(self) -> int:
         return len(self.h)

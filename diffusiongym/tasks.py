@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -388,16 +387,9 @@ def resolve_task(
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}; the task options are {list(TASK_OPTIONS)}")
     if reward_scale is not None:
-        if (
-            isinstance(reward_scale, bool)
-            or not isinstance(reward_scale, (int, float))
-            or not math.isfinite(reward_scale)
-        ):
-            raise ValueError(f"reward_scale: expected a finite number, got {reward_scale!r}")
-    if reward is not None and not isinstance(reward, Reward):
-        raise TypeError(
-            f"reward: expected a diffusiongym Reward (wrap a function in CallableReward), got {type(reward).__name__}"
-        )
+        reward_scale = check_real("reward_scale", reward_scale)
+    if reward is not None:
+        check_reward(reward)
     if isinstance(task, str):
         task = make_task(task)
     if isinstance(task, DiffusionEnvironment):

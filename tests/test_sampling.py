@@ -2,6 +2,8 @@
 
 import math
 
+import warnings
+
 import pytest
 import torch
 
@@ -223,3 +225,43 @@ def test_null_energy_threshold_is_factor_times_the_largest_null_distance():
         dg.null_energy_threshold(target, 1)
     with pytest.raises(ValueError, match="draws"):
         dg.null_energy_threshold(target, 100, draws=0)
+
+
+def test_model_control_gradients_do_not_depend_on_the_shared_base_call():
+    # sample() shares its base call with a ModelControl of its own env; a control of an equal copy
+    # of the env goes through ModelControl.forward: same costs, same gradients with respect to x0
+    import copy
+
+    from diffusiongym.policies.control import ModelControl
+
+    task = dg.make_task("GMM1D-v0")
+    env = task.environment
+    policy = env.model.trainable_copy().double()
+    with torch.no_grad():
+        policy.means.add_(0.3)
+    grads = []
+    for control_env in (env, copy.copy(env)):
+        x0 = torch.randn(16, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64).requires_grad_(True)
+        traj = dg.sample(
+            env,
+            x=x0,
+            steps=10,
+            control=ModelControl(policy, control_env),
+            seed=1,
+            dtype=torch.float64,
+            requires_grad=True,
+        )
+        (g,) = torch.autograd.grad(traj.running_cost.sum(), x0)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_sample_warns_on_a_stiff_short_grid_like_the_envs():
+    # one check (StepSchedule.build) for the engine and the envs: 2 memoryless steps from 1e-3 blow up
+    env = dg.make_task("GMM1D-v0").environment
+    with pytest.warns(RuntimeWarning, match="stiff"):
+        traj = dg.sample(env, 2000, steps=2, seed=0)
+    assert float(traj.x1.std()) > 100  # measured ~900 (1.2 with 5 steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dg.sample(env, 16, steps=5, seed=0)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,7 @@ def test_resolve_task_forms_and_errors():
     task = dg.make_task("GMM1D-v0")
     assert resolve_task("GMM1D-v0").name == "GMM1D-v0"
     assert resolve_task(task, reward_scale=3.0).reward_scale == 3.0
+    assert resolve_task(task, reward_scale=np.float32(3.0)).reward_scale == 3.0  # numpy scalars, as make_task
     assert resolve_task(task, steps=7).steps == 7
     custom = resolve_task(task.environment, dg.ConstantReward(0.0), 2.0, steps=5)
     assert (custom.reward_scale, custom.steps, custom.name) == (2.0, 5, "custom")

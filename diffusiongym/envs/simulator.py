@@ -26,7 +26,8 @@ noise of standard deviation ``sqrt(h) sigma``; measured on ``GMM1D-v0``/``GMM2D-
 samples blow up (std of ``x1`` 20 to 1000 instead of 1.0-1.4) for ``steps`` 1 to 4 (factor 998
 to 249), and on ``Digits-v0`` (``t_start = 0.01``) for 1 (std 100 instead of 0.75; factor 98),
 with 2 and 3 inflating it to 1.4 and 1.0 (factors 48 and 32; 4 steps: 0.82, factor 24). Grids of
-fewer than :data:`MIN_STABLE_STEPS` steps whose first factor exceeds :data:`STIFF_FACTOR` warn.
+fewer than ``MIN_STABLE_STEPS`` steps whose first factor exceeds ``STIFF_FACTOR`` warn (the check is
+:class:`~diffusiongym.sampling.StepSchedule`'s, so :func:`~diffusiongym.sample` warns too).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-import warnings
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ from gymnasium import spaces
 from torch import Tensor
 
 from diffusiongym.policies.control import output_control
-from diffusiongym.sampling import StepSchedule
+from diffusiongym.sampling import MIN_STABLE_STEPS, StepSchedule
 from diffusiongym.tasks import TASKS, Task, make_task
 from diffusiongym.timegrid import make_time_grid
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
@@ -63,9 +63,6 @@ __all__ = [
 
 ACTION_MODES = ("control", "drift", "model")
 DEFAULT_SCALES = {"drift": 10.0, "model": 10.0}
-# fewer steps than this with a first-step amplification |1 + h b_x| above STIFF_FACTOR warns
-MIN_STABLE_STEPS = 5
-STIFF_FACTOR = 30.0
 
 
 def unexpected_kwarg(where: str, key: str, known: Any, context: str = "") -> TypeError:
@@ -245,15 +242,6 @@ class DiffusionSimulator:
         self.steps = as_int("steps", steps if steps is not None else task.steps)
         self.schedule = StepSchedule.build(task.environment, make_time_grid(self.steps, task.t_start))
         self.deterministic = self.schedule.deterministic
-        stiff = abs(1.0 + self.schedule.h[0] * self.schedule.coef_x[0])
-        if self.steps < MIN_STABLE_STEPS and not self.deterministic and stiff > STIFF_FACTOR:
-            warnings.warn(
-                f"steps={self.steps}: the first Euler-Maruyama step from t_start={task.t_start} is stiff "
-                f"(|1 + h b_x| = {stiff:.3g}); with fewer than {MIN_STABLE_STEPS} steps the samples blow up "
-                "or are badly inflated. Use steps >= 5, a larger t_start, or noise='ode'/a constant noise.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
         if self.deterministic and action_mode == "control":
             raise ValueError(
                 "action_mode: 'control' needs sigma > 0 (with noise='ode' a control has no effect); use 'drift' or 'model'"

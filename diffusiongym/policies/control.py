@@ -58,7 +58,8 @@ class ModelControl(_Agent):
 
     Notes
     -----
-    The base output is computed without autograd; gradients flow into ``model`` only.
+    The base output carries no graph to parameters (it is built only when ``x`` requires grad,
+    for ``d u / d x``); training gradients flow into ``model``.
     :func:`diffusiongym.sample` recognises a ``ModelControl`` of its own ``env`` and shares
     the base-model call it makes for the drift (one base call per step, as with ``policy=``).
     """
@@ -74,6 +75,8 @@ class ModelControl(_Agent):
     def forward(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         """``u = coef_out (model(x, t) - base(x, t)) / sigma``, shape of ``x``."""
         t_vec = _time_vector(t, x)
-        with torch.no_grad():
+        # the base is the fixed reference: no graph to its parameters, but one through x when x
+        # carries one (so u's x-derivative is the same as in sample(policy=model))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             base = self.env.model(x, t_vec, **cond)
         return output_control(self.model(x, t_vec, **cond), base, control_factor(self.env, t_vec, x))
