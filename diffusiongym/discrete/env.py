@@ -47,7 +47,7 @@ from torch import Tensor
 from diffusiongym.discrete.simulator import DiscreteSimulator, resolve_discrete_task
 from diffusiongym.discrete.tasks import DiscreteTask
 from diffusiongym.envs.gym_env import render_frame
-from diffusiongym.envs.simulator import as_int, check_device
+from diffusiongym.utils.validation import check_device, check_positive_int
 
 __all__ = ["DiscreteFlowEnv", "DiscreteFlowVectorEnv", "render_tokens"]
 
@@ -202,7 +202,7 @@ class DiscreteFlowVectorEnv(gym.vector.VectorEnv):
         **task_kwargs: Any,
     ):
         self.render_mode = _check_render_mode(render_mode)
-        as_int("num_envs", num_envs)
+        check_positive_int("num_envs", num_envs)
         check_device(device)  # both before the task factory builds a model
         task, steps, reward_scale, action_scale = resolve_discrete_task(
             task,

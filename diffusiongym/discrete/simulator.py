@@ -24,7 +24,8 @@ from torch import Tensor
 
 from diffusiongym.discrete.chain import base_rates, controlled_step, draw_step, time_grid
 from diffusiongym.discrete.tasks import DISCRETE_TASKS, DiscreteTask, make_discrete_task
-from diffusiongym.envs.simulator import as_int, check_batch, check_device, check_real, unexpected_kwarg
+from diffusiongym.envs.simulator import check_batch
+from diffusiongym.utils.validation import check_device, check_positive_int, check_real, unexpected_keyword_error
 from diffusiongym.utils.validation import unknown_name_error
 
 __all__ = ["DiscreteSimulator", "resolve_discrete_task", "ENV_ARGS"]
@@ -63,12 +64,12 @@ def resolve_discrete_task(
         raise TypeError(f"task: expected a discrete task name or a DiscreteTask, got {type(task).__name__}")
     for key in task_kwargs:
         if key not in known:
-            raise unexpected_kwarg(where, key, [*ENV_ARGS, *also, *known])
-    steps = None if steps is None else as_int("steps", steps)
+            raise unexpected_keyword_error(f"{where}.__init__", key, [*ENV_ARGS, *also, *known])
+    steps = None if steps is None else check_positive_int("steps", steps)
     reward_scale = None if reward_scale is None else check_real("reward_scale", reward_scale)
     action_scale = None if action_scale is None else check_real("action_scale", action_scale, positive=True)
     task = make_discrete_task(task, **task_kwargs)
-    steps = as_int("steps", task.steps if steps is None else steps)
+    steps = check_positive_int("steps", task.steps if steps is None else steps)
     reward_scale = check_real("reward_scale", task.reward_scale if reward_scale is None else reward_scale)
     action_scale = check_real(
         "action_scale", task.action_scale if action_scale is None else action_scale, positive=True
@@ -118,9 +119,9 @@ class DiscreteSimulator:
         if not isinstance(task, DiscreteTask):
             raise TypeError(f"task: expected a DiscreteTask, got {type(task).__name__}")
         self.task = task
-        self.num_envs = as_int("num_envs", num_envs)
+        self.num_envs = check_positive_int("num_envs", num_envs)
         self.device = check_device(device)
-        self.steps = as_int("steps", task.steps if steps is None else steps)
+        self.steps = check_positive_int("steps", task.steps if steps is None else steps)
         self.reward_scale = check_real("reward_scale", task.reward_scale if reward_scale is None else reward_scale)
         self.action_scale = check_real(
             "action_scale", task.action_scale if action_scale is None else action_scale, positive=True

@@ -25,7 +25,7 @@ import gymnasium as gym
 
 from diffusiongym.envs.environment import DiffusionEnvironment, make_environment
 from diffusiongym.envs.gym_env import DiffusionEnv
-from diffusiongym.envs.simulator import check_real
+from diffusiongym.utils.validation import check_real
 from diffusiongym.envs.vector_env import VECTOR_ENV_KWARGS, DiffusionVectorEnv
 from diffusiongym.rewards.base import Reward
 from diffusiongym.tasks import TASKS, Task, register_task

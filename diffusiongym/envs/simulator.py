@@ -33,8 +33,6 @@ fewer than ``MIN_STABLE_STEPS`` steps whose first factor exceeds ``STIFF_FACTOR`
 from __future__ import annotations
 
 import inspect
-import math
-import operator
 from typing import Any
 
 import numpy as np
@@ -46,65 +44,18 @@ from diffusiongym.policies.control import output_control
 from diffusiongym.sampling import MIN_STABLE_STEPS, StepSchedule
 from diffusiongym.tasks import TASKS, Task, make_task
 from diffusiongym.timegrid import make_time_grid
-from diffusiongym.utils.validation import check_positive_int, unknown_name_error
+from diffusiongym.utils.validation import (
+    check_device,
+    check_positive_int,
+    check_real,
+    unexpected_keyword_error,
+    unknown_name_error,
+)
 
-__all__ = [
-    "DiffusionSimulator",
-    "ACTION_MODES",
-    "MIN_STABLE_STEPS",
-    "resolve_task",
-    "as_int",
-    "unexpected_kwarg",
-    "check_device",
-    "check_real",
-    "check_batch",
-    "to_action_tensor",
-]
+__all__ = ["DiffusionSimulator", "ACTION_MODES", "MIN_STABLE_STEPS", "resolve_task", "check_batch", "to_action_tensor"]
 
 ACTION_MODES = ("control", "drift", "model")
 DEFAULT_SCALES = {"drift": 10.0, "model": 10.0}
-
-
-def unexpected_kwarg(where: str, key: str, known: Any, context: str = "") -> TypeError:
-    """``TypeError`` for an unknown keyword argument, in Python's own wording (clients such as
-    TorchRL's ``GymEnv`` match ``"unexpected keyword argument 'frameskip'"``), listing the valid
-    names with close matches."""
-    hint = str(unknown_name_error("x", key, known)).split("; ", 1)[1]
-    context = f" ({context})" if context else ""
-    return TypeError(f"{where}.__init__() got an unexpected keyword argument {key!r}{context}; {hint}")
-
-
-def as_int(argument: str, value: Any) -> int:
-    """``value`` as a positive int (numpy integers accepted; bools, floats refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{argument}: expected a positive integer, got {value!r} ({type(value).__name__})")
-    value = operator.index(value)
-    return check_positive_int(argument, value)
-
-
-def check_real(argument: str, value: Any, *, positive: bool = False) -> float:
-    """``value`` as a finite float (numpy scalars accepted; bools, NaN, inf refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{argument}: expected a finite real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{argument}: expected a {'positive ' if positive else ''}finite number, got {value!r}")
-    return value
-
-
-def check_device(device: Any) -> torch.device:
-    """A usable ``torch.device``; a device this machine lacks (e.g. ``"cuda"`` without a GPU) raises ``ValueError``."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from err
-    if dev.type in ("cpu", "meta"):
-        return dev
-    try:
-        torch.empty(0, device=dev)
-    except (AssertionError, RuntimeError) as err:  # CPU-only builds raise AssertionError
-        raise ValueError(f"device: {str(dev)!r} is not available on this machine ({err})") from err
-    return dev
 
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -153,7 +104,7 @@ def resolve_task(
     task_kw, env_kw = {}, {}
     for key, value in kwargs.items():
         if key not in env_keys and key not in task_keys:
-            raise unexpected_kwarg(where, key, {*env_keys, *task_keys, *also}, context)
+            raise unexpected_keyword_error(f"{where}.__init__", key, {*env_keys, *task_keys, *also}, context)
         if key in env_keys:
             env_kw[key] = value
         if key in task_keys:
@@ -163,7 +114,7 @@ def resolve_task(
     if "reward_scale" in task_kw:
         task_kw["reward_scale"] = check_real("reward_scale", task_kw["reward_scale"])
     if kwargs.get("steps") is not None:
-        steps = as_int("steps", kwargs["steps"])
+        steps = check_positive_int("steps", kwargs["steps"])
         env_kw["steps"] = steps
         if "steps" in task_kw:
             task_kw["steps"] = steps
@@ -225,7 +176,7 @@ class DiffusionSimulator:
         check_actions: bool = True,
     ):
         self.task = task
-        self.num_envs = as_int("num_envs", num_envs)
+        self.num_envs = check_positive_int("num_envs", num_envs)
         if action_mode not in ACTION_MODES:
             raise unknown_name_error("action_mode", action_mode, ACTION_MODES)
         self.action_mode = action_mode
@@ -239,7 +190,7 @@ class DiffusionSimulator:
         self.dtype = dtype
         scale = action_scale if action_scale is not None else DEFAULT_SCALES.get(action_mode, task.action_scale)
         self.action_scale = check_real("action_scale", scale, positive=True)
-        self.steps = as_int("steps", steps if steps is not None else task.steps)
+        self.steps = check_positive_int("steps", steps if steps is not None else task.steps)
         self.schedule = StepSchedule.build(task.environment, make_time_grid(self.steps, task.t_start))
         self.deterministic = self.schedule.deterministic
         if self.deterministic and action_mode == "control":

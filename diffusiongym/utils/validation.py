@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_device",
     "as_float64_vector",
     "ArgumentTypeError",
     "MAX_STEPS",
@@ -60,13 +61,16 @@ def unknown_name_error(argument: str, name: object, known: Iterable[str]) -> Val
     return ValueError(f"{argument}: unknown value {name!r}; expected one of {known}.{hint}")
 
 
-def unexpected_keyword_error(where: str, key: str, known: Iterable[str]) -> TypeError:
-    """``TypeError`` for an unknown keyword argument in Python's wording, with the valid names
-    and close matches: ``"load_x() got an unexpected keyword argument 'devce'; expected ... Did you mean 'device'?"``."""
+def unexpected_keyword_error(where: str, key: str, known: Iterable[str], context: str = "") -> TypeError:
+    """``TypeError`` for an unknown keyword argument in Python's wording (clients such as TorchRL's
+    ``GymEnv`` match ``"unexpected keyword argument 'frameskip'"``), with the valid names and close
+    matches: ``"load_x() got an unexpected keyword argument 'devce'; expected ... Did you mean 'device'?"``.
+    ``context`` (e.g. an env id) is added in parentheses after the key."""
     known = sorted(str(k) for k in known)
     close = difflib.get_close_matches(str(key), known, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return TypeError(f"{where}() got an unexpected keyword argument {key!r}; expected one of {known}.{hint}")
+    context = f" ({context})" if context else ""
+    return TypeError(f"{where}() got an unexpected keyword argument {key!r}{context}; expected one of {known}.{hint}")
 
 
 def check_keywords(where: str, kwargs: Mapping[str, object], known: Iterable[str]) -> None:
@@ -219,3 +223,18 @@ def check_architecture(argument: str, config: object, bounds: Mapping[str, tuple
                 f"{argument}: {key} must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], got {value!r}"
             )
     return config
+
+
+def check_device(device: object) -> torch.device:
+    """A usable ``torch.device``; a device this machine lacks (e.g. ``"cuda"`` without a GPU) raises ``ValueError``."""
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from err
+    if dev.type in ("cpu", "meta"):
+        return dev
+    try:
+        torch.empty(0, device=dev)
+    except (AssertionError, RuntimeError) as err:  # CPU-only builds raise AssertionError
+        raise ValueError(f"device: {str(dev)!r} is not available on this machine ({err})") from err
+    return dev
