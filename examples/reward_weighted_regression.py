@@ -8,7 +8,7 @@ parameterisation, e.g. velocity) on base samples weighted by ``g_i = softmax_i(l
 
 The weighted samples represent ``p*(x1) ∝ p_base(x1) exp(lambda r(x1))``, so the minimiser is
 the model of ``p*``; sampled with the memoryless noise, the fine-tuned model is the
-optimally controlled process (``docs/maths.md``, "Objective and optimum"). Reward values only:
+optimally controlled process (``docs/maths.md``, "The objective and the tilted optimum"). Reward values only:
 no reward gradients.
 
     python examples/reward_weighted_regression.py     # GMM1D-v0, prints gap_closed

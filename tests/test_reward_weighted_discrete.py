@@ -50,8 +50,9 @@ def test_gap_closed_against_the_exact_oracle(task):
     trainer.train(progress=False)
     assert trainer.history["ess"][0] > 500  # softmax(2 r) on 12000 base draws (measured ~1000)
     metrics = trainer.evaluate(6000, seed=2)
-    # objective sd ~2 -> standard error ~0.03 of a gap of 6.07 (0.005 in gap_closed); measured ~0.99
-    assert metrics["gap_closed"] >= 0.9, metrics
+    # objective sd ~2 -> standard error ~0.03 of a gap of 6.07 (0.005 in gap_closed); measured ~0.99:
+    # 0.96 leaves 6 standard errors
+    assert metrics["gap_closed"] >= 0.96, metrics
     assert metrics["valid_fraction"] == 1.0  # the mask chain's last step is exact
     ev = trainer.sample(6000, seed=2)
     tv = total_variation(empirical_probs(ev.x1, 32), task.oracle.target_probs)

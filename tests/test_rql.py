@@ -453,7 +453,8 @@ def test_rql_gmm2d_raises_reward_within_base_support(gmm2d, trained_gmm2d):
     # mean (reward std ~4.5 -> s.e. 0.14), far below the measured gain (RQL -3.00, -3.01, -3.10 for
     # seeds 0, 1, 2). The base log-density of the samples must stay within 1 nat of the data's own
     # (-2.06): moving mass to the low-density rewarded mode costs 0.37-0.46 nats (seeds 0-2),
-    # leaving the support > 10. Measured gap closed 0.40, 0.38, 0.37 (asserted > 0).
+    # leaving the support > 10. Measured gap closed 0.40, 0.38, 0.37 (seeds 0-2; asserted > 0.2: the
+    # evaluation's heavy-tailed terminal KL moves single 1024-sample estimates by about +-0.05).
     trainer = trained_gmm2d
     data = trainer.dataset
     x = trainer.act(n=1024, generator=torch.Generator().manual_seed(5))
@@ -462,7 +463,7 @@ def test_rql_gmm2d_raises_reward_within_base_support(gmm2d, trained_gmm2d):
     assert reward > base_reward + 0.3
     logp, logp_data = gmm2d.mixture.log_prob(x.double()).mean(), gmm2d.mixture.log_prob(data.actions.double()).mean()
     assert float(logp) > float(logp_data) - 1.0
-    assert trainer.evaluate(1024, seed=1)["gap_closed"] > 0.0
+    assert trainer.evaluate(1024, seed=1)["gap_closed"] > 0.2
 
 
 def test_trained_flow_acts_on_the_gym_env_in_drift_mode(trained_gmm2d):

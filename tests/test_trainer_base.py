@@ -127,12 +127,14 @@ def test_seeded_restores_the_global_rng_and_derive_seed_is_stable():
 def test_trainer_leaves_process_state_as_it_found_it():
     from test_trainer_contract import make_rwr
 
-    torch.set_default_dtype(torch.float32)
     before = torch.get_rng_state()
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     trainer = make_rwr(seed=0)
     trainer.train(1, progress=False)
+    trainer.evaluate(64, seed=0)
     assert not denormals_flushed()
     assert torch.equal(torch.get_rng_state(), before)
+    assert (torch.get_default_dtype(), torch.get_num_threads()) == (dtype, threads)
 
 
 # --------------------------------------------------------------------- checkpoints

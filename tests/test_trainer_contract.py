@@ -191,10 +191,13 @@ def test_evaluate_keys_and_policy(method):
     metrics = trainer.evaluate(num_samples=64, seed=1)
     assert tuple(metrics) == EVALUATION_KEYS
     assert all(isinstance(v, float) for v in metrics.values())
-    assert json.dumps(metrics) == json.dumps(
-        trainer.evaluate(num_samples=64, seed=1)
-    )  # evaluation leaves training alone
-    assert callable(trainer.policy)
+    assert json.dumps(metrics) == json.dumps(trainer.evaluate(num_samples=64, seed=1))
+    # evaluating between iterations leaves training alone: train(1), evaluate, train(1) == train(2)
+    trainer.train(1, progress=False)
+    straight = TRAINERS[method](seed=0)
+    straight.train(2, progress=False)
+    assert_same_state(state_tensors(trainer), state_tensors(straight))
+    assert without_seconds(trainer.history) == without_seconds(straight.history)
 
 
 def test_failed_save_leaves_the_previous_checkpoint(method, tmp_path, monkeypatch):
