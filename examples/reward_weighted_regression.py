@@ -96,7 +96,7 @@ class RewardWeightedRegression(Trainer):
             loss.backward()
             self.clip_gradients(self.model.parameters())
             self.optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
         return {
             "loss": sum(losses) / len(losses),
             "ess": float(1.0 / (g.double() ** 2).sum()),

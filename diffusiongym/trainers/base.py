@@ -147,7 +147,8 @@ class Trainer(abc.ABC):
     # ------------------------------------------------------------- the method's part
     @abc.abstractmethod
     def _step(self) -> dict[str, float]:
-        """One iteration; returns its metrics (floats). Draw randomness from ``self.generator``."""
+        """One iteration; returns its metrics (floats or 0-d tensors, which :meth:`step` turns into
+        floats once). Draw randomness from ``self.generator``."""
 
     @property
     @abc.abstractmethod
@@ -187,17 +188,16 @@ class Trainer(abc.ABC):
         self.lr_scheduler = make_lr_scheduler(self.optimizer, self.config)
         return self.optimizer
 
-    def clip_gradients(self, parameters: Iterable[Tensor]) -> float:
-        """Clip to ``config.max_grad_norm`` (if set); returns the norm before clipping."""
+    def clip_gradients(self, parameters: Iterable[Tensor]) -> Tensor:
+        """Clip to ``config.max_grad_norm`` (if set); returns the norm before clipping as a detached
+        0-d tensor (no host sync: :meth:`step` turns the metrics into floats once per iteration)."""
         params = [p for p in parameters if p.grad is not None]
         limit = self.config.max_grad_norm
+        if not params:
+            return torch.zeros((), device=self.device)
         if limit is None:  # norm only: clipping at inf would turn an infinite norm into NaN gradients
-            return (
-                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-                if params
-                else 0.0
-            )
-        return float(nn.utils.clip_grad_norm_(params, limit))
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).detach()
+        return nn.utils.clip_grad_norm_(params, limit).detach()
 
     # ------------------------------------------------------------------- training
     def step(self) -> dict[str, float]:
@@ -206,7 +206,7 @@ class Trainer(abc.ABC):
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
         with flush_denormals(), seeded(self.init_seed("iteration", self.iteration), self.device):
             metrics = self._step()
-        record = {
+        record = {  # the one host sync of the iteration's metrics
             "iteration": float(self.iteration),
             **{k: float(v) for k, v in metrics.items()},
             "lr": float(lr),

@@ -316,7 +316,7 @@ class EFMTrainer(Trainer):
         norm = self.clip_gradients(self.model.parameters())
         self.optimizer.step()
         self.model.eval()
-        return {"loss": float(loss.detach()), "grad_norm": norm, "round": float(index), **rd["stats"]}
+        return {"loss": loss.detach(), "grad_norm": norm, "round": float(index), **rd["stats"]}
 
     # ------------------------------------------------------------- checkpoints
     def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

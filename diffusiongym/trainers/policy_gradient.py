@@ -204,13 +204,14 @@ StepTerms = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 def ppo_loss(
     new_logp: Tensor, old_logp: Tensor, adv: Tensor, kl: Tensor, clip_coef: float, kl_scale: float, steps: int
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO loss of a minibatch of ``b`` (step, trajectory) pairs, all arguments of shape ``(b,)``.
 
     ``steps * (mean(-min(rho A, clip(rho, 1 - eps, 1 + eps) A)) + kl_scale * mean(kl))`` with
     ``rho = exp(new_logp - old_logp)`` and ``kl`` the exact per-step KL to the base (the
     factor ``steps`` turns means over pairs into per-trajectory sums over steps). Returns the
-    loss and its floats ``loss``, ``pg_loss``, ``kl_loss``, ``clip_fraction``, ``approx_kl``.
+    loss and its statistics ``loss``, ``pg_loss``, ``kl_loss``, ``clip_fraction``, ``approx_kl``
+    (detached 0-d tensors: no host sync per minibatch).
     """
     log_ratio = new_logp - old_logp
     ratio = log_ratio.exp()
@@ -219,16 +220,16 @@ def ppo_loss(
     loss = steps * (pg_loss + kl_scale * kl_step)
     with torch.no_grad():
         stats = {
-            "loss": float(loss),
-            "pg_loss": float(pg_loss),
-            "kl_loss": float(kl_step) * steps,
-            "clip_fraction": float(((ratio - 1).abs() > clip_coef).float().mean()),
-            "approx_kl": float(((ratio - 1) - log_ratio).mean()),
+            "loss": loss.detach(),
+            "pg_loss": pg_loss.detach(),
+            "kl_loss": kl_step.detach() * steps,
+            "clip_fraction": ((ratio - 1).abs() > clip_coef).float().mean(),
+            "approx_kl": ((ratio - 1) - log_ratio).mean(),
         }
     return loss, stats
 
 
-def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[str, float]:
+def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[str, Tensor]:
     """The PPO update shared by the policy-gradient trainers (``docs/maths.md``, "Policy gradients").
 
     Group advantages of the batch's returns (``kl_in_return``; invalid episodes get 0), then
@@ -236,7 +237,8 @@ def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[
     ``m * n`` (step, trajectory) pairs with :func:`ppo_loss`; ``step_terms(k, i)`` (step and
     trajectory indices, ``(b,)`` each) returns the current policy's ``log pi(x_{k+1} | x_k)``
     and its exact per-step KL to the base, ``(b,)`` each, differentiable in ``trainer.model``.
-    Returns the means over minibatches of the :func:`ppo_loss` floats and ``grad_norm``.
+    Returns the means over minibatches of the :func:`ppo_loss` statistics and ``grad_norm``
+    (0-d tensors; the trainer's ``step`` turns them into floats once).
     """
     cfg = trainer.config
     m, n = batch.log_probs.shape
@@ -256,7 +258,9 @@ def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[
     total = m * n
     mb = max(1, total // cfg.num_minibatches)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    stats = dict.fromkeys(("loss", "pg_loss", "kl_loss", "clip_fraction", "approx_kl", "grad_norm"), 0.0)
+    stats: dict[str, Any] = dict.fromkeys(
+        ("loss", "pg_loss", "kl_loss", "clip_fraction", "approx_kl", "grad_norm"), 0.0
+    )
     count = 0
     for _epoch in range(cfg.update_epochs):
         perm = torch.randperm(total, generator=trainer.generator, device=device)
@@ -264,12 +268,12 @@ def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[
             sel = perm[start : start + mb]
             k, i = flat_k[sel], flat_i[sel]
             new_logp, kl = step_terms(k, i)
-            loss, floats = ppo_loss(new_logp, batch.log_probs[k, i], adv[i], kl, cfg.clip_coef, kl_scale, m)
+            loss, terms = ppo_loss(new_logp, batch.log_probs[k, i], adv[i], kl, cfg.clip_coef, kl_scale, m)
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            floats["grad_norm"] = trainer.clip_gradients(params)
+            terms["grad_norm"] = trainer.clip_gradients(params)
             trainer.optimizer.step()
-            for key, value in floats.items():
+            for key, value in terms.items():
                 stats[key] += value
             count += 1
     trainer.model.eval()

@@ -157,7 +157,7 @@ class RewardWeightedTrainer(DiscreteTrainer):
         norm = self.clip_gradients(self.model.parameters())
         self.optimizer.step()
         self.model.eval()
-        return {"loss": float(loss.detach()), "grad_norm": norm, **data["stats"]}
+        return {"loss": loss.detach(), "grad_norm": norm, **data["stats"]}
 
     # --------------------------------------------------------------- checkpoints
     def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

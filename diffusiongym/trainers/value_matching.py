@@ -252,7 +252,7 @@ class ValueMatching(Trainer):
             loss.backward()
             norms.append(self.clip_gradients(params))
             self.optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
         self.model.eval()
 
         nan = float("nan")

@@ -268,15 +268,15 @@ class AdjointMatching(Trainer):
         weight = time_weights(pairs["sigma"][rows], self.config.time_weight)
         return (weight * ((u - target) ** 2).reshape(x.shape[0], -1).sum(1)).mean()
 
-    def update(self, pairs: dict[str, Any]) -> float:
-        """One gradient step on :meth:`loss`; returns the loss."""
+    def update(self, pairs: dict[str, Any]) -> Tensor:
+        """One gradient step on :meth:`loss`; returns the loss (detached, 0-d: no host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(pairs)
         loss.backward()
         if self.config.max_grad_norm is not None:
             self.clip_gradients(self.model.parameters())
         self.optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     def _step(self) -> dict[str, float]:
         c = self.config
