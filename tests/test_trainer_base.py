@@ -102,13 +102,14 @@ def test_lr_schedules_follow_their_closed_forms(schedule):
 
 # ------------------------------------------------------------------- process state
 def test_flush_denormals_restores_the_previous_mode():
-    assert not denormals_flushed()
-    with flush_denormals():
-        assert denormals_flushed()
-        with flush_denormals(False):
-            assert not denormals_flushed()
-        assert denormals_flushed()
-    assert not denormals_flushed()
+    start = denormals_flushed()  # whatever an earlier test in this process left
+    for outer in (False, True):
+        with flush_denormals(outer):
+            assert denormals_flushed() is outer
+            with flush_denormals(not outer):
+                assert denormals_flushed() is (not outer)
+            assert denormals_flushed() is outer
+    assert denormals_flushed() is start
 
 
 def test_seeded_restores_the_global_rng_and_derive_seed_is_stable():
@@ -128,13 +129,12 @@ def test_trainer_leaves_process_state_as_it_found_it():
     from test_trainer_contract import make_rwr
 
     before = torch.get_rng_state()
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    dtype, threads, flushed = torch.get_default_dtype(), torch.get_num_threads(), denormals_flushed()
     trainer = make_rwr(seed=0)
     trainer.train(1, progress=False)
     trainer.evaluate(64, seed=0)
-    assert not denormals_flushed()
     assert torch.equal(torch.get_rng_state(), before)
-    assert (torch.get_default_dtype(), torch.get_num_threads()) == (dtype, threads)
+    assert (torch.get_default_dtype(), torch.get_num_threads(), denormals_flushed()) == (dtype, threads, flushed)
 
 
 # --------------------------------------------------------------------- checkpoints

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import diffusiongym as dg
+from diffusiongym.utils.runtime import flush_denormals
 from diffusiongym.policies.networks import SignalScaled, TimeCNN, TimeMLP
 from diffusiongym.policies.value import ControlPolicy, ValuePolicy
 from diffusiongym.rewards.base import CallableReward
@@ -41,8 +42,9 @@ class Quadratic(nn.Module):
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    torch.set_flush_denormal(True)
+def _flush_denormals():
+    with flush_denormals():  # restored after each test (the trainers flush inside their steps anyway)
+        yield
 
 
 # --------------------------------------------------------------------------- ValuePolicy

@@ -49,6 +49,7 @@ __all__ = [
     "CheckpointError",
     "tensor_digest",
     "check_header",
+    "check_state",
     "stage_modules",
     "stage_optimizers",
     "stage_generators",
@@ -194,6 +195,23 @@ def check_header(
     return iteration, history
 
 
+def check_state(where: str, module: nn.Module, state: dict[str, Tensor], optional: set[str] = frozenset()) -> None:
+    """``state`` must hold exactly ``module``'s state-dict keys (those in ``optional``, e.g. frozen
+    parameters, may be absent) with their shapes and dtypes; a :class:`CheckpointError` names
+    ``where`` and the first offending key otherwise."""
+    live = module.state_dict()
+    missing, unexpected = sorted(set(live) - set(state) - set(optional)), sorted(set(state) - set(live))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture, or other frozen parameters)"
+        )
+    for key, value in state.items():
+        if value.shape != live[key].shape or value.dtype != live[key].dtype:
+            raise CheckpointError(
+                f"{where}: {key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}"
+            )
+
+
 def stage_modules(
     modules: dict[str, nn.Module], saved: Any, tensors: dict[str, Tensor], where: Path, used: set[str]
 ) -> list[Callable[[], None]]:
@@ -205,20 +223,9 @@ def stage_modules(
             f"{where}: modules: expected {sorted(modules)}, got {sorted(saved) if isinstance(saved, dict) else saved!r}"
         )
     for name, module in modules.items():
-        frozen = frozen_parameter_names(module)
-        live = {k: v for k, v in module.state_dict().items() if k not in frozen}
         prefix = f"module.{name}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{where}: module {name!r}: missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture, or other frozen parameters)"
-            )
-        for key, value in state.items():
-            if value.shape != live[key].shape or value.dtype != live[key].dtype:
-                raise CheckpointError(
-                    f"{where}: module {name!r}: {key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}"
-                )
+        check_state(f"{where}: module {name!r}", module, state, frozen_parameter_names(module))
         used |= {prefix + k for k in state}
         steps.append(lambda module=module, state=state: module.load_state_dict(state, strict=False))
     return steps

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from diffusiongym.sampling import Trajectory
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
-from diffusiongym.trainers.checkpoint import CheckpointError
+from diffusiongym.trainers.checkpoint import CheckpointError, check_state
 from diffusiongym.trainers.rql_config import RQLConfig
 from diffusiongym.trainers.flow_diffusion import (
     FlowDrift,
@@ -346,15 +346,8 @@ class RQL(Trainer):
             )
         staged = {}
         for name, module in self._frozen_modules().items():
-            live = module.state_dict()
             state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            if sorted(state) != sorted(live):
-                raise CheckpointError(f"extra: {name}: expected tensors {sorted(live)[:5]}, got {sorted(state)[:5]}")
-            for key, value in state.items():
-                if value.shape != live[key].shape or value.dtype != live[key].dtype:
-                    raise CheckpointError(
-                        f"extra: {name}.{key}: expected {live[key].dtype} of shape {tuple(live[key].shape)}, got {value.dtype} of shape {tuple(value.shape)}"
-                    )
+            check_state(f"extra: {name}", module, state)
             staged[name] = state
         leftover = sorted(k for k in tensors if k.split(".", 1)[0] not in staged)
         if leftover:

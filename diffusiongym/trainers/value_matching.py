@@ -37,7 +37,7 @@ from diffusiongym.policies.networks import SignalScaled, TimeCNN, TimeMLP
 from diffusiongym.policies.value import ValuePolicy
 from diffusiongym.sampling import sample
 from diffusiongym.trainers.base import Trainer, TrainerConfig, trajectory_metrics
-from diffusiongym.trainers.checkpoint import CheckpointError, read_checkpoint
+from diffusiongym.trainers.checkpoint import CheckpointError, check_state, read_checkpoint
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
 __all__ = [
@@ -390,17 +390,7 @@ def load_value_policy(
         raise TypeError(f"value_net: expected an nn.Module, got {type(value_net).__name__}")
     prefix = "module.model."
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    live = value_net.state_dict()
-    missing, unexpected = sorted(set(live) - set(state) - frozen), sorted(set(state) - set(live))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: module 'model': missing tensors {missing[:5]}, unexpected {unexpected[:5]} (another architecture?)"
-        )
-    for key, value in state.items():
-        if value.shape != live[key].shape:
-            raise CheckpointError(
-                f"{where}: module 'model': {key}: expected shape {tuple(live[key].shape)}, got {tuple(value.shape)}"
-            )
+    check_state(f"{where}: module 'model'", value_net, state, frozen)
     value_net.load_state_dict(state, strict=False)
     value_net.to(device).eval()
     return ValuePolicy(value_net, env, action_scale=float(extra.get("action_scale", 1.0)))
