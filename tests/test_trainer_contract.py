@@ -4,7 +4,8 @@ Each entry of ``TRAINERS`` builds a small trainer of one method with a given see
 bit-identical resume, history and callback, evaluation keys, atomic save (a failed save leaves
 the previous checkpoint intact), staged load (a failed load leaves the trainer intact), and
 refusal of another method's or another task's checkpoint. Determinism across fresh processes
-is checked by running each trainer twice in subprocesses and comparing parameter hashes.
+is checked by running each trainer twice in subprocesses (with different global RNG states) and
+comparing parameter digests and histories.
 """
 
 from __future__ import annotations
@@ -282,17 +283,16 @@ def test_another_method_or_task_is_refused(method, tmp_path):
 
 
 _DETERMINISM_SCRIPT = """
-import hashlib, sys, torch
+import json, sys, torch
 sys.path.insert(0, {tests!r})
-from test_trainer_contract import TRAINERS
+from test_trainer_contract import TRAINERS, without_seconds
+from diffusiongym.trainers.checkpoint import tensor_digest
 torch.set_num_threads(1)
+torch.manual_seed(int(sys.argv[1]))  # another global RNG state in each process: the run must not read it
 trainer = TRAINERS[{method!r}](seed=3)
 trainer.train(2, progress=False)
-digest = hashlib.sha256()
-for name, module in sorted(trainer.checkpoint_modules().items()):
-    for key, value in sorted(module.state_dict().items()):
-        digest.update(key.encode()); digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-print(digest.hexdigest())
+states = [v for _, module in sorted(trainer.checkpoint_modules().items()) for _, v in sorted(module.state_dict().items())]
+print(json.dumps({{"params": tensor_digest(*states), "history": without_seconds(trainer.history)}}))
 """
 
 
@@ -300,9 +300,12 @@ def test_same_seed_is_bit_identical_in_fresh_processes(method):
     script = _DETERMINISM_SCRIPT.format(tests=str(ROOT / "tests"), method=method)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [
-        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        for _ in range(2)
+        subprocess.run(
+            [sys.executable, "-c", script, global_seed], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+        )
+        for global_seed in ("11", "12")
     ]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
-    assert runs[0].stdout.strip() == runs[1].stdout.strip() != ""
+    first, second = (json.loads(run.stdout.strip().splitlines()[-1]) for run in runs)
+    assert first == second and len(json.loads(first["history"])["iteration"]) == 2
