@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,7 +24,7 @@ from diffusiongym.discrete.models import PosteriorModel, check_tokens
 from diffusiongym.utils.io import load_checkpoint, save_checkpoint
 from diffusiongym.utils.runtime import flush_denormals
 
-__all__ = ["CrossEntropyConfig", "cross_entropy_loss", "reward_weighted_finetune", "train_posterior"]
+__all__ = ["CrossEntropyConfig", "cross_entropy_loss", "train_posterior"]
 
 
 @dataclass
@@ -142,29 +141,4 @@ def train_posterior(
             {"step": max(start, config.steps), "train": asdict(config), "path": path.config()},
             extra,
         )
-    return history
-
-
-def reward_weighted_finetune(
-    model: PosteriorModel,
-    samples: Tensor,
-    rewards: Tensor,
-    reward_scale: float,
-    config: CrossEntropyConfig | None = None,
-    **kwargs: Any,
-) -> dict[str, list[float]]:
-    """Fine-tune ``model`` (e.g. a :class:`ResidualPosterior` of the base) on base ``samples`` (N, D)
-    drawn with weights ``softmax(reward_scale * rewards)``; invalid (non-finite) rewards get weight 0.
-
-    A plain loop without the Trainer contract (no evaluation, resume through ``train_posterior``'s
-    ``checkpoint``); :class:`diffusiongym.trainers.reward_weighted.RewardWeightedTrainer` is the
-    same fine-tune as a :class:`~diffusiongym.trainers.base.Trainer`.
-
-    The history gains ``"ess"``: the effective sample size ``1 / sum g_i^2`` of the weights.
-    """
-    r = rewards.double()
-    logw = torch.where(torch.isfinite(r), reward_scale * r, torch.full_like(r, -torch.inf))
-    g = torch.softmax(logw, 0)
-    history = train_posterior(model, samples, config, weights=g, **kwargs)
-    history["ess"] = [float(1.0 / (g**2).sum())]
     return history
