@@ -193,9 +193,9 @@ class Task(BaseTask):
 
     @property
     def mixture(self) -> GaussianMixture | None:
-        """Transitional alias, to be removed: the exact base mixture where the base model has
-        one. New code reads ``task.environment.model.mixture`` (a
-        :class:`~diffusiongym.models.gmm.GaussianMixtureModel`) or ``task.oracle.mixture``."""
+        """The exact base law ``p1`` where it is a known Gaussian mixture (the oracle's, else the
+        base model's :class:`~diffusiongym.models.gmm.GaussianMixtureModel`), ``None`` otherwise.
+        Rendering and the exact-density checks read it here."""
         for owner in (self.oracle, self.environment.model):
             mixture = getattr(owner, "mixture", None)
             if isinstance(mixture, GaussianMixture):
