@@ -65,6 +65,9 @@ from diffusiongym.policies.networks import ResidualModel, SignalScaled, TimeCNN,
 # Adaptation methods, one Trainer contract
 from diffusiongym.trainers import *  # noqa: F403  (the names of diffusiongym.trainers.__all__, listed once there)
 
+# Training logs: one Logger interface, CSV / TensorBoard / Weights & Biases back-ends
+from diffusiongym.loggers import CSVLogger, Logger, MultiLogger, TensorBoardLogger, WandbLogger, make_grid, read_metrics
+
 # Exact optima and statistics
 from diffusiongym.oracle import TiltOracle
 from diffusiongym.utils.stats import energy_distance, null_energy_threshold
@@ -146,6 +149,14 @@ __all__ = [
     "TimeCNN",
     "SignalScaled",
     "ResidualModel",
+    # training logs
+    "Logger",
+    "MultiLogger",
+    "CSVLogger",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "make_grid",
+    "read_metrics",
     # oracle and statistics
     "TiltOracle",
     "energy_distance",

@@ -7,7 +7,8 @@ targets, update). The base class gives the rest, the same for every method:
 - construction ``Method(task_or_env, reward=None, reward_scale=None, model=None, config=None)``
   (a :class:`~diffusiongym.tasks.Task`, a registered task id, or a
   :class:`~diffusiongym.envs.environment.DiffusionEnvironment` plus a reward);
-- :meth:`step` -> metrics, :meth:`train` (``iterations``, ``callback``, ``progress``),
+- :meth:`step` -> metrics, :meth:`train` (``iterations``, ``callback``, ``progress``, and a
+  :class:`~diffusiongym.loggers.Logger` for the metrics and, on image tasks, sample grids),
   :attr:`history`, :attr:`policy` (a control ``u(x, t, **cond)`` usable by
   :func:`~diffusiongym.sample`, :class:`~diffusiongym.policies.agent.ControlAgent` and the
   Gymnasium envs), :meth:`evaluate` -> ``objective``, ``kl``, ``reward``,
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffusiongym.envs.environment import DiffusionEnvironment
+from diffusiongym.loggers.base import Logger
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.tasks import TASK_OPTIONS, resolve_task
@@ -235,11 +237,25 @@ class Trainer(abc.ABC):
         iterations: int | None = None,
         callback: Callable[[dict[str, float]], Any] | None = None,
         progress: bool = True,
+        *,
+        logger: Logger | None = None,
+        log_every: int = 1,
+        log_samples_every: int | None = None,
+        log_num_samples: int = 16,
     ) -> dict[str, list[float]]:
         """Run ``iterations`` more iterations (default: up to ``config.iterations``).
 
         ``callback(record)`` runs after every iteration (log it, checkpoint, ...); returning
         ``True`` stops training. ``progress`` shows a tqdm bar. Returns :attr:`history`.
+
+        ``logger`` (a :class:`~diffusiongym.loggers.Logger`; flushed at the end, never closed)
+        receives the record of every ``log_every``-th iteration (those with ``iteration %
+        log_every == 0``) at ``step = iteration``, all keys but ``iteration``: with
+        ``log_every=1`` exactly :attr:`history`. ``log_samples_every=k`` (image tasks,
+        samples ``(C, H, W)``) also logs a grid ``"samples"`` of ``log_num_samples`` fresh
+        samples of the policy (:meth:`sample`, a fixed seed, so the grids are comparable; no
+        effect on training) before the first iteration and at ``step = iteration`` whenever
+        ``iteration`` (completed iterations) is a multiple of ``k``.
         """
         todo = (
             max(self.config.iterations - self.iteration, 0)
@@ -248,14 +264,54 @@ class Trainer(abc.ABC):
         )
         if callback is not None and not callable(callback):
             raise TypeError(f"callback: expected a callable callback(record), got {type(callback).__name__}")
+        log_every, log_samples_every, log_num_samples = self._check_logging(
+            logger, log_every, log_samples_every, log_num_samples
+        )
+        if log_samples_every is not None and self.iteration == 0:
+            self.log_samples(logger, log_num_samples)
         with tqdm(total=todo, disable=not progress, desc=type(self).__name__, leave=False) as bar:
             for _ in range(todo):
                 record = self.step()
                 bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "objective") if k in record})
+                if logger is not None and int(record["iteration"]) % log_every == 0:
+                    logger.log_metrics({k: v for k, v in record.items() if k != "iteration"}, int(record["iteration"]))
+                if log_samples_every is not None and self.iteration % log_samples_every == 0:
+                    self.log_samples(logger, log_num_samples)
                 if callback is not None and callback(record) is True:
                     break
+        if logger is not None:
+            logger.flush()
         return self.history
+
+    def _check_logging(
+        self, logger: Any, log_every: Any, log_samples_every: Any, log_num_samples: Any
+    ) -> tuple[int, int | None, int]:
+        if logger is not None and not isinstance(logger, Logger):
+            raise TypeError(
+                "logger: expected a diffusiongym.loggers.Logger (CSVLogger, TensorBoardLogger, WandbLogger, "
+                f"MultiLogger or a subclass), got {type(logger).__name__}"
+            )
+        log_every = check_positive_int("log_every", log_every)
+        log_num_samples = check_positive_int("log_num_samples", log_num_samples)
+        if log_samples_every is not None:
+            log_samples_every = check_positive_int("log_samples_every", log_samples_every)
+            if logger is None:
+                raise ValueError("log_samples_every: sample grids need a logger; pass logger=")
+            shape = getattr(self.env, "sample_shape", None)
+            if shape is not None and len(shape) != 3:
+                raise ValueError(
+                    f"log_samples_every: sample grids need image samples (C, H, W); this task's samples are {tuple(shape)}"
+                )
+        return log_every, log_samples_every, log_num_samples
+
+    def log_samples(self, logger: Logger, num_samples: int = 16, name: str = "samples") -> None:
+        """Log a grid of ``num_samples`` fresh samples ``x1`` of the current policy under ``name``
+        at ``step = iteration`` (seed derived from ``config.seed``: the same noise every time)."""
+        x1 = self.sample(num_samples, seed=self.init_seed("log_samples")).x1
+        if x1.ndim != 4:
+            raise ValueError(f"log_samples_every: sample grids need image samples (N, C, H, W), got {tuple(x1.shape)}")
+        logger.log_images(name, x1, self.iteration)
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
