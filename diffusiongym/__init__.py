@@ -68,11 +68,25 @@ from diffusiongym.trainers import *  # noqa: F403  (the names of diffusiongym.tr
 # Training logs: one Logger interface, CSV / TensorBoard / Weights & Biases back-ends
 from diffusiongym.loggers import CSVLogger, Logger, MultiLogger, TensorBoardLogger, WandbLogger, make_grid, read_metrics
 
+# Inference-time guidance: SMC, best-of-n, importance resampling, gradient guidance
+from diffusiongym.guidance import (
+    OracleTwist,
+    PredFinalTwist,
+    ResamplingVectorEnv,
+    SMCResult,
+    ValueTwist,
+    ZeroTwist,
+    best_of_n,
+    gradient_guidance,
+    importance_resampling,
+    smc,
+)
+
 # Exact optima and statistics
 from diffusiongym.oracle import TiltOracle
 from diffusiongym.utils.stats import energy_distance, null_energy_threshold
 
-from diffusiongym import discrete
+from diffusiongym import discrete, guidance
 from diffusiongym import trainers as _trainers
 
 __version__ = "0.1.0"
@@ -157,12 +171,24 @@ __all__ = [
     "WandbLogger",
     "make_grid",
     "read_metrics",
+    # inference-time guidance
+    "smc",
+    "SMCResult",
+    "OracleTwist",
+    "ValueTwist",
+    "PredFinalTwist",
+    "ZeroTwist",
+    "best_of_n",
+    "importance_resampling",
+    "gradient_guidance",
+    "ResamplingVectorEnv",
     # oracle and statistics
     "TiltOracle",
     "energy_distance",
     "null_energy_threshold",
-    # submodule
+    # submodules
     "discrete",
+    "guidance",
 ]
 
 __all__ += _trainers.__all__  # the trainers, on one contract

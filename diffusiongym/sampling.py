@@ -179,9 +179,12 @@ class Trajectory:
         return torch.cat([tail, zero], 0) + self.terminal_cost
 
 
-def _resolve_generator(
+def resolve_generator(
     seed: int | None, generator: torch.Generator | None, device: torch.device
 ) -> torch.Generator | None:
+    """The generator a sampler draws from: ``generator`` (checked: a ``torch.Generator`` on
+    ``device``'s type), a new one seeded with ``seed``, or ``None`` (torch's global RNG) when neither
+    is given. Giving both is a ``ValueError``."""
     if seed is not None and generator is not None:
         raise ValueError("seed, generator: give at most one")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -301,7 +304,7 @@ def sample(
         if env.sample_shape is None:
             raise ValueError("x: the model has no sample_shape; pass an initial x")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        gen = _resolve_generator(seed, generator, device)
+        gen = resolve_generator(seed, generator, device)
         beta0 = float(env.scheduler.beta(torch.tensor(schedule.t[0], dtype=torch.float64)))
         x = beta0 * torch.randn((n, *env.sample_shape), generator=gen, device=device, dtype=dtype)
     else:
@@ -315,7 +318,7 @@ def sample(
         if not x.is_floating_point():
             raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
         device, dtype = x.device, x.dtype
-        gen = _resolve_generator(seed, generator, device)
+        gen = resolve_generator(seed, generator, device)
         x = x.detach().clone() if not requires_grad else x.clone()
         n = x.shape[0]
     if noises is not None:

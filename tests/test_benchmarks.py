@@ -38,3 +38,16 @@ def test_every_row_makes_a_trainer(method, task_id):
         sys.path.remove(str(BENCHMARKS))
     assert isinstance(quick, Trainer) and isinstance(full, Trainer)
     assert quick.config.seed == 0 and full.config.iterations >= quick.config.iterations
+
+
+def test_guidance_benchmark_smoke():
+    """``benchmarks/guidance.py`` runs end to end on a tiny budget (numbers not asserted: the benchmark's to print)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        guidance = importlib.import_module("guidance")
+        rows = guidance.gmm_rows("GMM1D-v0", True, 0, n=64, train_iterations=1)
+        digits = guidance.digits_rows(True, 0, big=8)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert len(rows) == 12 and all(r["sample"] > 0 for r in rows[1:])
+    assert [r["evals"] for r in digits] == [8 * 50] * 4 + [2 * 3 * 50]
