@@ -65,6 +65,18 @@ from diffusiongym.policies.networks import ResidualModel, SignalScaled, TimeCNN,
 # Adaptation methods, one Trainer contract
 from diffusiongym.trainers import *  # noqa: F403  (the names of diffusiongym.trainers.__all__, listed once there)
 
+# Temporal Difference Flows: generative models of a policy's future states, policy evaluation, GPI
+from diffusiongym.td_flows import (
+    GPIPolicy,
+    LinearGaussianMDP,
+    SuccessorFlow,
+    TDFlow,
+    TDFlowConfig,
+    TerminalFlow,
+    TerminalFlowConfig,
+    q_value,
+)
+
 # Training logs: one Logger interface, CSV / TensorBoard / Weights & Biases back-ends
 from diffusiongym.loggers import CSVLogger, Logger, MultiLogger, TensorBoardLogger, WandbLogger, make_grid, read_metrics
 
@@ -86,7 +98,7 @@ from diffusiongym.guidance import (
 from diffusiongym.oracle import TiltOracle
 from diffusiongym.utils.stats import energy_distance, null_energy_threshold
 
-from diffusiongym import discrete, guidance
+from diffusiongym import discrete, guidance, td_flows
 from diffusiongym import trainers as _trainers
 
 __version__ = "0.1.0"
@@ -163,6 +175,15 @@ __all__ = [
     "TimeCNN",
     "SignalScaled",
     "ResidualModel",
+    # TD flows
+    "TDFlow",
+    "TDFlowConfig",
+    "SuccessorFlow",
+    "TerminalFlow",
+    "TerminalFlowConfig",
+    "q_value",
+    "GPIPolicy",
+    "LinearGaussianMDP",
     # training logs
     "Logger",
     "MultiLogger",
@@ -189,6 +210,7 @@ __all__ = [
     # submodules
     "discrete",
     "guidance",
+    "td_flows",
 ]
 
 __all__ += _trainers.__all__  # the trainers, on one contract

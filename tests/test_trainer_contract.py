@@ -32,6 +32,8 @@ from diffusiongym.trainers.policy_gradient_discrete import DiscretePolicyGradien
 from diffusiongym.trainers.reward_weighted import RewardWeightedConfig, RewardWeightedTrainer
 from diffusiongym.trainers.rql import RQL, RQLConfig
 from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
+from diffusiongym.td_flows import LinearGaussianMDP, TDFlow, TDFlowConfig, TerminalFlow, TerminalFlowConfig
+from diffusiongym.trainers.offline_data import OfflineTask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,7 +118,24 @@ def make_rql(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
     return RQL(task, config=config, steps=steps)
 
 
+def make_terminal_flow(seed: int = 0, task: str = "GMM1D-v0", steps: int = 10) -> Trainer:
+    config = TerminalFlowConfig(iterations=6, batch_size=64, num_trajectories=64, hidden=16, layers=1, seed=seed)
+    return TerminalFlow(task, config=config, steps=steps)
+
+
+def make_td_flow(seed: int = 0) -> Trainer:
+    mdp = LinearGaussianMDP.default()
+    data = mdp.dataset(512, generator=torch.Generator().manual_seed(0))
+    config = TDFlowConfig(iterations=6, batch_size=32, hidden=16, layers=1, flow_steps=2, seed=seed)
+    return TDFlow(OfflineTask(data), config=config, pi=mdp.policy)
+
+
+# trainers that evaluate a policy rather than adapt one: no objective to report
+POLICY_EVALUATION = {"td_flow"}
+
 TRAINERS: dict[str, Callable[..., Trainer]] = {
+    "td_flow": make_td_flow,
+    "terminal_flow": make_terminal_flow,
     "rql": make_rql,
     "policy_gradient": make_policy_gradient,
     "policy_gradient_discrete": make_policy_gradient_discrete,
@@ -189,10 +208,14 @@ def test_history_and_callback(method):
 def test_evaluate_keys_and_policy(method):
     trainer = TRAINERS[method](seed=0)
     trainer.train(1, progress=False)
-    metrics = trainer.evaluate(num_samples=64, seed=1)
-    assert tuple(metrics) == EVALUATION_KEYS
-    assert all(isinstance(v, float) for v in metrics.values())
-    assert json.dumps(metrics) == json.dumps(trainer.evaluate(num_samples=64, seed=1))
+    if method in POLICY_EVALUATION:  # refused with a pointer to what to use instead, and training goes on alone
+        with pytest.raises(TypeError, match="q_value"):
+            trainer.evaluate(num_samples=64, seed=1)
+    else:
+        metrics = trainer.evaluate(num_samples=64, seed=1)
+        assert tuple(metrics) == EVALUATION_KEYS
+        assert all(isinstance(v, float) for v in metrics.values())
+        assert json.dumps(metrics) == json.dumps(trainer.evaluate(num_samples=64, seed=1))
     # evaluating between iterations leaves training alone: train(1), evaluate, train(1) == train(2)
     trainer.train(1, progress=False)
     straight = TRAINERS[method](seed=0)
