@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint test-min bench clean
+.PHONY: demo test lint test-min bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,5 +31,9 @@ test-min:
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/engine_overhead.py
 
+# the documentation site into site/ (warnings are errors); notebooks render their committed outputs
+docs: $(BIN)/.installed
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .venv-min .pytest_cache
+	rm -rf $(VENV) .venv-min .pytest_cache site

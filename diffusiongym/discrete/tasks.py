@@ -66,6 +66,8 @@ class DiscreteTask(BaseTask):
         Gymnasium action ``a`` in [-1, 1] maps to control logits ``c = action_scale * a``.
     oracle : DiscreteTiltOracle or None
 
+    Notes
+    -----
     Fields are checked on construction (and by ``dataclasses.replace``) as
     :class:`~diffusiongym.tasks.BaseTask` does, plus ``model`` (a :class:`PosteriorModel`).
     """

@@ -157,6 +157,8 @@ def load_diffusers_environment(
         at once with ``FileNotFoundError``), and the weights variant (``"fp16"`` reads
         ``diffusion_pytorch_model.fp16.safetensors``).
 
+    Notes
+    -----
     Safety: only safetensors weights are read (a folder with only ``.bin`` pickles raises
     ``ValueError``); the config's ``_class_name`` must be one of :data:`SUPPORTED_MODELS`; sizes
     in the configs are checked before anything is allocated. Unknown keywords raise ``TypeError``.
