@@ -31,7 +31,12 @@ from diffusiongym.models.lora import add_lora, load_lora, save_lora
 
 # Rewards
 from diffusiongym.rewards import (
+    AestheticReward,
     BrightnessReward,
+    CLIPScore,
+    OCRReward,
+    PickScore,
+    load_clip,
     CallableReward,
     ConstantReward,
     ContrastReward,
@@ -150,6 +155,11 @@ __all__ = [
     "load_lora",
     # rewards
     "Reward",
+    "CLIPScore",
+    "PickScore",
+    "AestheticReward",
+    "OCRReward",
+    "load_clip",
     "CallableReward",
     "ConstantReward",
     "LinearReward",

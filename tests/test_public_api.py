@@ -28,6 +28,6 @@ def test_ids_live_under_the_namespace_with_both_entry_points():
 
 
 def test_import_does_not_pull_heavy_optional_packages():
-    code = "import sys, diffusiongym; print(sorted(m for m in ('diffusers', 'sklearn', 'stable_baselines3', 'matplotlib', 'scipy', 'tensorboard', 'wandb', 'mkdocs') if m in sys.modules))"
+    code = "import sys, diffusiongym; print(sorted(m for m in ('diffusers', 'sklearn', 'stable_baselines3', 'matplotlib', 'scipy', 'tensorboard', 'wandb', 'mkdocs', 'transformers', 'rapidocr_onnxruntime', 'onnxruntime', 'cv2') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
