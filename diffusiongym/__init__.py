@@ -85,6 +85,19 @@ from diffusiongym.td_flows import (
 # Training logs: one Logger interface, CSV / TensorBoard / Weights & Biases back-ends
 from diffusiongym.loggers import CSVLogger, Logger, MultiLogger, TensorBoardLogger, WandbLogger, make_grid, read_metrics
 
+# Text-to-image latent pipelines (Stable Diffusion, SDXL) as environments
+from diffusiongym.text_to_image import (
+    DecodedReward,
+    LatentDecoder,
+    PipelineComponents,
+    PromptSet,
+    TextToImageEnvironment,
+    generate,
+    load_components,
+    text_to_image_environment,
+    text_to_image_task,
+)
+
 # Inference-time guidance: SMC, best-of-n, importance resampling, gradient guidance
 from diffusiongym.guidance import (
     OracleTwist,
@@ -202,6 +215,16 @@ __all__ = [
     "WandbLogger",
     "make_grid",
     "read_metrics",
+    # text-to-image
+    "TextToImageEnvironment",
+    "text_to_image_environment",
+    "text_to_image_task",
+    "load_components",
+    "PipelineComponents",
+    "PromptSet",
+    "LatentDecoder",
+    "DecodedReward",
+    "generate",
     # inference-time guidance
     "smc",
     "SMCResult",

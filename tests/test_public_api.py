@@ -21,6 +21,7 @@ def test_ids_live_under_the_namespace_with_both_entry_points():
         "diffusiongym/Digits-v0",
         "diffusiongym/DiscreteGrid-v0",
         "diffusiongym/DiscreteDigits-v0",
+        "diffusiongym/TextToImage-v0",
     } <= set(ids)
     for env_id in ids:
         spec = gym.spec(env_id)

@@ -245,11 +245,18 @@ class DiffusersModel(nn.Module):
             cond = self._unet(x, timestep, label, kwargs)
             uncond = self._unet(x, timestep, null, kwargs)
             out = uncond + w * (cond - uncond)
+        return self.to_parameterization(out, x, tt)
+
+    def to_parameterization(self, out: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """The raw diffusers output ``out`` at ``(x, t)`` (``t`` of shape ``(n,)``) in
+        ``self.parameterization``: the flow velocity ``-out`` (flow matching),
+        ``eps_hat = beta x + alpha v`` (``v_prediction``), else ``out`` itself. Affine in ``out``
+        at fixed ``(x, t)``, so guidance may combine raw outputs before this conversion."""
         if self.kind == "flow":
             return -out
         if self.prediction_type == "v_prediction":
             shape = (-1,) + (1,) * (x.ndim - 1)
-            t64 = tt.to(torch.float64)
+            t64 = t.to(torch.float64)
             alpha = self.scheduler.alpha(t64).to(x.dtype).reshape(shape)
             beta = self.scheduler.beta(t64).to(x.dtype).reshape(shape)
             return beta * x + alpha * out
