@@ -27,6 +27,10 @@ name equals it or ends with ``"." + name``, as in peft) or a regular expression 
 the full module name (``re.fullmatch``). Targets are resolved to full module names at once; those
 names, the rank and alpha are stored with the saved adapter and checked when it is loaded.
 
+diffusers' own LoRA format (for a stock pipeline's ``load_lora_weights``):
+:mod:`diffusiongym.models.lora_diffusers`; merged models as pipeline folders:
+:mod:`diffusiongym.models.export`.
+
 ``peft`` is an optional dependency (``pip install diffusiongym[lora]``), imported only when
 :func:`add_lora` (or :func:`load_lora` on a plain base model) runs.
 """
@@ -54,6 +58,8 @@ __all__ = [
     "load_lora",
     "lora_settings",
     "lora_targets",
+    "has_lora_layers",
+    "is_lora_layer",
     "ATTENTION_PROJECTIONS",
 ]
 
@@ -80,8 +86,14 @@ def _is_lora_name(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
-def _has_lora_layers(model: nn.Module) -> bool:
-    return any(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in model.modules())
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft LoRA layer (a base layer with ``lora_A`` / ``lora_B``)."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def has_lora_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds peft LoRA layers (e.g. it came from :func:`add_lora`)."""
+    return any(is_lora_layer(m) for m in model.modules())
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -235,7 +247,7 @@ def add_lora(
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
     if copy not in (True, False, "share") or not isinstance(copy, (bool, str)):
         raise ValueError(f"copy: expected True, False or 'share', got {copy!r}")
-    if _has_lora_layers(model):
+    if has_lora_layers(model):
         raise ValueError(
             "model: already has LoRA layers; pass the base model (add_lora copies it) or use load_lora to restore an adapter"
         )
@@ -392,7 +404,7 @@ def load_lora(model: nn.Module, path: str | Path, *, check_base: bool = True) ->
     saved, metadata = _read_lora_file(path)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not _has_lora_layers(model):
+    if not has_lora_layers(model):
         exact = "^(?:" + "|".join(re.escape(n) for n in saved["target_modules"]) + ")$"
         dropout = float(saved.get("dropout", 0.0))
         model = add_lora(
