@@ -271,11 +271,11 @@ def test_bad_inputs_name_what_is_wrong(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="'vae'"):
         load_components(broken)
     (folder_index := json.loads((folder / "model_index.json").read_text()))["_class_name"] = "StableDiffusion3Pipeline"
-    planned = tmp_path / "sd3"
-    shutil.copytree(folder, planned)
-    (planned / "model_index.json").write_text(json.dumps(folder_index))
-    with pytest.raises(NotImplementedError, match="planned"):
-        load_components(planned)
+    mislabelled = tmp_path / "sd3"  # an SD folder labelled as SD3: the SD3 denoiser is missing
+    shutil.copytree(folder, mislabelled)
+    (mislabelled / "model_index.json").write_text(json.dumps(folder_index))
+    with pytest.raises(FileNotFoundError, match="'transformer'"):
+        load_components(mislabelled)
     pickled = tmp_path / "pickled"
     shutil.copytree(folder, pickled)
     weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"

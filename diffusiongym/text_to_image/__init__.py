@@ -8,7 +8,14 @@ from diffusiongym.text_to_image.environment import (
     generate,
     text_to_image_environment,
 )
-from diffusiongym.text_to_image.families import FAMILIES, FamilyAdapter
+from diffusiongym.text_to_image.families import FAMILIES, FamilyAdapter, register_family
+from diffusiongym.text_to_image.flow_families import (
+    FluxAdapter,
+    StableDiffusion3Adapter,
+    calculate_shift,
+    pack_latents,
+    unpack_latents,
+)
 from diffusiongym.text_to_image.integrator import SchedulerGrid, scheduler_grid
 from diffusiongym.text_to_image.prompts import PromptCache, PromptSet
 from diffusiongym.text_to_image.task import ENV_ID, TextToImageEnv, TextToImageVectorEnv, text_to_image_task
@@ -25,6 +32,12 @@ __all__ = [
     "generate",
     "FAMILIES",
     "FamilyAdapter",
+    "register_family",
+    "StableDiffusion3Adapter",
+    "FluxAdapter",
+    "calculate_shift",
+    "pack_latents",
+    "unpack_latents",
     "SchedulerGrid",
     "scheduler_grid",
     "PromptSet",

@@ -22,6 +22,7 @@ import torch
 
 from diffusiongym.models.diffusers_bridge import VP_SCHEDULERS, _import_diffusers
 from diffusiongym.models.diffusers_loader import _check_model_config, _check_safetensors, _resolve_source
+from diffusiongym.text_to_image import flow_families  # noqa: F401  (registers the "sd3" and "flux" families)
 from diffusiongym.text_to_image.families import FAMILIES, PIPELINE_FAMILIES, PLANNED_FAMILIES
 from diffusiongym.utils.validation import check_device, read_json_config, unknown_name_error
 
@@ -61,7 +62,8 @@ class PipelineComponents:
             )
         if self.family not in FAMILIES:
             raise unknown_name_error("family", self.family, FAMILIES)
-        needed = [*FAMILIES[self.family].component_classes, "scheduler"]
+        adapter = FAMILIES[self.family]
+        needed = [*(k for k in adapter.component_classes if k not in adapter.optional_components), "scheduler"]
         missing = [k for k in needed if self.parts.get(k) is None]
         if missing:
             raise ValueError(
@@ -92,11 +94,9 @@ class PipelineComponents:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one latent: the denoiser config's ``in_channels`` and ``sample_size``."""
-        cfg = self.denoiser.config
-        size = cfg.sample_size
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        return (int(cfg.in_channels), int(hw[0]), int(hw[1]))
+        """``(C, H, W)`` of one latent at the pipeline's default size (the denoiser config's
+        ``in_channels`` and ``sample_size``; FLUX: unpacked channels, 128 x 128)."""
+        return FAMILIES[self.family].default_latent_shape(self)
 
 
 def components_from_pipeline(pipe: Any) -> PipelineComponents:
@@ -189,10 +189,14 @@ def load_components(
             f"pipeline: {pipe_class} ({family!r}) is planned but not supported yet; supported now: {list(FAMILIES)}"
         )
     wanted = {**FAMILIES[family].component_classes, "scheduler": SCHEDULER_CLASSES}
+    optional = FAMILIES[family].optional_components
     diffusers = _import_diffusers()
     parts: dict[str, Any] = {}
     for key, classes in wanted.items():
         entry = model_index.get(key)
+        if key in optional and (entry is None or (isinstance(entry, (list, tuple)) and entry[-1] is None)):
+            parts[key] = None  # e.g. SD3 without its T5 encoder
+            continue
         if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
             raise FileNotFoundError(f"pipeline: component {key!r} is missing from {index} (a {pipe_class} needs it)")
         library, cls_name = entry

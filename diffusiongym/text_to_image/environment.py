@@ -57,7 +57,7 @@ class TextToImageModel(DiffusersModel):
             components.denoiser,
             components.scheduler,
             guidance_scale=guidance_scale,
-            sample_shape=components.latent_shape,
+            sample_shape=cache.adapter.latent_shape,
         )
         self.cache = cache
         self.adapter = cache.adapter
@@ -65,6 +65,9 @@ class TextToImageModel(DiffusersModel):
     def timestep(self, t: Tensor) -> Tensor:
         """The denoiser's timestep, computed in float64 (``tau`` exact to ``1e-12`` on the scheduler's grid)."""
         return self.adapter.timestep(self, t.to(torch.float64))
+
+    def _unet(self, x: Tensor, timestep: Tensor, label: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+        return self.adapter.call(self, x, timestep, kwargs)  # the family's calling convention
 
     def forward(
         self,
@@ -177,7 +180,7 @@ def text_to_image_environment(
     pipeline: str | Any,
     prompts: PromptSet | Any,
     *,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     negative_prompt: str | None = None,
     integrator: str = "euler",
     steps: int | None = None,
@@ -197,8 +200,10 @@ def text_to_image_environment(
         A pipeline folder (:func:`~diffusiongym.text_to_image.components.load_components`),
         loaded components, or a pipeline object in memory.
     prompts : PromptSet, list of str, str or Path
-    guidance_scale : float
-        Default classifier-free guidance scale (overridable per call and per sample).
+    guidance_scale : float, optional
+        Default classifier-free guidance scale (overridable per call and per sample); ``None``: the
+        family's (7.5 SD/SDXL, 7.0 SD3, 1.0 FLUX, whose ``guidance_scale`` is the pipeline's
+        ``true_cfg_scale``; its embedded guidance is ``family_options={"guidance": ...}``).
     negative_prompt : str, optional
         Used when ``prompts`` is not already a :class:`PromptSet`.
     integrator : {"euler", "scheduler"}
@@ -213,7 +218,8 @@ def text_to_image_environment(
     decode_chunk_size : int, optional
         Latents per VAE call.
     family_options : dict, optional
-        Adapter options (SDXL: ``original_size``, ``crops_coords_top_left``, ``target_size``).
+        Adapter options (SDXL: ``original_size``, ``crops_coords_top_left``, ``target_size``;
+        SD3/FLUX: ``height``, ``width``, ``max_sequence_length``; FLUX: ``guidance``).
     local_files_only : bool
         Offline loading (default).
     """
@@ -234,6 +240,8 @@ def text_to_image_environment(
     adapter = family_adapter(components.family, components, **dict(family_options or {}))
     denoiser = components.denoiser
     cache = PromptCache(prompts, adapter, device=denoiser.device, dtype=denoiser.dtype, offload=offload_text_encoders)
+    if guidance_scale is None:
+        guidance_scale = adapter.default_guidance_scale
     model = TextToImageModel(components, cache, guidance_scale=guidance_scale)
     grid = None
     if integrator == "scheduler":
@@ -245,6 +253,7 @@ def text_to_image_environment(
             model.scheduler,
             model.kind,
             model.parameterization,
+            **adapter.grid_options(steps),
         )
     decoder = LatentDecoder(components.vae, decode_chunk_size)
     return TextToImageEnvironment(model, decoder, components, noise=noise, step_grid=grid)

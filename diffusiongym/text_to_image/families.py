@@ -18,12 +18,13 @@ penultimate hidden states are concatenated, the pooled projection of the second,
 is zeros when no negative prompt is given and the pipeline config has
 ``force_zeros_for_empty_prompt``).
 
-Slot for the flow transformers (:data:`PLANNED_FAMILIES`): an SD3 adapter adds the T5 encoder
-(``text_encoder_3``) and calls ``SD3Transformer2DModel(hidden_states, timestep=sigma * 1000,
-encoder_hidden_states, pooled_projections)``; a FLUX adapter packs latents 2x2 into tokens
-(``img_ids``/``txt_ids``), passes ``timestep = sigma`` and the ``guidance`` embedding. Both use
-``FlowMatchEulerDiscreteScheduler`` (``kind == "flow"`` in the bridge, velocity ``-output``), whose
-step is exactly our Euler step, and may override :meth:`FamilyAdapter.timestep`.
+The flow transformers ``"sd3"`` (``StableDiffusion3Pipeline``) and ``"flux"`` (``FluxPipeline``) live in
+:mod:`~diffusiongym.text_to_image.flow_families`, which adds them here with :func:`register_family`
+(:data:`PLANNED_FAMILIES` is the slot for a family that is named but has no adapter). An adapter may
+also override :meth:`FamilyAdapter.timestep` (the denoiser's time input), :meth:`FamilyAdapter.call`
+(how the denoiser is called: keyword inputs, packed tokens), :meth:`FamilyAdapter.grid_options`
+(the scheduler's ``set_timesteps`` arguments, e.g. a dynamic shift ``mu``), ``latent_shape`` and
+``default_guidance_scale``; ``optional_components`` may be absent (``None``) from a pipeline.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "PIPELINE_FAMILIES",
     "PLANNED_FAMILIES",
     "family_adapter",
+    "register_family",
 ]
 
 CLIP_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -61,20 +63,48 @@ class FamilyAdapter:
     name: ClassVar[str] = ""
     denoiser_key: ClassVar[str] = "unet"
     component_classes: ClassVar[dict[str, tuple[str, ...]]] = {}
+    optional_components: ClassVar[tuple[str, ...]] = ()
+    """Components a pipeline may leave out (``None``), e.g. SD3's T5 encoder."""
+    default_guidance_scale: ClassVar[float] = 7.5
+    """The environment's classifier-free guidance scale when none is given."""
 
     def __init__(self, components: Any):
         self.components = components
+
+    @classmethod
+    def default_latent_shape(cls, components: Any) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one latent from the denoiser config: ``in_channels`` and ``sample_size``."""
+        cfg = components.denoiser.config
+        size = cfg.sample_size
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(cfg.in_channels), int(hw[0]), int(hw[1]))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the environment's state (default :meth:`default_latent_shape`)."""
+        return self.components.latent_shape
+
+    def grid_options(self, steps: int) -> dict[str, Any]:
+        """Keyword arguments of the scheduler's ``set_timesteps(steps, ...)`` as the pipeline passes them."""
+        return {}
+
+    def call(self, model: DiffusersModel, x: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """One denoiser evaluation ``(n, C, H, W) -> (n, C, H, W)`` (default: the bridge's
+        ``denoiser(x, timestep, **kwargs)``)."""
+        return DiffusersModel._unet(model, x, timestep, None, kwargs)
 
     def __deepcopy__(self, memo: dict) -> FamilyAdapter:
         return self  # configuration and references only: a model copy shares it
 
     @property
     def text_encoders(self) -> list[Any]:
-        return [self.components.parts[k] for k in self.component_classes if k.startswith("text_encoder")]
+        parts = self.components.parts
+        return [parts[k] for k in self.component_classes if k.startswith("text_encoder") and parts.get(k) is not None]
 
     @property
     def tokenizers(self) -> list[Any]:
-        return [self.components.parts[k] for k in self.component_classes if k.startswith("tokenizer")]
+        parts = self.components.parts
+        return [parts[k] for k in self.component_classes if k.startswith("tokenizer") and parts.get(k) is not None]
 
     def encode(self, texts: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -192,7 +222,16 @@ PIPELINE_FAMILIES = {
 }
 """diffusers pipeline class (``model_index.json``'s ``_class_name``) -> family."""
 PLANNED_FAMILIES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-"""Families with a slot but no adapter yet (see the module docstring)."""
+"""Families with a slot but no adapter yet (see the module docstring); :func:`register_family` fills it."""
+
+
+def register_family(adapter: type[FamilyAdapter], pipeline_class: str) -> None:
+    """Add ``adapter`` (a :class:`FamilyAdapter` subclass with a ``name``) for ``pipeline_class``."""
+    if not (isinstance(adapter, type) and issubclass(adapter, FamilyAdapter)) or not adapter.name:
+        raise TypeError(f"adapter: expected a named FamilyAdapter subclass, got {adapter!r}")
+    FAMILIES[adapter.name] = adapter
+    PIPELINE_FAMILIES[pipeline_class] = adapter.name
+    PLANNED_FAMILIES.pop(adapter.name, None)
 
 
 def family_adapter(family: str, components: Any, **options: Any) -> FamilyAdapter:

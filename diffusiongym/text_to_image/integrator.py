@@ -132,7 +132,7 @@ def scheduler_grid(
         sig = sched.sigmas.to(torch.float64)
         times = torch.cat([1.0 - sig[:-1], torch.ones(1, dtype=torch.float64)])
         ab, ab_next = (1.0 - sig[:-1], sig[:-1]), (1.0 - sig[1:], sig[1:])
-        init = float(sched.init_noise_sigma)
+        init = 1.0  # the flow pipelines use latents=z as is (FlowMatchEuler has no init_noise_sigma)
     elif name == "EulerDiscreteScheduler":
         sig = sched.sigmas.to(torch.float64)
         c = 1.0 / torch.sqrt(1.0 + sig**2)

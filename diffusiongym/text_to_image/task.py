@@ -30,11 +30,13 @@ from diffusiongym.envs.registry import NAMESPACE, register_ids
 from diffusiongym.envs.simulator import DiffusionSimulator, resolve_task
 from diffusiongym.envs.vector_env import VECTOR_ENV_KWARGS, DiffusionVectorEnv
 from diffusiongym.rewards.base import Reward
+from diffusiongym.rewards.model_base import ModelImageReward
 from diffusiongym.sampling import StepSchedule
 from diffusiongym.tasks import Task, check_reward, register_task
 from diffusiongym.text_to_image.decode import DecodedReward
 from diffusiongym.text_to_image.environment import TextToImageEnvironment, text_to_image_environment
 from diffusiongym.text_to_image.prompts import PromptSet
+from diffusiongym.timegrid import DEFAULT_T_START
 from diffusiongym.utils.validation import check_positive_int, check_real
 
 __all__ = ["text_to_image_task", "TextToImageEnv", "TextToImageVectorEnv", "TASK_NAME", "ENV_ID"]
@@ -48,13 +50,13 @@ def text_to_image_task(
     pipeline: str | Path | Any = None,
     prompts: Any = None,
     reward: Reward | None = None,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     negative_prompt: str | None = None,
     reward_scale: float = 1.0,
     noise: Any = "memoryless",
     integrator: str = "euler",
     steps: int = 50,
-    t_start: float = 0.0,
+    t_start: float | None = None,
     action_scale: float = 1.0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -62,6 +64,7 @@ def text_to_image_task(
     decode_chunk_size: int | None = None,
     extra_slots: int = 16,
     text_keyword: str | None = None,
+    family_options: dict[str, Any] | None = None,
 ) -> Task:
     """The ``TextToImage-v0`` task.
 
@@ -75,9 +78,11 @@ def text_to_image_task(
         Required: an image reward on decoded images in ``[-1, 1]`` (e.g. ``BrightnessReward()``), or
         a :class:`DecodedReward` / latent reward used as is.
     guidance_scale, negative_prompt
-        Classifier-free guidance (the pipeline's default ``7.5``).
+        Classifier-free guidance (``None``: the family's default, 7.5 for SD/SDXL, 7.0 for SD3, 1.0
+        for FLUX).
     reward_scale, noise, steps, t_start, action_scale
-        As every task (``t_start = 0``: the VP table's noisiest point, ``alpha > 0`` there).
+        As every task (``t_start`` default: 0 for the VP tables, their noisiest point with ``alpha > 0``;
+        ``DEFAULT_T_START`` for flow matching (SD3, FLUX), where the memoryless noise is singular at 0).
     integrator : {"euler", "scheduler"}
         See :func:`~diffusiongym.text_to_image.environment.text_to_image_environment`.
     device, dtype, offload_text_encoders, decode_chunk_size
@@ -85,7 +90,11 @@ def text_to_image_task(
     extra_slots : int
         Room for prompts first given at reset.
     text_keyword : str, optional
-        Pass the batch's prompt texts to the image reward under this keyword.
+        Pass the batch's prompt texts to the image reward under this keyword (default
+        ``"prompt"`` for rewards on pretrained models, e.g. ``CLIPScore``, which read the texts there).
+    family_options : dict, optional
+        Adapter options (e.g. FLUX's ``guidance``, ``height``, ``width``; see
+        :func:`~diffusiongym.text_to_image.environment.text_to_image_environment`).
     """
     missing = [
         name for name, value in (("pipeline", pipeline), ("prompts", prompts), ("reward", reward)) if value is None
@@ -112,10 +121,15 @@ def text_to_image_task(
         dtype=dtype,
         offload_text_encoders=offload_text_encoders,
         decode_chunk_size=decode_chunk_size,
+        family_options=family_options,
     )
+    if text_keyword is None and isinstance(reward, ModelImageReward):
+        text_keyword = "prompt"  # the prompt index becomes each sample's text (rewards.model_base)
     if not isinstance(reward, DecodedReward) and not getattr(reward, "on_latents", False):
         reward = DecodedReward(reward, env.decoder, prompt_set, text_keyword)
     conditioning = {"prompt": (prompt_set.space, prompt_set.sample)}
+    if t_start is None:
+        t_start = DEFAULT_T_START if env.model.kind == "flow" else 0.0
     return Task(TASK_NAME, env, reward, reward_scale, steps, t_start, action_scale, None, conditioning)
 
 
