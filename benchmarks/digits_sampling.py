@@ -5,7 +5,9 @@ sample), same initial noise, same 50-step Euler grid: ``FlowMatchEulerDiscreteSc
 stepping the model wrapped as a diffusers flow model (output ``noise - data = -velocity``,
 timestep ``sigma * 1000``), against ``diffusiongym.sample`` on the grid ``t = 1 - sigma`` with
 ``noise="ode"`` (the same recursion: the final images agree to float32 rounding, printed), and
-with the memoryless SDE (its default, 50 steps from ``t_start = 0.01``).
+with the memoryless SDE (its default, 50 steps from ``t_start = 0.01``); each of the two also with
+``compile=True`` (:mod:`diffusiongym.compiled`: one ``torch.compile``d graph per step), whose
+compile time (first full run minus the best one) is printed separately.
 
 Each variant runs in a fresh subprocess: a 2-sample warm-up (imports, one-off initialisation),
 then one full run whose growth of the process's peak resident set size (``ru_maxrss``) is the
@@ -52,7 +54,7 @@ def _diffusers_loop(model, labels, x0, steps):
     return x
 
 
-def _ours(model, labels, x0, steps, noise):
+def _ours(model, labels, x0, steps, noise, compile=False):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from diffusiongym import sample
@@ -63,8 +65,11 @@ def _ours(model, labels, x0, steps, noise):
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
         scheduler.set_timesteps(steps)
         grid = (1.0 - scheduler.sigmas.double()).clamp(0, 1)
-        return sample(env, x=x0, grid=grid, cond={"label": labels}).x1
-    return sample(env, len(x0), steps=steps, t_start=1e-2, cond={"label": labels}, seed=0).x1
+        return sample(env, x=x0, grid=grid, cond={"label": labels}, compile=compile).x1
+    return sample(env, len(x0), steps=steps, t_start=1e-2, cond={"label": labels}, seed=0, compile=compile).x1
+
+
+VARIANTS = ("diffusers", "ours_ode", "ours_memoryless", "ours_ode_compiled", "ours_memoryless_compiled")
 
 
 def run_variant(variant: str, n: int, steps: int, repeats: int, seed: int) -> dict:
@@ -75,22 +80,26 @@ def run_variant(variant: str, n: int, steps: int, repeats: int, seed: int) -> di
     def fn(labels=labels, x0=x0, steps=steps):
         if variant == "diffusers":
             return _diffusers_loop(model, labels, x0, steps)
-        return _ours(model, labels, x0, steps, "ode" if variant == "ours_ode" else "memoryless")
+        noise = "ode" if variant.startswith("ours_ode") else "memoryless"
+        return _ours(model, labels, x0, steps, noise, compile=variant.endswith("_compiled"))
 
     fn(labels[:2], x0[:2], 2)  # warm-up on 2 samples: imports and one-off kernel initialisation
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    x = fn()  # first run: peak memory growth (then timing runs)
+    start = time.perf_counter()
+    x = fn()  # first run: peak memory growth (and compilation for the compiled variants), then timing runs
+    first = time.perf_counter() - start
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         x = fn()
         times.append(time.perf_counter() - start)
-    if variant != "ours_memoryless":  # kept for the agreement check in main()
+    if variant in ("diffusers", "ours_ode", "ours_ode_compiled"):  # kept for the agreement check in main()
         torch.save(x, f"/tmp/digits_benchmark_{variant}_{os.getpid()}.pt")
     return {
         "variant": variant,
         "seconds": min(times),
+        "compile_seconds": first - min(times),
         "peak_rss_growth_mib": (rss_after - rss_before) / 1024,
         "peak_rss_mib": rss_after / 1024,
         "pid": os.getpid(),
@@ -109,7 +118,7 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.num_samples, args.steps, args.repeats, args.seed)))
         return
     results = {}
-    for variant in ("diffusers", "ours_ode", "ours_memoryless"):
+    for variant in VARIANTS:
         cmd = [
             sys.executable,
             __file__,
@@ -128,18 +137,22 @@ def main() -> None:
             cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    x_d = torch.load(f"/tmp/digits_benchmark_diffusers_{results['diffusers']['pid']}.pt")
-    x_o = torch.load(f"/tmp/digits_benchmark_ours_ode_{results['ours_ode']['pid']}.pt")
-    for variant in ("diffusers", "ours_ode"):
-        os.remove(f"/tmp/digits_benchmark_{variant}_{results[variant]['pid']}.pt")
+    kept = {
+        v: f"/tmp/digits_benchmark_{v}_{results[v]['pid']}.pt" for v in ("diffusers", "ours_ode", "ours_ode_compiled")
+    }
+    x_d, x_o, x_c = (torch.load(kept[v]) for v in ("diffusers", "ours_ode", "ours_ode_compiled"))
+    for path in kept.values():
+        os.remove(path)
     print(f"{args.num_samples} digits, {args.steps} steps, CPU, 1 thread, best of {args.repeats}")
-    print(f"{'variant':<18}{'seconds':>10}{'peak RSS growth (MiB)':>24}")
+    print(f"{'variant':<26}{'seconds':>10}{'peak RSS growth (MiB)':>24}{'compile (s)':>13}")
     for variant, r in results.items():
-        print(f"{variant:<18}{r['seconds']:>10.3f}{r['peak_rss_growth_mib']:>24.1f}")
+        comp = f"{r['compile_seconds']:>13.1f}" if variant.endswith("_compiled") else ""
+        print(f"{variant:<26}{r['seconds']:>10.3f}{r['peak_rss_growth_mib']:>24.1f}{comp}")
     base = results["diffusers"]
-    print(f"time ratio ours_ode / diffusers = {results['ours_ode']['seconds'] / base['seconds']:.3f}")
-    print(f"time ratio ours_memoryless / diffusers = {results['ours_memoryless']['seconds'] / base['seconds']:.3f}")
+    for variant in VARIANTS[1:]:
+        print(f"time ratio {variant} / diffusers = {results[variant]['seconds'] / base['seconds']:.3f}")
     print(f"max |x_ours_ode - x_diffusers| = {float((x_o - x_d).abs().max()):.2e}")
+    print(f"max |x_ours_ode_compiled - x_ours_ode| = {float((x_c - x_o).abs().max()):.2e}")
 
 
 if __name__ == "__main__":

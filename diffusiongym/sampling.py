@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffusiongym.compiled import engine_rollout
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.rewards.base import Reward
@@ -222,6 +223,7 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     requires_grad: bool = False,
+    compile: bool = False,
 ) -> Trajectory:
     """Sample ``n`` trajectories in lockstep with Euler–Maruyama.
 
@@ -255,6 +257,14 @@ def sample(
         Where and in which precision to simulate (default: ``x``'s, else CPU float32).
     requires_grad : bool
         Keep the autograd graph through the whole rollout (no in-place updates).
+    compile : bool
+        Run each step as one ``torch.compile``d graph (:mod:`diffusiongym.compiled`): the base model,
+        the drift, a ``policy``'s control, the running cost and the update, with fixed shapes and no
+        host sync per step (CUDA graphs on CUDA devices). The first call for a model, batch shape and
+        ``store`` pays the compilation (seconds to a minute on a CPU); later ones reuse it. Same
+        noise for the same seed; results equal the eager loop's to float32 rounding. A ``control``
+        callable runs eagerly between the compiled steps (pass a fine-tuned model as ``policy=`` to
+        fuse it). Not with ``requires_grad=True``.
 
     Raises
     ------
@@ -291,6 +301,12 @@ def sample(
         raise ValueError("control, policy: give at most one")
     if not isinstance(env, DiffusionEnvironment):
         raise TypeError(f"env: expected a DiffusionEnvironment, got {type(env).__name__}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
+    if compile and requires_grad:
+        raise ValueError(
+            "compile: the compiled path samples without autograd; use compile=False with requires_grad=True"
+        )
 
     schedule = StepSchedule.build(env, make_time_grid(steps, t_start, t_end, grid))
     m = len(schedule)
@@ -338,48 +354,60 @@ def sample(
 
     grad_ctx = torch.enable_grad() if requires_grad else torch.no_grad()
     with grad_ctx:
-        for k in tqdm(range(m), disable=not progress, desc="sampling", leave=False):
-            t_vec = times[k].expand(n)
-            h, sig = schedule.h[k], schedule.sigma[k]
-            out = env.model(x, t_vec, **cond)
-            if out.shape != x.shape:
-                raise ValueError(f"model output: expected shape {tuple(x.shape)} (same as x), got {tuple(out.shape)}")
-            drift = torch.add(x * schedule.coef_x[k], out, alpha=schedule.coef_out[k])
-            if "drifts" in storage:
-                storage["drifts"].append(drift.clone())
-            if has_control:
-                if policy is not None:
-                    out_policy = policy(x, t_vec, **cond)
-                    if not isinstance(out_policy, Tensor) or out_policy.shape != x.shape:
-                        got = tuple(out_policy.shape) if isinstance(out_policy, Tensor) else type(out_policy).__name__
-                        raise ValueError(
-                            f"policy output: expected shape {tuple(x.shape)} (same as x, the base model's output), got {got}"
-                        )
-                    u = output_control(out_policy, out, schedule.coef_out[k] / sig)
+        if compile:
+            bar = lambda steps: tqdm(steps, disable=not progress, desc="sampling", leave=False)  # noqa: E731
+            x = engine_rollout(env.model, policy, control, x, schedule, times, cond, gen, noises, storage, running, bar)
+        else:
+            for k in tqdm(range(m), disable=not progress, desc="sampling", leave=False):
+                t_vec = times[k].expand(n)
+                h, sig = schedule.h[k], schedule.sigma[k]
+                out = env.model(x, t_vec, **cond)
+                if out.shape != x.shape:
+                    raise ValueError(
+                        f"model output: expected shape {tuple(x.shape)} (same as x), got {tuple(out.shape)}"
+                    )
+                drift = torch.add(x * schedule.coef_x[k], out, alpha=schedule.coef_out[k])
+                if "drifts" in storage:
+                    storage["drifts"].append(drift.clone())
+                if has_control:
+                    if policy is not None:
+                        out_policy = policy(x, t_vec, **cond)
+                        if not isinstance(out_policy, Tensor) or out_policy.shape != x.shape:
+                            got = (
+                                tuple(out_policy.shape) if isinstance(out_policy, Tensor) else type(out_policy).__name__
+                            )
+                            raise ValueError(
+                                f"policy output: expected shape {tuple(x.shape)} (same as x, the base model's output), got {got}"
+                            )
+                        u = output_control(out_policy, out, schedule.coef_out[k] / sig)
+                    else:
+                        u = control(x, t_vec, **cond)
+                        if not isinstance(u, Tensor) or u.shape != x.shape:
+                            got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+                            raise ValueError(f"control output: expected shape {tuple(x.shape)} (same as x), got {got}")
+                    running[k] = 0.5 * h * (u * u).sum(dim=sum_dims)
+                    drift = drift + sig * u
+                    if "controls" in storage:
+                        storage["controls"].append(u.detach().clone())
+                elif "controls" in storage:
+                    storage["controls"].append(torch.zeros_like(x))
+                if schedule.deterministic:
+                    z = torch.zeros_like(x) if "noises" in storage else None
+                    x = x + h * drift if requires_grad else x.add_(drift, alpha=h)
                 else:
-                    u = control(x, t_vec, **cond)
-                    if not isinstance(u, Tensor) or u.shape != x.shape:
-                        got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
-                        raise ValueError(f"control output: expected shape {tuple(x.shape)} (same as x), got {got}")
-                running[k] = 0.5 * h * (u * u).sum(dim=sum_dims)
-                drift = drift + sig * u
-                if "controls" in storage:
-                    storage["controls"].append(u.detach().clone())
-            elif "controls" in storage:
-                storage["controls"].append(torch.zeros_like(x))
-            if schedule.deterministic:
-                z = torch.zeros_like(x) if "noises" in storage else None
-                x = x + h * drift if requires_grad else x.add_(drift, alpha=h)
-            else:
-                z = noises[k] if noises is not None else torch.randn(x.shape, generator=gen, device=device, dtype=dtype)
-                if requires_grad:
-                    x = x + h * drift + schedule.step_sigma[k] * z
-                else:
-                    x.add_(drift, alpha=h).add_(z, alpha=schedule.step_sigma[k])
-            if "noises" in storage:
-                storage["noises"].append(z.clone())
-            if "states" in storage:
-                storage["states"].append(x.clone())
+                    z = (
+                        noises[k]
+                        if noises is not None
+                        else torch.randn(x.shape, generator=gen, device=device, dtype=dtype)
+                    )
+                    if requires_grad:
+                        x = x + h * drift + schedule.step_sigma[k] * z
+                    else:
+                        x.add_(drift, alpha=h).add_(z, alpha=schedule.step_sigma[k])
+                if "noises" in storage:
+                    storage["noises"].append(z.clone())
+                if "states" in storage:
+                    storage["states"].append(x.clone())
         r_values, valid = None, torch.isfinite(x.reshape(n, -1)).all(1)
         if reward is not None:
             r_values, valid = reward(x, **cond)

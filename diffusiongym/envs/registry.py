@@ -10,7 +10,8 @@ Keyword arguments are split between the task (``parameterization``, ``scheduler`
 ``noise``, ``reward``, ``reward_scale``, ``t_start`` and anything else the task factory
 accepts) and the environment (``steps``, ``action_mode``, ``action_scale``, ``device``,
 ``dtype``, ``render_mode`` (``None`` or ``"rgb_array"``), ``flat_obs`` for the single env and
-``check_actions`` for the vector env). Unknown ones raise ``TypeError`` with the list of valid
+``check_actions`` and ``compile`` (``torch.compile``d steps, :mod:`diffusiongym.compiled`) for the
+vector env). Unknown ones raise ``TypeError`` with the list of valid
 ones and close matches (so clients that retry without ``render_mode`` on ``TypeError``, such
 as stable-baselines3's ``make_vec_env``, behave). Entry points are strings, so
 ``gym.spec(id).to_json()`` round-trips.

@@ -40,6 +40,7 @@ import torch
 from gymnasium import spaces
 from torch import Tensor
 
+from diffusiongym.compiled import simulator_steps, step_table, time_rows
 from diffusiongym.policies.control import output_control
 from diffusiongym.sampling import MIN_STABLE_STEPS, StepSchedule
 from diffusiongym.tasks import TASKS, Task, make_task
@@ -161,6 +162,11 @@ class DiffusionSimulator:
         Where and in which precision the batch lives.
     check_actions : bool
         Validate every action (finiteness needs a device sync on GPUs).
+    compile : bool
+        Run the base model call and the step's update as ``torch.compile``d graphs with fixed shapes
+        (:mod:`diffusiongym.compiled`; CUDA graphs on CUDA devices). The first episode pays the
+        compilation; the noise is the eager env's for the same seed and the states agree to float32
+        rounding.
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class DiffusionSimulator:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str = torch.float32,
         check_actions: bool = True,
+        compile: bool = False,
     ):
         self.task = task
         self.num_envs = check_positive_int("num_envs", num_envs)
@@ -200,6 +207,9 @@ class DiffusionSimulator:
         if not isinstance(check_actions, bool):
             raise TypeError(f"check_actions: expected a bool, got {check_actions!r}")
         self.check_actions = check_actions
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile: expected a bool, got {compile!r}")
+        self.compile = compile
         self.sample_shape = task.sample_shape
         self.times = self.schedule.times.to(device=self.device, dtype=self.dtype)
         self.beta0 = float(task.environment.scheduler.beta(torch.tensor(self.schedule.t[0], dtype=torch.float64)))
@@ -210,6 +220,11 @@ class DiffusionSimulator:
         self.cond: dict[str, Tensor] = {}
         self._noises: Tensor | None = None
         self._base_out: Tensor | None = None
+        self._graphs: tuple | None = None  # compiled (base, update) once reset with compile=True
+        if compile:
+            self._rows = step_table(self.schedule, self.dtype, self.device)
+            self._t_rows = time_rows(self.times)
+            self._scale = torch.tensor(self.action_scale, dtype=self._rows[0].dtype, device=self.device)
 
     # ------------------------------------------------------------------ spaces
     def single_observation_space(self) -> spaces.Dict:
@@ -255,6 +270,10 @@ class DiffusionSimulator:
                 self.cond[name] = sampler(n, self.generator, self.device)
         self.k = 0
         self._base_out = None
+        if self.compile:
+            self._graphs = simulator_steps(
+                self.task.environment.model, self.x, self.cond, self.action_mode, self.deterministic
+            )
         return self.observation()
 
     def _check_condition(self, name: str, space: spaces.Space, value: Any) -> Tensor:
@@ -293,6 +312,9 @@ class DiffusionSimulator:
         """
         if self.x is None:
             raise RuntimeError("base_output: call reset() first")
+        if self._base_out is None and self._graphs is not None:
+            with torch.no_grad():
+                self._base_out = self._graphs[0](self.x, self._t_rows[self.k], self.cond)
         if self._base_out is None:
             with torch.no_grad():
                 self._base_out = self.task.environment.model(
@@ -319,7 +341,7 @@ class DiffusionSimulator:
             raise RuntimeError("step: the episode has terminated; call reset() first")
         a = self.check_action(action)
         with torch.no_grad():  # the env's dynamics are not differentiated through
-            return self._step(a)
+            return self._step(a) if self._graphs is None else self._step_compiled(a)
 
     def check_action(self, action: Any) -> Tensor:
         """Validate a batch of actions (shape, dtype, device, finiteness with ``check_actions``)."""
@@ -360,6 +382,22 @@ class DiffusionSimulator:
                 else torch.randn(x.shape, generator=self.generator, device=self.device, dtype=self.dtype)
             )
             x_next.add_(z, alpha=s.step_sigma[k])
+        return self._advance(x_next, reward)
+
+    def _step_compiled(self, a: Tensor) -> tuple[dict[str, Tensor], Tensor, bool, dict[str, Any]]:
+        """:meth:`_step` through the compiled update (same noise draw, same maths)."""
+        k, z = self.k, None
+        if not self.deterministic:
+            z = (
+                self._noises[k]
+                if self._noises is not None
+                else torch.randn(self.x.shape, generator=self.generator, device=self.device, dtype=self.dtype)
+            )
+        x_next, reward = self._graphs[1](self.x, self.base_output(), a, z, self._rows[k], self._scale)
+        return self._advance(x_next, reward)
+
+    def _advance(self, x_next: Tensor, reward: Tensor) -> tuple[dict[str, Tensor], Tensor, bool, dict[str, Any]]:
+        """Move to ``x_next`` with the step's ``reward`` (the terminal reward added on the last step)."""
         self.x = x_next
         self.k += 1
         self._base_out = None

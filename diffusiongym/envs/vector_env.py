@@ -41,7 +41,7 @@ from diffusiongym.tasks import Task
 
 __all__ = ["DiffusionVectorEnv", "NumpyVectorEnv", "VECTOR_ENV_KWARGS"]
 
-VECTOR_ENV_KWARGS = ("steps", "action_mode", "action_scale", "device", "dtype", "check_actions")
+VECTOR_ENV_KWARGS = ("steps", "action_mode", "action_scale", "device", "dtype", "check_actions", "compile")
 
 
 class DiffusionVectorEnv(VectorEnv):
@@ -55,8 +55,8 @@ class DiffusionVectorEnv(VectorEnv):
     render_mode : {None, "rgb_array"}
         ``render()`` then returns a tuple of ``num_envs`` uint8 ``(H, W, 3)`` frames.
     **kwargs
-        ``steps``, ``action_mode``, ``action_scale``, ``device``, ``dtype``, ``check_actions``
-        (as :class:`DiffusionSimulator`); unknown names raise ``TypeError``.
+        ``steps``, ``action_mode``, ``action_scale``, ``device``, ``dtype``, ``check_actions``,
+        ``compile`` (as :class:`DiffusionSimulator`); unknown names raise ``TypeError``.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"], "render_fps": RENDER_FPS}

@@ -186,7 +186,7 @@ class DigitsUNet(nn.Module):
         label = label.long().expand(n) if label.ndim == 0 else label.long()
         if label.shape != (n,):
             raise ValueError(f"label: expected shape ({n},), got {tuple(label.shape)}")
-        if bool(((label < 0) | (label > NULL_LABEL)).any()):
+        if not torch.compiler.is_compiling() and bool(((label < 0) | (label > NULL_LABEL)).any()):
             bad = label[(label < 0) | (label > NULL_LABEL)][:3].tolist()
             raise ValueError(
                 f"label: expected values in 0..{NUM_CLASSES - 1} (or {NULL_LABEL} for unconditional), got {bad}"

@@ -109,6 +109,19 @@ class GaussianMixture:
         self.covs = s
         self.eigvals = lam
         self.eigvecs = q
+        self._cast: dict[tuple, tuple[Tensor, ...]] = {}
+
+    def _constants(self, x: Tensor) -> tuple[Tensor, ...]:
+        """``(weights, means, eigvecs, eigvals)`` in ``x``'s dtype and device, cast once (eagerly):
+        a cast inside a compiled graph costs every call and spoils inductor's loop tiling."""
+        key = (x.dtype, x.device)
+        got = self._cast.get(key)
+        if got is None:
+            got = tuple(v.to(x) for v in (self.weights, self.means, self.eigvecs, self.eigvals))
+            # cached only for constants: a cast of a tensor that requires grad belongs to one graph
+            if not torch.compiler.is_compiling() and not any(v.requires_grad for v in got):
+                self._cast[key] = got
+        return got
 
     @property
     def dim(self) -> int:
@@ -162,18 +175,28 @@ class GaussianMixture:
         ``x`` has shape ``(n, d)``; ``alpha``, ``beta`` are scalars or shape ``(n,)``.
         Computed in ``x``'s dtype.
         """
-        w, mu, q, lam = (v.to(x) for v in (self.weights, self.means, self.eigvecs, self.eigvals))
+        w, mu, q, lam = self._constants(x)
         a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
         b = torch.as_tensor(beta, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
-        y = torch.einsum("nki,kij->nkj", x[:, None, :] - a * mu, q)  # coordinates in Q_k
+        # torch.compile: broadcast-and-sum instead of einsum, which inductor lowers to extern bmm calls
+        # and loops vectorised over the size-d axis; broadcasting fuses into one loop over the batch
+        fused = torch.compiler.is_compiling()
+        r = x[:, None, :] - a * mu
+        y = (r[..., None] * q).sum(-2) if fused else torch.einsum("nki,kij->nkj", r, q)  # coordinates in Q_k
         c = a**2 * lam + b**2  # eigenvalues of C_k
         log_rho = torch.log(w) - 0.5 * ((y**2 / c) + torch.log(c)).sum(-1)
         log_rho = log_rho - torch.logsumexp(log_rho, dim=1, keepdim=True)
         rho = log_rho.exp()
         y_over_c = y / c
-        score = -torch.einsum("nk,kij,nkj->ni", rho, q, y_over_c)
-        means = mu + torch.einsum("kij,nkj->nki", q, a * lam * y_over_c)
-        x1_hat = torch.einsum("nk,nki->ni", rho, means)
+        if fused:
+            back = (q * y_over_c[:, :, None, :]).sum(-1)  # Q_k y_k / c_k in x-coordinates, (n, K, d)
+            score = -(rho[..., None] * back).sum(1)
+            means = mu + (q * (a * lam * y_over_c)[:, :, None, :]).sum(-1)
+            x1_hat = (rho[..., None] * means).sum(1)
+        else:
+            score = -torch.einsum("nk,kij,nkj->ni", rho, q, y_over_c)
+            means = mu + torch.einsum("kij,nkj->nki", q, a * lam * y_over_c)
+            x1_hat = torch.einsum("nk,nki->ni", rho, means)
         cov_eigvals = lam * b**2 / c
         return Posterior(log_rho, means, cov_eigvals.expand(x.shape[0], -1, -1), q, score, x1_hat)
 
