@@ -191,3 +191,21 @@ def test_method_keywords_come_from_setup():
         rwr.RewardWeightedRegression("GMM1D-v0", data=1)
     with pytest.raises(TypeError, match="RWRConfig"):
         rwr.RewardWeightedRegression("GMM1D-v0", config=TrainerConfig())
+
+
+def test_execution_options_do_not_block_resume(tmp_path):
+    """``compile`` and ``gradient_checkpointing`` choose how a run executes, not what it computes: a
+    checkpoint resumes with either value; any other config field must still match."""
+    import dataclasses
+
+    from diffusiongym.trainers.checkpoint import CheckpointError
+    from diffusiongym.trainers.value_matching import ValueMatching, ValueMatchingConfig
+
+    config = ValueMatchingConfig(iterations=4, batch_size=32, updates_per_iteration=2, minibatch_size=64, seed=0)
+    saved = ValueMatching("GMM1D-v0", config=config, steps=10)
+    saved.train(1, progress=False)
+    folder = saved.save(tmp_path / "ckpt")
+    flipped = dataclasses.replace(config, compile=True)  # (gradient_checkpointing needs a diffusers model)
+    assert ValueMatching("GMM1D-v0", config=flipped, steps=10).load(folder).iteration == 1
+    with pytest.raises(CheckpointError, match=r"\['lr'\]"):
+        ValueMatching("GMM1D-v0", config=dataclasses.replace(config, lr=config.lr / 2), steps=10).load(folder)

@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffusiongym.distributed.collectives import all_mean, any_rank, average_gradients
+from diffusiongym.distributed.group import barrier, is_main_process, shard_range, world_size
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.loggers.base import Logger
 from diffusiongym.rewards.base import Reward
@@ -56,6 +58,7 @@ from diffusiongym.trainers.checkpoint import (
     write_checkpoint,
 )
 from diffusiongym.trainers.evaluation import EVALUATION_KEYS, trajectory_metrics
+from diffusiongym.trainers.gradient_checkpointing import enable_gradient_checkpointing
 from diffusiongym.trainers.config import LR_SCHEDULES, OPTIMIZERS, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.utils.io import frozen_parameter_names, optimizer_tensors
 from diffusiongym.utils.runtime import derive_seed, flush_denormals, seeded
@@ -103,6 +106,9 @@ class Trainer(abc.ABC):
     config_class: ClassVar[type[TrainerConfig]] = TrainerConfig
     #: scheduler steps are taken by the base once per iteration ("iteration") or by the method ("update")
     lr_schedule_unit: ClassVar[str] = "iteration"
+    #: whether the method draws its batch through :meth:`shard_generators` (``rollout_shards > 1``
+    #: and multi-process runs need it; ``docs/distributed.md``)
+    supports_sharding: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -124,6 +130,16 @@ class Trainer(abc.ABC):
             raise TypeError(f"config: expected a {self.config_class.__name__}, got {type(config).__name__}")
         config.validate()
         self.config = config
+        #: the shards of every batch this process draws (all of them in one process)
+        self.local_shards = shard_range(config.rollout_shards)
+        if (config.rollout_shards > 1 or world_size() > 1) and not self.supports_sharding:
+            raise ValueError(
+                f"rollout_shards: {type(self).__name__} draws its batch from one generator and cannot be sharded "
+                f"(rollout_shards={config.rollout_shards}, world size {world_size()}); expected 1 in one process"
+            )
+        self._shard_gens: tuple[int, list[torch.Generator], torch.Generator] | None = None
+        self._synced: set[int] = set()
+        self._hooked: set[int] = set()
         self.device = torch.device(device)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
@@ -140,6 +156,8 @@ class Trainer(abc.ABC):
                 f"{type(self).__name__}: unexpected keyword arguments {unknown}; expected some of {sorted([*accepted, *TASK_OPTIONS, 'device', 'dtype'])}"
             )
         self.setup(model, **method_options)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.checkpoint_modules())
 
     def setup(self, model: nn.Module | None) -> None:  # noqa: B027 (a hook: methods override it, the default does nothing)
         """Build the method's model, optimiser and schedule (called at the end of ``__init__``;
@@ -183,6 +201,52 @@ class Trainer(abc.ABC):
         gen = self.generator if generator is None else generator
         return {name: spec[1](n, gen, self.device) for name, spec in getattr(self.task, "conditioning", {}).items()}
 
+    # ------------------------------------------------------------------- sharding
+    @property
+    def sharded(self) -> bool:
+        """Whether batches are drawn in ``rollout_shards > 1`` shards (see :class:`TrainerConfig`)."""
+        return self.config.rollout_shards > 1
+
+    def _iteration_generators(self) -> tuple[list[torch.Generator], torch.Generator]:
+        if self._shard_gens is None or self._shard_gens[0] != self.iteration:
+            seed, it = self.config.seed, self.iteration
+
+            def gen(*names: object) -> torch.Generator:
+                return torch.Generator(device=self.device).manual_seed(derive_seed(seed, "iteration", it, *names))
+
+            self._shard_gens = (it, [gen("shard", s) for s in self.local_shards], gen("shared"))
+        return self._shard_gens[1], self._shard_gens[2]
+
+    def shard_generators(self) -> list[torch.Generator]:
+        """One generator per shard this process draws, for this iteration: ``[self.generator]``
+        with one shard; else fresh generators seeded from ``(seed, iteration, shard)``, the same
+        objects for the whole iteration. Draw each shard's per-sample randomness from its own."""
+        return [self.generator] if not self.sharded else self._iteration_generators()[0]
+
+    def shared_generator(self) -> torch.Generator:
+        """A generator for draws every shard shares (e.g. which grid times a loss uses): the
+        trainer's with one shard, else one seeded from ``(seed, iteration)``, equal on all ranks."""
+        return self.generator if not self.sharded else self._iteration_generators()[1]
+
+    def shard_size(self, total: int, name: str = "batch_size") -> int:
+        """``total / rollout_shards`` (``ValueError`` naming ``name`` unless it divides)."""
+        shards = self.config.rollout_shards
+        if total % shards:
+            raise ValueError(f"{name}: expected a multiple of rollout_shards={shards}, got {total}")
+        return total // shards
+
+    def shard_seed(self, *names: object) -> list[int]:
+        """Per local shard, a seed derived from ``config.seed``, ``names`` and the shard (one
+        shard: ``[init_seed(*names)]``, the unsharded seed)."""
+        if not self.sharded:
+            return [self.init_seed(*names)]
+        return [self.init_seed(*names, "shard", s) for s in self.local_shards]
+
+    def _sync_before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        average_gradients([p for p in params if id(p) not in self._synced])
+        self._synced.difference_update(id(p) for p in params)
+
     def configure_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         """Set :attr:`optimizer` (``config.optimizer`` over ``module``'s trainable parameters) and
         :attr:`lr_scheduler` (``config.lr_schedule``); returns the optimiser."""
@@ -192,7 +256,13 @@ class Trainer(abc.ABC):
 
     def clip_gradients(self, parameters: Iterable[Tensor]) -> Tensor:
         """Clip to ``config.max_grad_norm`` (if set); returns the norm before clipping as a detached
-        0-d tensor (no host sync: :meth:`step` turns the metrics into floats once per iteration)."""
+        0-d tensor (no host sync: :meth:`step` turns the metrics into floats once per iteration).
+        In a process group the gradients are first averaged over ranks, so the norm and the
+        clipping are those of the global gradient."""
+        parameters = list(parameters)
+        if world_size() > 1:
+            average_gradients(parameters)
+            self._synced.update(id(p) for p in parameters)
         params = [p for p in parameters if p.grad is not None]
         limit = self.config.max_grad_norm
         if not params:
@@ -206,8 +276,17 @@ class Trainer(abc.ABC):
         """Run one iteration; append its metrics to :attr:`history` and return them."""
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
+        if world_size() > 1:  # gradients not averaged by clip_gradients are averaged before each step
+            for opt in self.optimizers().values():
+                if id(opt) not in self._hooked:
+                    opt.register_step_pre_hook(self._sync_before_step)
+                    self._hooked.add(id(opt))
         with flush_denormals(), seeded(self.init_seed("iteration", self.iteration), self.device):
             metrics = self._step()
+        if world_size() > 1:  # one all-reduce: the metrics are means over ranks (global ones stay)
+            keys = list(metrics)
+            values = all_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+            metrics = dict(zip(keys, values.tolist()))
         record = {  # the one host sync of the iteration's metrics
             "iteration": float(self.iteration),
             **{k: float(v) for k, v in metrics.items()},
@@ -248,6 +327,10 @@ class Trainer(abc.ABC):
         ``callback(record)`` runs after every iteration (log it, checkpoint, ...); returning
         ``True`` stops training. ``progress`` shows a tqdm bar. Returns :attr:`history`.
 
+        In a process group (``docs/distributed.md``) the bar, the logger and sample grids are
+        rank 0's only; the callback runs on every rank (so that it may call :meth:`save`, a
+        collective) and training stops when it returns ``True`` on any rank.
+
         ``logger`` (a :class:`~diffusiongym.loggers.Logger`; flushed at the end, never closed)
         receives the record of every ``log_every``-th iteration (those with ``iteration %
         log_every == 0``) at ``step = iteration``, all keys but ``iteration``: with
@@ -267,9 +350,12 @@ class Trainer(abc.ABC):
         log_every, log_samples_every, log_num_samples = self._check_logging(
             logger, log_every, log_samples_every, log_num_samples
         )
+        main = is_main_process()
+        if not main:
+            logger, log_samples_every = None, None
         if log_samples_every is not None and self.iteration == 0:
             self.log_samples(logger, log_num_samples)
-        with tqdm(total=todo, disable=not progress, desc=type(self).__name__, leave=False) as bar:
+        with tqdm(total=todo, disable=not (progress and main), desc=type(self).__name__, leave=False) as bar:
             for _ in range(todo):
                 record = self.step()
                 bar.update(1)
@@ -278,7 +364,8 @@ class Trainer(abc.ABC):
                     logger.log_metrics({k: v for k, v in record.items() if k != "iteration"}, int(record["iteration"]))
                 if log_samples_every is not None and self.iteration % log_samples_every == 0:
                     self.log_samples(logger, log_num_samples)
-                if callback is not None and callback(record) is True:
+                stop = callback is not None and callback(record) is True
+                if any_rank(stop) if world_size() > 1 else stop:
                     break
         if logger is not None:
             logger.flush()
@@ -334,7 +421,7 @@ class Trainer(abc.ABC):
                 generator=gen,
                 device=self.device,
                 dtype=self.dtype,
-                **kwargs,
+                **{"compile": self.config.compile, **kwargs},
             )
 
     @contextlib.contextmanager
@@ -404,7 +491,11 @@ class Trainer(abc.ABC):
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write an atomic checkpoint folder (see :mod:`diffusiongym.trainers.checkpoint`)."""
+        """Write an atomic checkpoint folder (see :mod:`diffusiongym.trainers.checkpoint`).
+
+        In a process group call it on every rank: sharded state is gathered, rank 0 writes,
+        and every rank returns once the folder is complete. It can be loaded under any world
+        size that divides ``rollout_shards``."""
         tensors: dict[str, Tensor] = {}
         modules_meta: dict[str, list[str]] = {}
         for name, module in self.checkpoint_modules().items():
@@ -432,14 +523,18 @@ class Trainer(abc.ABC):
             "lr_schedulers": {name: s.state_dict() for name, s in self.lr_schedulers().items()},
             "extra": extra_meta,
         }
-        return write_checkpoint(path, meta, tensors)
+        if is_main_process():
+            write_checkpoint(path, meta, tensors)
+        barrier()
+        return Path(path)
 
     def load(self, path: str | Path) -> Trainer:
         """Restore a checkpoint of this method and task into this trainer; resume is exact.
 
         Everything is read and validated first; on any error (another method or task, other
         config, missing or misshapen tensors) the trainer is left exactly as it was and the
-        error names the file and the field. Returns ``self``.
+        error names the file and the field. Returns ``self``. In a process group every rank
+        loads (each takes its own shards of sharded state).
         """
         meta, tensors = read_checkpoint(path)
         where = Path(path) / "trainer.json"

@@ -164,6 +164,11 @@ def tensor_digest(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
+#: config fields that choose how a run executes, not what it computes (equal up to float rounding):
+#: a checkpoint resumes with either value
+EXECUTION_OPTIONS = frozenset({"compile", "gradient_checkpointing"})
+
+
 def check_header(
     meta: dict[str, Any], where: Path, method: str, fingerprint: dict[str, Any], config: Any
 ) -> tuple[int, dict[str, list[float]]]:
@@ -180,8 +185,12 @@ def check_header(
                 f"{where}: task.{key}: the checkpoint has {got_task.get(key)!r}, this trainer's task has {value!r}"
             )
     saved = type(config).from_dict(meta.get("config"), source=f"{where}: config")
-    if saved != config:
-        diff = [f.name for f in dataclasses.fields(config) if getattr(saved, f.name) != getattr(config, f.name)]
+    diff = [
+        f.name
+        for f in dataclasses.fields(config)
+        if f.name not in EXECUTION_OPTIONS and getattr(saved, f.name) != getattr(config, f.name)
+    ]
+    if diff:
         raise CheckpointError(
             f"{where}: config: fields {diff} differ from this trainer's; build it with {type(config).__name__}.from_dict(the saved config)"
         )

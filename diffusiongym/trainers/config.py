@@ -49,6 +49,22 @@ class TrainerConfig:
         Clip the gradient's global norm (``None``: no clipping).
     seed : int
         Determines the whole run (sampling, minibatches, initialisation, dropout).
+    compile : bool
+        Roll out (and sample, evaluate) with ``torch.compile``d Euler–Maruyama steps
+        (:mod:`diffusiongym.compiled`): the first rollout pays the compilation, later ones run
+        faster; results equal the eager ones to float32 rounding.
+    rollout_shards : int
+        Shards of each iteration's batch (``1``: the batch is drawn from the trainer's
+        generator, one process only). With ``S > 1`` every batch-sized quantity is split into
+        ``S`` equal shards, shard ``s`` drawn with its own generator seeded from ``seed``, the
+        iteration and ``s``; ``W`` processes (``torchrun``; ``W`` must divide ``S``) each draw
+        ``S / W`` shards, and the run is the same for every ``W`` (``docs/distributed.md``).
+    gradient_checkpointing : bool
+        Recompute the trained diffusers denoiser's block activations in the backward pass
+        (``enable_gradient_checkpointing()`` on each diffusers model in the trained modules that
+        has trainable parameters, e.g. a LoRA UNet): less memory per update, one more forward
+        pass of each block; the same gradients up to float rounding
+        (:mod:`diffusiongym.trainers.gradient_checkpointing`).
     """
 
     iterations: int = 100
@@ -61,6 +77,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     seed: int = 0
+    compile: bool = False
+    rollout_shards: int = 1
+    gradient_checkpointing: bool = False
 
     #: string fields and their allowed values (merged along the class hierarchy)
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}
@@ -78,7 +97,7 @@ class TrainerConfig:
             for name, allowed in vars(cls).get("choices", {}).items():
                 if getattr(self, name) not in allowed:
                     raise unknown_name_error(name, getattr(self, name), allowed)
-        for name in ("iterations", "batch_size"):
+        for name in ("iterations", "batch_size", "rollout_shards"):
             check_positive_int(name, getattr(self, name))
         _check_range("lr", self.lr, low=0.0, low_open=True)
         _check_range("lr_final_factor", self.lr_final_factor, low=0.0, high=1.0)

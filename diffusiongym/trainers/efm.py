@@ -49,6 +49,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.distributed.collectives import gather_cat, gather_offset
+from diffusiongym.distributed.sampling import cat_trajectories
 from diffusiongym.logprob import path_log_ratio
 from diffusiongym.policies.control import ModelControl
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
@@ -184,6 +186,7 @@ class EFMTrainer(Trainer):
 
     config_class = EFMConfig
     config: EFMConfig
+    supports_sharding = True
 
     def setup(self, model: Any, *, data: tuple[Tensor, ...] | None = None) -> None:
         env = self.env
@@ -234,45 +237,69 @@ class EFMTrainer(Trainer):
 
     # ----------------------------------------------------------------- rounds
     def _draw_round(self, index: int) -> dict[str, Any]:
-        """Samples, conditioning, weights and statistics of round ``index``."""
+        """Samples, conditioning, weights and statistics of round ``index``.
+
+        Sharded (``rollout_shards > 1``): each shard draws ``samples_per_round / shards``
+        samples with its own generator; the softmax weights, the ESS and the statistics are
+        those of all shards together (gathered over the process group); ``weights`` holds this
+        process's part of the global weights."""
         cfg = self.config
         lam = float(self.task.reward_scale)
-        n = cfg.samples_per_round
+        n = self.shard_size(cfg.samples_per_round, "samples_per_round")
         opts = {
             "grid": self.times,
             "reward": self.task.reward,
             "reward_scale": lam,
             "device": self.device,
             "dtype": self.dtype,
+            "compile": cfg.compile,
         }
         self.model.eval()
         if cfg.mode == "offline":
             beta = lam if cfg.inverse_temperature is None else float(cfg.inverse_temperature)
             if self.data is not None:
                 (x1, r, valid), cond, kl = self.data, {}, math.nan
+                if self.sharded:  # this process's shards of the given data set
+                    per = self.shard_size(x1.shape[0], "data")
+                    rows = slice(self.local_shards.start * per, self.local_shards.stop * per)
+                    x1, r, valid = x1[rows], r[rows], valid[rows]
             else:
-                # a derived generator: the offline set is a function of the seed, redrawn on resume
-                gen = torch.Generator(device=self.device).manual_seed(self.init_seed("offline-data"))
-                cond = self.conditioning(n, gen)
-                traj = sample(self.env, n, cond=cond, generator=gen, **opts)
+                # derived generators: the offline set is a function of the seed, redrawn on resume
+                parts, conds = [], []
+                for seed in self.shard_seed("offline-data"):
+                    gen = torch.Generator(device=self.device).manual_seed(seed)
+                    conds.append(self.conditioning(n, gen))
+                    parts.append(sample(self.env, n, cond=conds[-1], generator=gen, **opts))
+                traj = cat_trajectories(parts)
+                cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
                 x1, r, valid, kl = traj.x1, traj.reward, traj.valid, 0.0
             log_w = beta * r
         else:
-            cond = self.conditioning(n, self.generator)
-            traj = sample(
-                self.env,
-                n,
-                control=self._policy,
-                cond=cond,
-                generator=self.generator,
-                store=("controls", "noises"),
-                **opts,
-            )
+            parts, conds = [], []
+            for gen in self.shard_generators():
+                conds.append(self.conditioning(n, gen))
+                parts.append(
+                    sample(
+                        self.env,
+                        n,
+                        control=self._policy,
+                        cond=conds[-1],
+                        generator=gen,
+                        store=("controls", "noises"),
+                        **opts,
+                    )
+                )
+            traj = cat_trajectories(parts)
+            cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
             x1, r, valid = traj.x1, traj.reward, traj.valid
             log_w = lam * r + path_log_ratio(traj) if cfg.weighting == "importance" else (lam / cfg.rounds) * r
-            kl = float(traj.kl[valid].mean()) if bool(valid.any()) else math.nan
-        g, ess = efm_weights(log_w, valid)
-        n = x1.shape[0]
+            all_kl, all_valid = gather_cat(traj.kl), gather_cat(valid)
+            kl = float(all_kl[all_valid].mean()) if bool(all_valid.any()) else math.nan
+        # the softmax over the whole batch: every process's log-weights, this process's part
+        g, ess = efm_weights(gather_cat(log_w.detach()), gather_cat(valid))
+        start, n = gather_offset(x1.shape[0])
+        g = g[start : start + x1.shape[0]]
+        r, valid = gather_cat(r), gather_cat(valid)
         reward = float(r[valid].double().mean())
         stats = {
             "ess": ess,
@@ -299,24 +326,58 @@ class EFMTrainer(Trainer):
             self._round = self._draw_round(index)
         rd = self._round
         t_min = float(self.task.t_start) if cfg.t_min is None else cfg.t_min
-        idx = torch.multinomial(rd["weights"], cfg.batch_size, replacement=True, generator=self.generator)
         self.model.train()
-        loss = weighted_flow_matching_loss(
-            self.model,
-            self.env.parameterization,
-            self.env.scheduler,
-            rd["x1"][idx],
-            t_range=(t_min, cfg.t_max),
-            time_power=cfg.time_power,
-            generator=self.generator,
-            cond={k: v[idx] for k, v in rd["cond"].items()},
-        )
+        if not self.sharded:
+            idx = torch.multinomial(rd["weights"], cfg.batch_size, replacement=True, generator=self.generator)
+            loss = weighted_flow_matching_loss(
+                self.model,
+                self.env.parameterization,
+                self.env.scheduler,
+                rd["x1"][idx],
+                t_range=(t_min, cfg.t_max),
+                time_power=cfg.time_power,
+                generator=self.generator,
+                cond={k: v[idx] for k, v in rd["cond"].items()},
+            )
+        else:
+            loss = self._sharded_loss(rd, (t_min, cfg.t_max))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = self.clip_gradients(self.model.parameters())
         self.optimizer.step()
         self.model.eval()
         return {"loss": loss.detach(), "grad_norm": norm, "round": float(index), **rd["stats"]}
+
+    def _sharded_loss(self, rd: dict[str, Any], t_range: tuple[float, float]) -> Tensor:
+        """The unbiased data-parallel estimate of ``sum_i g_i loss_i``: shard ``s`` draws
+        ``batch_size / S`` indices from its own samples with probabilities ``g_i / G_s``
+        (``G_s`` the shard's share of the global weights) and weighs its mean loss by
+        ``S G_s``; the mean over shards (this process's, then over ranks by the gradient
+        average) is the estimate."""
+        cfg, shards = self.config, self.config.rollout_shards
+        b = self.shard_size(cfg.batch_size)
+        n = rd["x1"].shape[0] // len(self.local_shards)
+        terms = []
+        for j, gen in enumerate(self.shard_generators()):
+            g = rd["weights"][j * n : (j + 1) * n]
+            mass = g.sum()
+            if float(mass) <= 0.0:  # no valid sample in this shard: it contributes nothing
+                continue
+            idx = torch.multinomial(g / mass, b, replacement=True, generator=gen) + j * n
+            part = weighted_flow_matching_loss(
+                self.model,
+                self.env.parameterization,
+                self.env.scheduler,
+                rd["x1"][idx],
+                t_range=t_range,
+                time_power=self.config.time_power,
+                generator=gen,
+                cond={k: v[idx] for k, v in rd["cond"].items()},
+            )
+            terms.append(part * (shards * mass).to(part.dtype))
+        if not terms:
+            return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+        return torch.stack(terms).sum() / len(self.local_shards)
 
     # ------------------------------------------------------------- checkpoints
     def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -330,10 +391,10 @@ class EFMTrainer(Trainer):
             or rd["index"] != self.iteration // self.config.iterations_per_round
         ):
             return {}, meta
-        tensors = {
-            "round.x1": rd["x1"],
-            "round.weights": rd["weights"],
-            **{f"round.cond.{k}": v for k, v in rd["cond"].items()},
+        tensors = {  # sharded: every process's part, in shard order (resumable under any world size)
+            "round.x1": gather_cat(rd["x1"]),
+            "round.weights": gather_cat(rd["weights"]),
+            **{f"round.cond.{k}": gather_cat(v) for k, v in rd["cond"].items()},
         }
         meta["round"] = {"index": rd["index"], "stats": rd["stats"]}
         return tensors, meta
@@ -391,6 +452,10 @@ class EFMTrainer(Trainer):
         if leftover:
             raise CheckpointError(f"extra: unexpected tensors {leftover[:5]}")
         dev = self.device
+        if self.sharded:  # this process's shards
+            per = n // self.config.rollout_shards
+            rows = slice(self.local_shards.start * per, self.local_shards.stop * per)
+            x1, g, cond = x1[rows], g[rows], {k: v[rows] for k, v in cond.items()}
 
         def apply() -> None:
             self._round = {

@@ -58,6 +58,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.distributed.collectives import gather_cat, gather_offset
 from diffusiongym.envs.vector_env import DiffusionVectorEnv
 from diffusiongym.logprob import euler_step_log_prob
 from diffusiongym.policies.control import ModelControl, output_control
@@ -65,12 +66,14 @@ from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.policies.value import ControlPolicy
 from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.checkpoint import CheckpointError
+from diffusiongym.utils.runtime import derive_seed
 from diffusiongym.utils.validation import check_positive_int, unknown_name_error
 
 __all__ = [
     "PolicyGradient",
     "PolicyGradientConfig",
     "Rollout",
+    "cat_rollouts",
     "group_advantages",
     "ppo_loss",
     "ppo_update",
@@ -183,18 +186,35 @@ class Rollout:
         return self.step_rewards.sum(0)
 
 
+def cat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Rollouts of the same grid concatenated along the episodes."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str, dim: int) -> Tensor:
+        return torch.cat([getattr(p, name) for p in parts], dim)
+
+    return Rollout(
+        *(cat(name, 1) for name in ("states", "base_out", "log_probs", "step_rewards")),
+        cat("reward", 0),
+        cat("valid", 0),
+        {k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond},
+    )
+
+
 def rollout_metrics(batch: Rollout, reward_scale: float) -> dict[str, float]:
     """``reward`` (mean ``r`` over valid episodes), ``kl`` (the running cost, ``lambda r``
     minus the return), ``objective`` (the return ``lambda r - KL``), both over valid
-    episodes, and ``valid_fraction`` of a rollout."""
-    valid = batch.valid
+    episodes, and ``valid_fraction`` of a rollout (in a process group: of every rank's
+    episodes together)."""
+    valid, reward, returns = gather_cat(batch.valid), gather_cat(batch.reward), gather_cat(batch.returns)
     nan = float("nan")
     any_valid = bool(valid.any())
-    kl = reward_scale * batch.reward - batch.returns
+    kl = reward_scale * reward - returns
     return {
-        "reward": float(batch.reward[valid].mean()) if any_valid else nan,
+        "reward": float(reward[valid].mean()) if any_valid else nan,
         "kl": float(kl[valid].mean()) if any_valid else nan,
-        "objective": float(batch.returns[valid].mean()) if any_valid else nan,
+        "objective": float(returns[valid].mean()) if any_valid else nan,
         "valid_fraction": float(valid.float().mean()),
     }
 
@@ -239,23 +259,32 @@ def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[
     and its exact per-step KL to the base, ``(b,)`` each, differentiable in ``trainer.model``.
     Returns the means over minibatches of the :func:`ppo_loss` statistics and ``grad_norm``
     (0-d tensors; the trainer's ``step`` turns them into floats once).
+
+    Sharded (``batch`` holds this process's shards, in order): the group advantages and the
+    return scale are those of the whole batch (the returns are gathered; groups may span
+    shards and ranks), and each shard shuffles its own pairs with its own generator;
+    minibatch ``j`` is the union of every shard's ``j``-th slice.
     """
     cfg = trainer.config
     m, n = batch.log_probs.shape
     returns = batch.returns if cfg.kl_in_return else trainer.task.reward_scale * batch.reward
-    valid = batch.valid
+    returns, valid = gather_cat(returns), gather_cat(batch.valid)  # the whole batch, every rank's episodes
     adv = group_advantages(returns, cfg.group_size, cfg.normalize_std)
     adv = torch.where(valid, adv, torch.zeros_like(adv))
     # the KL penalty is divided by the same return scale as the advantages, so that
     # kl_coef = 1 is the gradient of lambda r - KL (up to a positive factor)
     ret_std = float(returns[valid].std()) if int(valid.sum()) > 1 else 0.0
+    start, _ = gather_offset(n)
+    adv = adv[start : start + n]
     kl_scale = cfg.kl_coef / (ret_std + 1e-6) if cfg.normalize_std else cfg.kl_coef
 
     trainer.model.train()
     device = batch.log_probs.device
-    flat_k = torch.arange(m, device=device).repeat_interleave(n)
-    flat_i = torch.arange(n, device=device).repeat(m)
-    total = m * n
+    gens = trainer.shard_generators()
+    n_shard = n // len(gens)
+    flat_k = torch.arange(m, device=device).repeat_interleave(n_shard)
+    flat_i = torch.arange(n_shard, device=device).repeat(m)
+    total = m * n_shard
     mb = max(1, total // cfg.num_minibatches)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     stats: dict[str, Any] = dict.fromkeys(
@@ -263,10 +292,11 @@ def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[
     )
     count = 0
     for _epoch in range(cfg.update_epochs):
-        perm = torch.randperm(total, generator=trainer.generator, device=device)
+        perms = [torch.randperm(total, generator=gen, device=device) for gen in gens]
         for start in range(0, total, mb):
-            sel = perm[start : start + mb]
-            k, i = flat_k[sel], flat_i[sel]
+            sels = [perm[start : start + mb] for perm in perms]
+            k = torch.cat([flat_k[sel] for sel in sels])
+            i = torch.cat([flat_i[sel] + j * n_shard for j, sel in enumerate(sels)])
             new_logp, kl = step_terms(k, i)
             loss, terms = ppo_loss(new_logp, batch.log_probs[k, i], adv[i], kl, cfg.clip_coef, kl_scale, m)
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -306,6 +336,7 @@ class PolicyGradient(Trainer):
 
     config_class: ClassVar[type[TrainerConfig]] = PolicyGradientConfig
     config: PolicyGradientConfig
+    supports_sharding = True
 
     def setup(self, model: Any, *, policy_type: str = "model") -> None:
         if policy_type not in POLICY_TYPES:
@@ -315,8 +346,13 @@ class PolicyGradient(Trainer):
                 "task: policy gradients need stochastic transitions; expected noise with sigma > 0, got the ODE"
             )
         self.policy_type = policy_type
-        self.envs = DiffusionVectorEnv(
-            self.task, self.config.batch_size, action_mode="control", device=self.device, dtype=self.dtype
+        self.envs = DiffusionVectorEnv(  # one shard's envs (the whole batch unsharded)
+            self.task,
+            self.shard_size(self.config.batch_size),
+            action_mode="control",
+            device=self.device,
+            dtype=self.dtype,
+            compile=self.config.compile,
         )
         self.sim = self.envs.sim
         if model is None:
@@ -400,6 +436,20 @@ class PolicyGradient(Trainer):
             torch.stack(states), torch.stack(base_outs), torch.stack(log_probs), torch.stack(rewards), r, valid, cond
         )
 
+    def _sharded_rollout(self) -> Rollout:
+        """This process's shards of the iteration's episodes: the groups' conditioning is drawn
+        for the whole batch from the iteration's seed (the same on every rank: a group may span
+        shards), and shard ``s`` resets its envs with a seed derived from it and ``s``."""
+        seed, g, total = self.init_seed("rollout", self.iteration), self.config.group_size, self.config.batch_size
+        n = self.num_envs
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        cond = {name: v.repeat_interleave(g, dim=0) for name, v in self.conditioning(total // g, gen).items()}
+        parts = [
+            self.rollout(derive_seed(seed, "shard", s), {k: v[s * n : (s + 1) * n] for k, v in cond.items()})
+            for s in self.local_shards
+        ]
+        return cat_rollouts(parts)
+
     def _terminal_reward(self, info: dict[str, Any], x1: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``r(x1)`` (0 where invalid) and validity, ``(n,)`` each: the env's ``info`` when it
         holds them as ``(n,)`` tensors, else the task's reward (the same numbers)."""
@@ -421,7 +471,7 @@ class PolicyGradient(Trainer):
         its update); ``loss``, ``pg_loss``, ``kl_loss``, ``clip_fraction``, ``approx_kl`` and
         ``grad_norm`` are means over the update's minibatches."""
         self.model.eval()
-        batch = self.rollout(self.init_seed("rollout", self.iteration))
+        batch = self._sharded_rollout() if self.sharded else self.rollout(self.init_seed("rollout", self.iteration))
         states, base_out, cond = batch.states, batch.base_out, batch.cond
         times = self.sim.times
 

@@ -39,7 +39,13 @@ from torch import Tensor
 from diffusiongym.discrete.chain import base_rates, controlled_step, draw_step
 from diffusiongym.trainers.base import TrainerConfig
 from diffusiongym.trainers.discrete_trainer import DiscreteTrainer
-from diffusiongym.trainers.policy_gradient import PolicyGradientConfig, Rollout, ppo_update, rollout_metrics
+from diffusiongym.trainers.policy_gradient import (
+    PolicyGradientConfig,
+    Rollout,
+    cat_rollouts,
+    ppo_update,
+    rollout_metrics,
+)
 
 __all__ = ["DiscretePolicyGradient", "step_log_prob"]
 
@@ -79,6 +85,7 @@ class DiscretePolicyGradient(DiscreteTrainer):
 
     config_class: ClassVar[type[TrainerConfig]] = PolicyGradientConfig
     config: PolicyGradientConfig
+    supports_sharding = True
 
     def setup(self, model: Any) -> None:
         self.setup_model(model, hidden=self.config.hidden, layers=self.config.layers)
@@ -92,13 +99,14 @@ class DiscretePolicyGradient(DiscreteTrainer):
 
     # ------------------------------------------------------------------ data
     @torch.no_grad()
-    def rollout(self, n: int | None = None) -> Rollout:
+    def rollout(self, n: int | None = None, generator: torch.Generator | None = None) -> Rollout:
         """``n`` chains (default ``config.batch_size``) of the current policy on the task's grid,
-        drawn with ``self.generator``: states ``(m + 1, n, D)``, base rates ``(m, n, D, K)`` (in
+        drawn with ``generator`` (default ``self.generator``): states ``(m + 1, n, D)``, base rates ``(m, n, D, K)`` (in
         ``base_out``), log-probabilities ``(m, n)``, step rewards ``-cost_k`` (the last adds
         ``lambda r``), ``r(x1)`` (0 where invalid) and validity."""
         n = self.config.batch_size if n is None else n
-        path, grid, gen = self.env.path, self.times.to(self.device), self.generator
+        path, grid = self.env.path, self.times.to(self.device)
+        gen = self.generator if generator is None else generator
         m = grid.shape[0] - 1
         x = path.sample_source(n, generator=gen, device=self.device)
         states, rates_k, logps, costs = [x], [], [], []
@@ -126,7 +134,8 @@ class DiscretePolicyGradient(DiscreteTrainer):
         update); ``loss``, ``pg_loss``, ``kl_loss``, ``clip_fraction``, ``approx_kl`` and
         ``grad_norm`` are means over the update's minibatches."""
         self.model.eval()
-        batch = self.rollout()
+        n = self.shard_size(self.config.batch_size)
+        batch = cat_rollouts([self.rollout(n, gen) for gen in self.shard_generators()])
         grid = self.times.to(self.device)
         num_states = self.env.path.num_states
 

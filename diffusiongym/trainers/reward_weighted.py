@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from diffusiongym.discrete.chain import sample_chain
+from diffusiongym.distributed.collectives import gather_cat, gather_offset
 from diffusiongym.discrete.models import check_tokens
 from diffusiongym.discrete.train import cross_entropy_loss
 from diffusiongym.trainers.base import TrainerConfig
@@ -101,6 +102,7 @@ class RewardWeightedTrainer(DiscreteTrainer):
 
     config_class = RewardWeightedConfig
     config: RewardWeightedConfig
+    supports_sharding = True
 
     def setup(self, model: Any, *, data: tuple[Tensor, ...] | None = None) -> None:
         self.setup_model(model, hidden=128, layers=2)
@@ -118,19 +120,32 @@ class RewardWeightedTrainer(DiscreteTrainer):
 
     # ------------------------------------------------------------------ training
     def _weighted_data(self) -> dict[str, Any]:
-        """The data set, its weights ``softmax(beta r)`` and their statistics (cached)."""
+        """The data set, its weights ``softmax(beta r)`` and their statistics (cached).
+
+        Sharded: this process holds its shards of the data set (drawn shard by shard, each
+        from a seed derived for it, or its rows of given data) and its part of the weights of
+        the softmax over the whole data set."""
         if self._dataset is not None:
             return self._dataset
         cfg = self.config
         if self.data is not None:
             x1, r, valid = self.data
+            if self.sharded:
+                per = self.shard_size(x1.shape[0], "data")
+                rows = slice(self.local_shards.start * per, self.local_shards.stop * per)
+                x1, r, valid = x1[rows], r[rows], valid[rows]
         else:
-            gen = torch.Generator(device=self.device).manual_seed(self.init_seed("data"))
-            traj = sample_chain(self.env, cfg.num_samples, times=self.times, reward=self.task.reward, generator=gen)
-            x1, r, valid = traj.x1, traj.reward, traj.valid
+            per = self.shard_size(cfg.num_samples, "num_samples")
+            parts = []
+            for seed in self.shard_seed("data"):
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+                parts.append(sample_chain(self.env, per, times=self.times, reward=self.task.reward, generator=gen))
+            x1, r, valid = (torch.cat([getattr(p, name) for p in parts]) for name in ("x1", "reward", "valid"))
         beta = float(self.task.reward_scale) if cfg.inverse_temperature is None else float(cfg.inverse_temperature)
-        g, ess = efm_weights(beta * r, valid)
-        n = x1.shape[0]
+        g, ess = efm_weights(gather_cat(beta * r), gather_cat(valid))  # the softmax over every shard
+        start, n = gather_offset(x1.shape[0])
+        g = g[start : start + x1.shape[0]]
+        r, valid = gather_cat(r), gather_cat(valid)
         if ess < cfg.ess_warn_fraction * n:
             warnings.warn(
                 f"RewardWeightedTrainer: effective sample size {ess:.1f} of {n} samples ({ess / n:.2%}) is below "
@@ -149,9 +164,24 @@ class RewardWeightedTrainer(DiscreteTrainer):
 
     def _step(self) -> dict[str, float]:
         data = self._weighted_data()
-        idx = torch.multinomial(data["weights"], self.config.batch_size, replacement=True, generator=self.generator)
         self.model.train()
-        loss = cross_entropy_loss(self.model, data["x1"][idx], generator=self.generator)
+        if not self.sharded:
+            idx = torch.multinomial(data["weights"], self.config.batch_size, replacement=True, generator=self.generator)
+            loss = cross_entropy_loss(self.model, data["x1"][idx], generator=self.generator)
+        else:  # as EFMTrainer._sharded_loss: shard s draws from its samples, weighted by S G_s
+            b, shards = self.shard_size(self.config.batch_size), self.config.rollout_shards
+            n = data["x1"].shape[0] // len(self.local_shards)
+            terms = []
+            for j, gen in enumerate(self.shard_generators()):
+                g = data["weights"][j * n : (j + 1) * n]
+                mass = g.sum()
+                if float(mass) <= 0.0:
+                    continue
+                idx = torch.multinomial(g / mass, b, replacement=True, generator=gen) + j * n
+                part = cross_entropy_loss(self.model, data["x1"][idx], generator=gen)
+                terms.append(part * (shards * mass).to(part.dtype))
+            zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+            loss = torch.stack(terms).sum() / len(self.local_shards) if terms else zero
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = self.clip_gradients(self.model.parameters())

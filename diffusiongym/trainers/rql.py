@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusiongym.distributed.collectives import all_mean
 from diffusiongym.sampling import Trajectory
 from diffusiongym.trainers.base import Trainer, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.trainers.checkpoint import CheckpointError, check_state
@@ -79,6 +80,7 @@ class RQL(Trainer):
     config_class: ClassVar[type[TrainerConfig]] = RQLConfig
     #: the schedules span each network's own updates (the policy's start after ``value_warmup``)
     lr_schedule_unit: ClassVar[str] = "update"
+    supports_sharding = True
     config: RQLConfig
 
     def setup(self, model: FlowPolicy | None, *, dataset: OfflineDataset | None = None) -> None:
@@ -161,7 +163,7 @@ class RQL(Trainer):
         """
         with torch.no_grad():
             s2 = batch["s2"]
-            x0 = self.model.noise(s2.shape[0], self.generator)
+            x0 = self._per_shard(s2.shape[0], lambda gen, k: self.model.noise(k, gen), dim=0)
             boot = self.value_target(s2, x0, 0)
             y = batch["r"] + self.config.gamma * (1.0 - batch["done"]) * boot
             fs = self.model.flow_steps
@@ -222,7 +224,7 @@ class RQL(Trainer):
             # BC towards the reversal's own step (x^{f+1} - x^f) / h (velocity units), at that reversal's x^f
             v_bc = v if cfg.bc_reversal == "current" else pol(s_rep, bc_xf, t)
             bc = (v_bc - bc_step).pow(2).sum(1).mean()
-            scale = q.detach().abs().mean().clamp_min(1e-6) if cfg.normalize_q else 1.0
+            scale = all_mean(q.detach().abs().mean()).clamp_min(1e-6) if cfg.normalize_q else 1.0
             policy_loss = -q.mean() / scale + cfg.alpha * bc
             self.optimizer.zero_grad(set_to_none=True)
             policy_loss.backward()
@@ -253,13 +255,23 @@ class RQL(Trainer):
         k = self.config.flow_samples
         if k <= 0 or k >= count:
             return torch.arange(count, device=self.device)[:, None].expand(-1, n)
-        return torch.randint(count, (k, n), generator=self.generator, device=self.device)
+        return self._per_shard(n, lambda gen, m: torch.randint(count, (k, m), generator=gen, device=self.device), 1)
+
+    def _per_shard(self, n: int, draw: Callable[[torch.Generator, int], Tensor], dim: int) -> Tensor:
+        """``draw(generator, size)`` for each of this process's shards of ``n`` samples (in
+        order), concatenated along ``dim``; one shard: ``draw(self.generator, n)``."""
+        gens = self.shard_generators()
+        if len(gens) == 1:
+            return draw(gens[0], n)
+        return torch.cat([draw(gen, n // len(gens)) for gen in gens], dim)
 
     def _step(self) -> dict[str, float]:
         if self.config.bc_reversal == "initial" and self._bc_paths is None:
             # computed here (not at construction) so that a resumed run computes it under the same flush mode
             self._bc_paths = self._initial_reversal(self.dataset.states, self.dataset.actions)
-        batch = self.dataset.batch(self.config.batch_size, self.generator)
+        size = self.shard_size(self.config.batch_size)
+        parts = [self.dataset.batch(size, gen) for gen in self.shard_generators()]
+        batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         if self._bc_paths is not None:
             batch["bc_path"] = self._bc_paths[:, batch["idx"]]
         metrics = self.update(batch)

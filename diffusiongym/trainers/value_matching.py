@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.distributed.collectives import all_sum, gather_cat, global_mean_loss
+from diffusiongym.distributed.sampling import cat_trajectories
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.networks import SignalScaled, TimeCNN, TimeMLP
 from diffusiongym.policies.value import ValuePolicy
@@ -174,11 +176,14 @@ class ValueMatching(Trainer):
         ``u = -sigma grad V`` (shares :attr:`model`; ``action_scale`` from the task).
     buffer : list of dict
         The replay buffer: per kept iteration ``states`` ``(m + 1, N, *shape)``,
-        ``cost_to_go`` ``(m + 1, N)`` and ``cond`` (``N`` valid samples).
+        ``cost_to_go`` ``(m + 1, N)`` and ``cond`` (``N`` valid samples), and ``counts``, the
+        valid samples of each of this process's shards (``N`` = their sum; minibatches of shard
+        ``s`` are drawn from its own samples).
     """
 
     config_class = ValueMatchingConfig
     config: ValueMatchingConfig
+    supports_sharding = True
 
     def setup(self, model: nn.Module | None) -> None:
         env = self.env
@@ -207,47 +212,73 @@ class ValueMatching(Trainer):
         times = self.times.to(self.device, self.dtype)
         weights = self.weights.to(self.device, self.dtype)
 
-        # 1. roll out the current control u = -sigma grad V (no graph kept)
+        # 1. roll out the current control u = -sigma grad V (no graph kept), shard by shard
         self.model.eval()
-        cond = self.conditioning(cfg.batch_size)
-        traj = sample(
-            self.env,
-            cfg.batch_size,
-            grid=self.times,
-            control=self.policy,
-            reward=self.task.reward,
-            reward_scale=self.task.reward_scale,
-            cond=cond,
-            generator=self.generator,
-            store=("states",),
-            device=self.device,
-            dtype=self.dtype,
-        )
-        valid = traj.valid
+        gens = self.shard_generators()
+        n = self.shard_size(cfg.batch_size)
+        trajs, entries = [], []
+        for gen in gens:
+            cond = self.conditioning(n, gen)
+            traj = sample(
+                self.env,
+                n,
+                grid=self.times,
+                control=self.policy,
+                reward=self.task.reward,
+                reward_scale=self.task.reward_scale,
+                cond=cond,
+                generator=gen,
+                store=("states",),
+                device=self.device,
+                dtype=self.dtype,
+                compile=cfg.compile,
+            )
+            valid = traj.valid
+            trajs.append(traj)
+            entries.append(
+                {
+                    "states": traj.states[:, valid].to(self.dtype),
+                    "cost_to_go": traj.cost_to_go[:, valid].to(self.dtype),  # (m + 1, N), detached
+                    "cond": {k: v[valid] for k, v in cond.items()},
+                }
+            )
         self.buffer.append(
             {
-                "states": traj.states[:, valid].to(self.dtype),
-                "cost_to_go": traj.cost_to_go[:, valid].to(self.dtype),  # (m + 1, N), detached
-                "cond": {k: v[valid] for k, v in cond.items()},
+                "states": torch.cat([e["states"] for e in entries], 1),
+                "cost_to_go": torch.cat([e["cost_to_go"] for e in entries], 1),
+                "cond": {k: torch.cat([e["cond"][k] for e in entries]) for k in entries[0]["cond"]},
+                "counts": [e["cost_to_go"].shape[1] for e in entries],
             }
         )
         self.buffer = self.buffer[-(cfg.replay + 1) :]
 
-        # 2. the regression set: every grid point of every buffered trajectory
-        states = torch.cat([b["states"] for b in self.buffer], 1)  # (m + 1, N, *shape)
-        targets = torch.cat([b["cost_to_go"] for b in self.buffer], 1)  # (m + 1, N)
-        conds = {k: torch.cat([b["cond"][k] for b in self.buffer]) for k in cond}
-        num = states.shape[1]
+        # 2. the regression set of each shard: every grid point of its buffered trajectories
+        shards = [self._shard_data(j) for j in range(len(gens))]
+        total = int(all_sum(torch.tensor([sum(d[2].shape[1] for d in shards)])).item())
+        per_shard = self.shard_size(cfg.minibatch_size, "minibatch_size")
 
         # 3. weighted regression of V(x_k, t_k) onto C_k
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         losses, norms = [], []
-        for _ in range(cfg.updates_per_iteration if num > 0 else 0):
-            flat = torch.randint(m1 * num, (cfg.minibatch_size,), generator=self.generator, device=self.device)
-            k, i = flat // num, flat % num
-            pred = self.policy.value(states[k, i], times[k], **{key: value[i] for key, value in conds.items()})
-            loss = (weights[k] * (pred - targets[k, i]) ** 2).mean()
+        for _ in range(cfg.updates_per_iteration if total > 0 else 0):
+            xs, ks, ys, cs = [], [], [], []
+            for gen, (states, conds, targets) in zip(gens, shards):
+                num = states.shape[1]
+                if num == 0:
+                    continue
+                flat = torch.randint(m1 * num, (per_shard,), generator=gen, device=self.device)
+                k, i = flat // num, flat % num
+                xs.append(states[k, i])
+                ks.append(k)
+                ys.append(targets[k, i])
+                cs.append({key: value[i] for key, value in conds.items()})
+            k = torch.cat(ks) if ks else torch.zeros(0, dtype=torch.long, device=self.device)
+            x = torch.cat(xs) if xs else shards[0][0][0, :0]
+            cond_mb = {key: torch.cat([c[key] for c in cs]) for key in (cs[0] if cs else {})}
+            pred = self.policy.value(x, times[k], **cond_mb)
+            target = torch.cat(ys) if ys else pred.detach()[:0]
+            loss = global_mean_loss(weights[k] * (pred - target) ** 2)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norms.append(self.clip_gradients(params))
@@ -256,34 +287,61 @@ class ValueMatching(Trainer):
         self.model.eval()
 
         nan = float("nan")
-        metrics = trajectory_metrics(traj, self.task)
+        metrics = trajectory_metrics(cat_trajectories(trajs), self.task, gather=True)
         metrics["loss"] = sum(losses) / len(losses) if losses else nan
         metrics["grad_norm"] = sum(norms) / len(norms) if norms else nan
         return metrics
+
+    def _shard_data(self, j: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """States ``(m + 1, N_j, *shape)``, conditioning and costs-to-go ``(m + 1, N_j)`` of
+        this process's ``j``-th shard over the buffered iterations."""
+        parts = []
+        for entry in self.buffer:
+            start = sum(entry["counts"][:j])
+            stop = start + entry["counts"][j]
+            parts.append(
+                (entry["states"][:, start:stop], entry["cond"], entry["cost_to_go"][:, start:stop], start, stop)
+            )
+        states = torch.cat([p[0] for p in parts], 1)
+        conds = {k: torch.cat([p[1][k][p[3] : p[4]] for p in parts]) for k in self.buffer[-1]["cond"]}
+        return states, conds, torch.cat([p[2] for p in parts], 1)
 
     # ------------------------------------------------------------ checkpoint extras
     def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The replay buffer (tensors ``buffer.<j>.states`` / ``.cost_to_go`` /
         ``.cond.<key>``), the value network's architecture and the action scale (read by
-        :func:`load_value_policy`)."""
+        :func:`load_value_policy`). Sharded runs (``rollout_shards > 1``) gather every rank's
+        samples in shard order and add ``shard_counts`` (valid samples per shard and entry)."""
         tensors: dict[str, Tensor] = {}
+        shard_counts = []
         for j, entry in enumerate(self.buffer):
+            if self.sharded:  # every rank's shards, in shard order: resumable under any world size
+                tensors[f"buffer.{j}.states"] = gather_cat(entry["states"], 1)
+                tensors[f"buffer.{j}.cost_to_go"] = gather_cat(entry["cost_to_go"], 1)
+                for key, value in entry["cond"].items():
+                    tensors[f"buffer.{j}.cond.{key}"] = gather_cat(value)
+                shard_counts.append(gather_cat(torch.tensor(entry["counts"], dtype=torch.int64)).tolist())
+                continue
             tensors[f"buffer.{j}.states"] = entry["states"]
             tensors[f"buffer.{j}.cost_to_go"] = entry["cost_to_go"]
             for key, value in entry["cond"].items():
                 tensors[f"buffer.{j}.cond.{key}"] = value
-        meta = {
+        meta: dict[str, Any] = {
             "buffer_size": len(self.buffer),
             "cond_keys": sorted(self.buffer[0]["cond"]) if self.buffer else [],
             "value_net": value_net_spec(self.model),
             "action_scale": float(self.task.action_scale),
         }
+        if self.sharded:
+            meta["shard_counts"] = shard_counts
         return tensors, meta
 
     def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
         """Validate a saved replay buffer against this trainer (sizes, keys, shapes, dtypes)
         and return the function that installs it; raises ``CheckpointError`` naming the field."""
         expected_meta = {"buffer_size", "cond_keys", "value_net", "action_scale"}
+        if self.sharded:
+            expected_meta.add("shard_counts")
         if not isinstance(meta, dict) or set(meta) != expected_meta:
             raise CheckpointError(
                 f"extra: expected keys {sorted(expected_meta)}, got {sorted(meta) if isinstance(meta, dict) else meta!r}"
@@ -337,12 +395,38 @@ class ValueMatching(Trainer):
                         f"extra: buffer.{j}.cond.{key}: expected a leading dimension of {num}, got shape {tuple(value.shape)}"
                     )
                 cond[key] = value.to(self.device)
-            buffer.append({"states": states.to(self.device), "cost_to_go": ctg.to(self.device), "cond": cond})
+            counts = [num]
+            if self.sharded:
+                counts = self._check_shard_counts(meta["shard_counts"], j, size, num)
+                first, last = self.local_shards.start, self.local_shards.stop
+                start, stop = sum(counts[:first]), sum(counts[:last])
+                states, ctg = states[:, start:stop], ctg[:, start:stop]
+                cond = {key: value[start:stop] for key, value in cond.items()}
+                counts = counts[first:last]
+            buffer.append(
+                {"states": states.to(self.device), "cost_to_go": ctg.to(self.device), "cond": cond, "counts": counts}
+            )
 
         def apply() -> None:
             self.buffer = buffer
 
         return apply
+
+    def _check_shard_counts(self, shard_counts: Any, j: int, size: int, num: int) -> list[int]:
+        shards = self.config.rollout_shards
+        if not isinstance(shard_counts, list) or len(shard_counts) != size:
+            raise CheckpointError(f"extra.shard_counts: expected a list of {size} lists, got {shard_counts!r}")
+        counts = shard_counts[j]
+        if (
+            not isinstance(counts, list)
+            or len(counts) != shards
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            or sum(counts) != num
+        ):
+            raise CheckpointError(
+                f"extra.shard_counts[{j}]: expected {shards} non-negative integers summing to {num}, got {counts!r}"
+            )
+        return counts
 
 
 def load_value_policy(

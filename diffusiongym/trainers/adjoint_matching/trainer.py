@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.distributed.collectives import all_sum, global_mean_loss
+from diffusiongym.distributed.sampling import cat_trajectories
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.policies.control import ModelControl, output_control
 from diffusiongym.policies.networks import ControlScaledNet, ResidualModel, TimeMLP
@@ -127,6 +129,7 @@ class AdjointMatching(Trainer):
 
     config_class = AdjointMatchingConfig
     config: AdjointMatchingConfig
+    supports_sharding = True
 
     def setup(self, model: Any) -> None:
         check_differentiable_reward(self.task.reward)
@@ -160,10 +163,16 @@ class AdjointMatching(Trainer):
 
     # ---------------------------------------------------------------- regression data
     def rollout(
-        self, cond: dict[str, Tensor], num_samples: int | None = None, x: Tensor | None = None, start: int = 0
+        self,
+        cond: dict[str, Tensor],
+        num_samples: int | None = None,
+        x: Tensor | None = None,
+        start: int = 0,
+        generator: torch.Generator | None = None,
     ) -> Trajectory:
         """Paths of the current model on the grid from index ``start`` (``num_samples`` fresh
-        ones, or from states ``x``), storing what :meth:`segment` needs."""
+        ones, or from states ``x``), storing what :meth:`segment` needs (``generator``: default
+        the trainer's)."""
         store = ("states",) if self.config.likelihood_ratio is None else ("states", "noises", "controls")
         return sample(
             self.env,
@@ -174,13 +183,16 @@ class AdjointMatching(Trainer):
             reward=self.task.reward,
             reward_scale=self.task.reward_scale,
             cond=cond,
-            generator=self.generator,
+            generator=self.generator if generator is None else generator,
             store=store,
             device=self.device,
             dtype=self.dtype,
+            compile=self.config.compile,
         )
 
-    def segment(self, traj: Trajectory, cond: dict[str, Tensor], start: int = 0) -> Segment:
+    def segment(
+        self, traj: Trajectory, cond: dict[str, Tensor], start: int = 0, generator: torch.Generator | None = None
+    ) -> Segment:
         """The lean adjoint along a :meth:`rollout` (with likelihood-ratio steps if configured)."""
         theta = self.config.likelihood_ratio
         options: dict[str, Any] = {}
@@ -190,21 +202,22 @@ class AdjointMatching(Trainer):
                 "noises": traj.noises,
                 "cost_to_go": traj.cost_to_go,
                 "controls": traj.controls,
-                "generator": self.generator,
+                "generator": self.generator if generator is None else generator,
             }
         adjoint, valid = lean_adjoint(
             self.env, traj.states, self.times[start:], self.task.reward, self.task.reward_scale, cond, **options
         )
         return Segment(traj.states, adjoint, valid & traj.valid, cond, start)
 
-    def restart(self, states: Tensor, cond: dict[str, Tensor]) -> Segment:
-        """A segment of ``restarts * batch_size`` paths from mixup states of ``states`` at one
-        random grid index ``k`` with ``t_k >= restart_after`` (:mod:`.restarts`)."""
+    def restart(self, states: Tensor, cond: dict[str, Tensor], generator: torch.Generator | None = None) -> Segment:
+        """A segment of ``restarts * n`` paths (``n`` paths in ``states``) from mixup states of
+        ``states`` at one random grid index ``k`` with ``t_k >= restart_after`` (:mod:`.restarts`)."""
         c = self.config
+        gen = self.generator if generator is None else generator
         first = first_restart_index(self.schedule.t, c.restart_after)
-        k, x, rows = mixup_states(states, first, max(1, round(c.restarts * c.batch_size)), self.generator)
+        k, x, rows = mixup_states(states, first, max(1, round(c.restarts * states.shape[1])), gen)
         sub = {name: v[rows] for name, v in cond.items()}
-        return self.segment(self.rollout(sub, x=x, start=k), sub, k)
+        return self.segment(self.rollout(sub, x=x, start=k, generator=gen), sub, k, generator=gen)
 
     def regression_pairs(self, segments: list[Segment]) -> dict[str, Any]:
         """All ``(x_k^i, t_k, target)`` pairs of an iteration's segments, flattened: grid times
@@ -249,44 +262,61 @@ class AdjointMatching(Trainer):
         if c.loss_times is None or c.loss_times >= m:
             return torch.arange(m)
         last = min(c.always_last, c.loss_times)
-        rest = torch.randperm(m - last, generator=self.generator, device=self.device).cpu()[: c.loss_times - last]
+        rest = torch.randperm(m - last, generator=self.shared_generator(), device=self.device).cpu()
+        rest = rest[: c.loss_times - last]
         return torch.cat([rest.sort().values, torch.arange(m - last, m)])
 
-    def loss(self, pairs: dict[str, Any]) -> Tensor:
+    def loss(self, pairs: dict[str, Any] | list[dict[str, Any]]) -> Tensor:
         """``mean w(t_k) |u_theta(x_k^i, t_k) + sigma(t_k) a_k^i|^2`` over the pairs at this
-        step's :meth:`loss_times`, then over a random minibatch of ``minibatch_size`` of them."""
-        rows = torch.isin(pairs["k"], self.loss_times().to(pairs["k"].device)).nonzero().squeeze(1)
+        step's :meth:`loss_times`, then over a random minibatch of ``minibatch_size`` of them
+        (with shards, a list of each shard's pairs: ``minibatch_size / rollout_shards`` from
+        each, the mean taken over all shards' rows on every rank)."""
+        shards = pairs if isinstance(pairs, list) else [pairs]
+        times = self.loss_times()
         mb = self.config.minibatch_size
-        if mb is not None and mb < rows.numel():
-            rows = rows[torch.randperm(rows.numel(), generator=self.generator, device=self.device)[:mb].to(rows.device)]
-        x, t, target = pairs["x"][rows], pairs["t"][rows], pairs["target"][rows]
-        factor = pairs["factor"][rows].reshape(-1, *([1] * (x.ndim - 1)))
-        cond = {name: v[rows] for name, v in pairs["cond"].items()}
+        mb = None if mb is None else self.shard_size(mb, "minibatch_size")
+        picked = []
+        for gen, part in zip(self.shard_generators(), shards):
+            rows = torch.isin(part["k"], times.to(part["k"].device)).nonzero().squeeze(1)
+            if mb is not None and mb < rows.numel():
+                rows = rows[torch.randperm(rows.numel(), generator=gen, device=self.device)[:mb].to(rows.device)]
+            picked.append({name: part[name][rows] for name in ("x", "t", "target", "factor", "sigma")})
+            picked[-1]["cond"] = {name: v[rows] for name, v in part["cond"].items()}
+        sel = {name: torch.cat([p[name] for p in picked]) for name in ("x", "t", "target", "factor", "sigma")}
+        x, t, target = sel["x"], sel["t"], sel["target"]
+        factor = sel["factor"].reshape(-1, *([1] * (x.ndim - 1)))
+        cond = {name: torch.cat([p["cond"][name] for p in picked]) for name in picked[0]["cond"]}
         with torch.no_grad():
             base = self.env.model(x, t, **cond)
         u = output_control(self.model(x, t, **cond), base, factor)
-        weight = time_weights(pairs["sigma"][rows], self.config.time_weight)
-        return (weight * ((u - target) ** 2).reshape(x.shape[0], -1).sum(1)).mean()
+        weight = time_weights(sel["sigma"], self.config.time_weight)
+        return global_mean_loss(weight * ((u - target) ** 2).reshape(x.shape[0], -1).sum(1))
 
-    def update(self, pairs: dict[str, Any]) -> Tensor:
+    def update(self, pairs: dict[str, Any] | list[dict[str, Any]]) -> Tensor:
         """One gradient step on :meth:`loss`; returns the loss (detached, 0-d: no host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(pairs)
         loss.backward()
-        if self.config.max_grad_norm is not None:
+        if self.config.max_grad_norm is not None or self.sharded:  # (also averages over ranks)
             self.clip_gradients(self.model.parameters())
         self.optimizer.step()
         return loss.detach()
 
     def _step(self) -> dict[str, float]:
         c = self.config
-        cond = self.conditioning(c.batch_size)
-        with self.eval_mode():  # the paths are the policy's samples: no dropout
-            traj = self.rollout(cond, num_samples=c.batch_size)
-            batch = self.segment(traj, cond)
-            segments = [batch, self.restart(traj.states, cond)] if c.restarts > 0 else [batch]
-        pairs = self.regression_pairs(segments)
+        n = self.shard_size(c.batch_size)
+        trajs, pairs = [], []
+        for gen in self.shard_generators():  # each shard's paths, adjoints and restarts from its generator
+            cond = self.conditioning(n, gen)
+            with self.eval_mode():  # the paths are the policy's samples: no dropout
+                traj = self.rollout(cond, num_samples=n, generator=gen)
+                batch = self.segment(traj, cond, generator=gen)
+                segments = [batch, self.restart(traj.states, cond, gen)] if c.restarts > 0 else [batch]
+            pairs.append(self.regression_pairs(segments))
+            trajs.append(dataclasses.replace(traj, valid=batch.valid))
         self.model.train()
-        losses = [self.update(pairs) for _ in range(c.updates_per_iteration if bool(batch.valid.any()) else 0)]
-        metrics = trajectory_metrics(dataclasses.replace(traj, valid=batch.valid), self.task)
+        traj = cat_trajectories(trajs)
+        any_valid = bool(all_sum(traj.valid.sum()) > 0)
+        losses = [self.update(pairs) for _ in range(c.updates_per_iteration if any_valid else 0)]
+        metrics = trajectory_metrics(traj, self.task, gather=True)
         return {"loss": sum(losses) / len(losses) if losses else float("nan"), **metrics}
