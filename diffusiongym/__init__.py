@@ -27,7 +27,9 @@ from diffusiongym.models.diffusers_bridge import diffusers_environment
 from diffusiongym.models.diffusers_loader import load_diffusers_environment
 from diffusiongym.models.digits import digits_task, load_digits_model
 from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, TrainableGaussianMixtureModel, gmm_preset
+from diffusiongym.models.export import export_pipeline, merge_lora
 from diffusiongym.models.lora import add_lora, load_lora, save_lora
+from diffusiongym.models.lora_diffusers import load_lora_diffusers, save_lora_diffusers
 
 # Rewards
 from diffusiongym.rewards import (
@@ -60,6 +62,7 @@ from diffusiongym.tasks import TASKS, Task, make_task, register_task
 
 # The engine
 from diffusiongym.logprob import path_log_ratio, step_log_prob
+from diffusiongym.compiled import CompileError
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.timegrid import make_time_grid
 
@@ -81,6 +84,9 @@ from diffusiongym.td_flows import (
     TerminalFlowConfig,
     q_value,
 )
+
+# Multi-process training and sampling (torchrun / accelerate launch)
+from diffusiongym.distributed import sample_sharded
 
 # Training logs: one Logger interface, CSV / TensorBoard / Weights & Biases back-ends
 from diffusiongym.loggers import CSVLogger, Logger, MultiLogger, TensorBoardLogger, WandbLogger, make_grid, read_metrics
@@ -116,7 +122,7 @@ from diffusiongym.guidance import (
 from diffusiongym.oracle import TiltOracle
 from diffusiongym.utils.stats import energy_distance, null_energy_threshold
 
-from diffusiongym import discrete, guidance, td_flows
+from diffusiongym import discrete, distributed, guidance, td_flows
 from diffusiongym import trainers as _trainers
 
 __version__ = "0.1.0"
@@ -165,6 +171,10 @@ __all__ = [
     "load_diffusers_environment",
     "add_lora",
     "save_lora",
+    "save_lora_diffusers",
+    "load_lora_diffusers",
+    "merge_lora",
+    "export_pipeline",
     "load_lora",
     # rewards
     "Reward",
@@ -186,6 +196,7 @@ __all__ = [
     # engine
     "Trajectory",
     "sample",
+    "CompileError",
     "make_time_grid",
     "step_log_prob",
     "path_log_ratio",
@@ -207,6 +218,8 @@ __all__ = [
     "q_value",
     "GPIPolicy",
     "LinearGaussianMDP",
+    # multi-process
+    "sample_sharded",
     # training logs
     "Logger",
     "MultiLogger",
@@ -242,6 +255,7 @@ __all__ = [
     "null_energy_threshold",
     # submodules
     "discrete",
+    "distributed",
     "guidance",
     "td_flows",
 ]
