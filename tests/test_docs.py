@@ -190,3 +190,14 @@ def test_index_page_renders_in_headless_chromium(site, tmp_path):
     # Material's header bar (indigo primary, #4051b5) across the top of the page
     header = [image.getpixel((x, 20)) for x in range(200, 1200, 50)]
     assert sum(abs(r - 0x40) + abs(g - 0x51) + abs(b - 0xB5) < 40 for r, g, b in header) >= len(header) // 2
+
+
+def test_every_snippet_line_includes_an_existing_file():
+    """``--8<-- "path"`` lines (pymdownx.snippets) must keep their exact form, or the page shows the
+    line instead of the tested file (a formatter once rewrote them to ``--8 < --"path"``)."""
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if line.lstrip().startswith("--8"):
+                match = re.fullmatch(r'--8<-- "([^"]+)"', line.strip())
+                assert match, f"{page.relative_to(ROOT)}:{number}: malformed snippet line {line!r}"
+                assert (ROOT / match.group(1)).is_file(), f"{page.relative_to(ROOT)}:{number}: {match.group(1)} missing"
