@@ -41,15 +41,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from diffusiongym.envs.environment import DiffusionEnvironment, make_environment
 from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, gmm_preset
 from diffusiongym.oracle import mixture_oracle
 from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
 from diffusiongym.rewards.base import ConstantReward, Reward
-from diffusiongym.timegrid import DEFAULT_T_START
+from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
 from diffusiongym.utils.validation import (
     MAX_STEPS,
+    as_float64_vector,
     check_positive_int,
     check_real,
     unexpected_keyword_error,
@@ -68,6 +70,7 @@ __all__ = [
     "gmm_task",
     "with_reward",
     "check_reward",
+    "check_time_grid",
 ]
 
 OracleFactory = Callable[[Reward, float], Any]
@@ -147,6 +150,12 @@ class Task(BaseTask):
     oracle_factory : callable or None
         ``oracle_factory(reward, reward_scale) -> oracle or None``: how :func:`with_reward`
         rebuilds the oracle for another reward (``None``: the new task has no oracle).
+    times : Tensor or None, (steps + 1,) float64
+        A fixed time grid (e.g. a diffusers scheduler's): strictly increasing in ``[0, 1]``, with
+        ``times[0] == t_start``. ``None`` (default): ``steps`` uniform steps from ``t_start`` to 1.
+    init_std : float or None
+        Standard deviation of the initial states ``x ~ N(0, init_std^2 I)`` at ``times[0]``
+        (e.g. a pipeline's ``init_noise_sigma``); ``None``: ``beta(t_start)``.
 
     Every field is checked on construction (and by ``dataclasses.replace``): a wrong type
     raises ``TypeError``, a bad value ``ValueError``, both naming the field. ``steps`` is at
@@ -163,12 +172,22 @@ class Task(BaseTask):
     oracle: Any = None
     conditioning: dict[str, Any] = field(default_factory=dict)
     oracle_factory: OracleFactory | None = None
+    times: Tensor | None = None
+    init_std: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.t_start = check_real("t_start", self.t_start, low=0.0)
         if self.t_start >= 1.0:
             raise ValueError(f"t_start: expected a number in [0, 1), got {self.t_start!r}")
+        if self.times is not None:
+            self.times = check_time_grid("times", self.times, self.steps)
+            if abs(float(self.times[0]) - self.t_start) > 1e-12:
+                raise ValueError(
+                    f"t_start: expected the grid's first time times[0] = {float(self.times[0])}, got {self.t_start}"
+                )
+        if self.init_std is not None:
+            self.init_std = check_real("init_std", self.init_std, positive=True)
         if not isinstance(self.conditioning, dict):
             raise TypeError(
                 f"conditioning: expected a dict name -> (space, sampler), got {type(self.conditioning).__name__}"
@@ -183,6 +202,19 @@ class Task(BaseTask):
             raise TypeError(
                 f"environment: expected a DiffusionEnvironment (the base model), got {type(self.environment).__name__}"
             )
+
+    def time_grid(self, steps: int | None = None) -> Tensor:
+        """The grid of ``steps`` steps (default: the task's), float64 ``(steps + 1,)``: :attr:`times`
+        when set (``ValueError`` for another step count), else uniform from ``t_start`` to 1."""
+        steps = self.steps if steps is None else steps
+        if self.times is None:
+            return make_time_grid(steps, self.t_start)
+        if steps != self.steps:
+            raise ValueError(
+                f"steps: task {self.name!r} has a fixed time grid of {self.steps} steps, got steps={steps}; "
+                "rebuild the task for that step count"
+            )
+        return self.times
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -201,6 +233,21 @@ class Task(BaseTask):
             if isinstance(mixture, GaussianMixture):
                 return mixture
         return None
+
+
+def check_time_grid(argument: str, times: Any, steps: int) -> Tensor:
+    """``times`` as a float64 grid of ``steps + 1`` finite, strictly increasing points in ``[0, 1]``;
+    ``TypeError`` / ``ValueError`` naming ``argument`` otherwise."""
+    g = as_float64_vector(argument, times, "time points").clone()
+    if g.numel() != steps + 1:
+        raise ValueError(f"{argument}: expected steps + 1 = {steps + 1} time points, got {g.numel()}")
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"{argument}: expected finite times, got NaN or inf")
+    if not bool((g[1:] > g[:-1]).all()):
+        raise ValueError(f"{argument}: expected strictly increasing times, got {g.tolist()[:6]}")
+    if float(g[0]) < 0.0 or float(g[-1]) > 1.0:
+        raise ValueError(f"{argument}: expected times inside [0, 1], got [{float(g[0])}, {float(g[-1])}]")
+    return g
 
 
 def check_reward(reward: Any, argument: str = "reward") -> Reward:

@@ -8,9 +8,12 @@ factor >10. The negative controls (wrong sign, missing scaling, wrong CFG) give 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
+
+import diffusers
 
 import gymnasium as gym
 import numpy as np
@@ -20,7 +23,10 @@ import tiny_text_to_image as T
 from gymnasium.utils.env_checker import check_env
 
 from diffusiongym import sample
+from diffusiongym.envs.simulator import DiffusionSimulator
 from diffusiongym.rewards import BrightnessReward
+from diffusiongym.tasks import make_task
+from diffusiongym.timegrid import make_time_grid
 from diffusiongym.text_to_image import DecodedReward, PromptSet, generate, load_components, text_to_image_environment
 
 # diffusers' EulerDiscreteScheduler.set_timesteps converts a tensor with np.array (its own warning)
@@ -302,3 +308,71 @@ def test_bad_inputs_name_what_is_wrong(saved, tmp_path):
         sample(env, x=torch.zeros(1, 4, 8, 8), steps=4, cond={"prompt": torch.zeros(1, dtype=torch.long)})
     with pytest.raises(ValueError, match="prompt"):
         env.model(torch.zeros(1, 4, 8, 8), 0.5)
+
+
+def test_default_grid_is_the_schedulers_for_every_vp_scheduler(saved, z):
+    """The default time grid is the scheduler's ``t_k = 1 - tau_k / (T - 1)`` for the Euler integrator
+    too (Gym env and ``generate``), a repeated PNDM timestep counted once; ``linspace`` spacing, which
+    evaluates the model at ``t = 1``, is refused naming ``time_grid``."""
+    pipe, folder = saved("sd-ddim-epsilon")
+    kwargs = dict(pipeline=folder, prompts=PROMPTS, reward=BrightnessReward(), guidance_scale=3.0, steps=5)
+    env = gym.make("diffusiongym/TextToImage-v0", **kwargs).unwrapped
+    sched = pipe.scheduler
+    sched.set_timesteps(5)
+    expected = torch.cat([1 - sched.timesteps.double() / 999, torch.ones(1, dtype=torch.float64)])
+    assert torch.equal(env.task.times, expected) and env.task.t_start == float(expected[0])
+    assert env.sim.beta0 == 1.0  # DDIM's init_noise_sigma, as the pipeline draws its latents
+    assert torch.equal(env.sim.times, expected.float())
+    # generate's default Euler rollout runs on the same grid (stored states at t_k)
+    base = text_to_image_environment(folder, PROMPTS, guidance_scale=3.0, steps=5)
+    traj = generate(base, PROMPTS[:1], z[:1], store="states")
+    assert torch.equal(traj.times, expected) and traj.x1.shape == (1, 4, 8, 8)
+    uniform = gym.make("diffusiongym/TextToImage-v0", time_grid="uniform", **kwargs).unwrapped
+    assert uniform.task.times is None and torch.equal(uniform.sim.times, torch.linspace(0, 1, 6))
+    comp = load_components(folder)
+    pndm_scheduler = diffusers.PNDMScheduler.from_config(comp.scheduler.config, skip_prk_steps=True)
+    pndm = dataclasses.replace(comp, parts={**comp.parts, "scheduler": pndm_scheduler})
+    grid = text_to_image_environment(pndm, PROMPTS, steps=4).time_points()
+    assert torch.allclose(grid, torch.tensor([1 - 751 / 999, 1 - 501 / 999, 1 - 251 / 999, 1 - 1 / 999, 1.0]).double())
+    euler_linspace = diffusers.EulerDiscreteScheduler.from_config(comp.scheduler.config, timestep_spacing="linspace")
+    linspace = dataclasses.replace(comp, parts={**comp.parts, "scheduler": euler_linspace})
+    with pytest.raises(ValueError, match="time_grid"):
+        text_to_image_environment(linspace, PROMPTS, steps=4)
+    assert text_to_image_environment(linspace, PROMPTS, steps=4, time_grid="uniform").step_grid is None
+
+
+def test_gmm_tasks_keep_their_uniform_grid():
+    task = make_task("GMM1D-v0")
+    assert task.times is None and task.init_std is None
+    sim = DiffusionSimulator(task, 2, steps=7)
+    assert torch.equal(sim.schedule.times, make_time_grid(7, task.t_start))
+    assert sim.beta0 == float(task.environment.scheduler.beta(torch.tensor(task.t_start, dtype=torch.float64)))
+
+
+def test_bad_time_grids_name_the_argument(saved, z):
+    _, folder = saved("sd-ddim-epsilon")
+    task = make_task(
+        "diffusiongym/TextToImage-v0", pipeline=folder, prompts=PROMPTS, reward=BrightnessReward(), steps=4
+    )
+    times = task.times
+    for bad in (times[:-1], times.flip(0), torch.cat([times[:-1], torch.tensor([1.5], dtype=torch.float64)])):
+        with pytest.raises(ValueError, match="times"):
+            dataclasses.replace(task, times=bad)
+    with pytest.raises(ValueError, match="times"):  # another step count with the grid of 4 steps
+        dataclasses.replace(task, steps=5)
+    with pytest.raises(ValueError, match="t_start"):
+        dataclasses.replace(task, t_start=0.0)
+    with pytest.raises(ValueError, match="init_std"):
+        dataclasses.replace(task, init_std=-1.0)
+    with pytest.raises(ValueError, match="steps"):
+        DiffusionSimulator(task, 1, steps=6)
+    with pytest.raises(ValueError, match="time_grid"):
+        text_to_image_environment(folder, PROMPTS, steps=4, time_grid="shifted")
+    with pytest.raises(ValueError, match="time_grid"):
+        text_to_image_environment(folder, PROMPTS, steps=4, integrator="scheduler", time_grid="uniform")
+    env = text_to_image_environment(folder, PROMPTS, steps=4)
+    with pytest.raises(ValueError, match="t_start"):  # beyond the grid's second point
+        env.time_points(t_start=0.9)
+    assert float(env.time_points(t_start=0.3)[0]) == 0.3  # a later start replaces the first point
+    with pytest.raises(ValueError, match="grid"):
+        generate(env, PROMPTS, z, grid=env.time_points(), steps=4)

@@ -208,10 +208,13 @@ def test_sd3_negative_controls_leave_a_gap(saved, z, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(model, "guide", lambda u, c, g: c + g * (c - u))
         assert _rel(generate(env, PROMPTS, z).x1, ref) > GAP  # measured 0.19
-    # our Euler step in t on the scheduler's grid is the scheduler's step; on a uniform grid it is not
+    # our Euler step in t on the scheduler's grid (the default) is the scheduler's step; on a uniform grid it is not
     euler = text_to_image_environment(env.components, PROMPTS, guidance_scale=3.0, family_options=SD3_OPTIONS)
-    assert _rel(generate(euler, PROMPTS, z, grid=env.step_grid.times).x1, ref) < PARITY
-    assert _rel(generate(euler, PROMPTS, z, steps=STEPS).x1, ref) > GAP  # measured 0.15 (the shift ignored)
+    assert _rel(generate(euler, PROMPTS, z, steps=STEPS).x1, ref) < PARITY
+    uniform = text_to_image_environment(
+        env.components, PROMPTS, guidance_scale=3.0, family_options=SD3_OPTIONS, time_grid="uniform"
+    )
+    assert _rel(generate(uniform, PROMPTS, z, steps=STEPS).x1, ref) > GAP  # measured 0.15 (the shift ignored)
 
 
 def test_flux_negative_controls_leave_a_gap(saved, z, monkeypatch):
@@ -232,12 +235,20 @@ def test_flux_negative_controls_leave_a_gap(saved, z, monkeypatch):
     with monkeypatch.context() as m:  # 2x2 patches packed column-major
         m.setattr(model.adapter, "call", _transposed_call(model.adapter))
         assert _rel(generate(env, PROMPTS, z).x1, ref) > GAP  # measured 1.22
-    # the dynamic shift matters: the unshifted grid (mu = 0) is O(h) off, the pipeline's grid exact
+    # the dynamic shift matters: the pipeline's grid (the default) is exact, a uniform one O(h) off
     euler = text_to_image_environment(
         env.components, PROMPTS, guidance_scale=3.0, negative_prompt="ugly", family_options=_flux_options(2.5)
     )
-    assert _rel(generate(euler, PROMPTS, z, grid=env.step_grid.times).x1, ref) < PARITY
-    assert _rel(generate(euler, PROMPTS, z, steps=STEPS).x1, ref) > GAP  # measured 0.19
+    assert _rel(generate(euler, PROMPTS, z, steps=STEPS).x1, ref) < PARITY
+    uniform = text_to_image_environment(
+        env.components,
+        PROMPTS,
+        guidance_scale=3.0,
+        negative_prompt="ugly",
+        family_options=_flux_options(2.5),
+        time_grid="uniform",
+    )
+    assert _rel(generate(uniform, PROMPTS, z, steps=STEPS).x1, ref) > GAP  # measured 0.19
 
 
 def _flux_options(guidance):
@@ -324,6 +335,45 @@ def test_flux_gym_env_passes_check_env_and_reproduces_the_pipeline(saved, z):
     for _ in range(STEPS):
         _, _, terminated, _, info = det.step((det.sim.base_output() / det.action_scale)[0].numpy())
     assert terminated and _rel(torch.as_tensor(info["final_x"]), unpack_latents(ref, 8, 8)[0]) < PARITY
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])  # SD3: shift 3; FLUX: dynamic shifting with FLUX's sigmas
+def test_default_euler_grid_is_the_pipelines_and_reproduces_it(saved, z, name):
+    """Without ``grid=``, the default Euler rollout (``generate`` and the Gym env with ``noise="ode"``)
+    steps at ``t = 1 - sigma_k`` of the pipeline's own call and reproduces its latents."""
+    pipe, folder = saved(name)
+    if name == "sd3":
+        ref, g, options = _stock_sd3(pipe, 3.0, z), 3.0, SD3_OPTIONS
+    else:
+        ref, g, options = _stock_flux(pipe, z, 1.0, None, 2.5), None, _flux_options(2.5)
+    sigmas = pipe.scheduler.sigmas.to(torch.float64)  # as the pipeline's call left them
+    assert not torch.allclose(sigmas, torch.linspace(1, 0, STEPS + 1, dtype=torch.float64), atol=1e-2)  # shifted
+    env = text_to_image_environment(folder, PROMPTS, guidance_scale=g, steps=STEPS, family_options=options)
+    assert env.integrator == "euler" and env.time_grid == "scheduler"
+    assert torch.allclose(env.time_points(), 1 - sigmas, atol=1e-7)  # float32 sigmas, float64 grid
+    assert _rel(generate(env, PROMPTS, z).x1, ref) < PARITY
+    kwargs = dict(pipeline=folder, prompts=PROMPTS, reward=BrightnessReward(), steps=STEPS, family_options=options)
+    if g is not None:
+        kwargs["guidance_scale"] = g
+    det = gym.make("diffusiongym/TextToImage-v0", noise="ode", action_mode="model", **kwargs).unwrapped
+    assert torch.allclose(det.task.times, 1 - sigmas, atol=1e-7) and det.sim.beta0 == 1.0
+    assert torch.allclose(det.sim.times.double(), 1 - sigmas, atol=1e-7)
+    det.reset(options={"prompt": "a cat", "x": z[0].numpy()})
+    for _ in range(STEPS):
+        _, _, terminated, _, info = det.step((det.sim.base_output() / det.action_scale)[0].numpy())
+    assert terminated and _rel(torch.as_tensor(info["final_x"]), ref[0]) < PARITY
+    # memoryless noise (the task's default) is singular at t = 0: the same grid from DEFAULT_T_START
+    vec = gym.make_vec(
+        "diffusiongym/TextToImage-v0", num_envs=2, vectorization_mode="vector_entry_point", **kwargs
+    ).unwrapped
+    assert float(vec.sim.times[0]) == pytest.approx(1e-3) and float(vec.task.t_start) == pytest.approx(1e-3)
+    assert torch.allclose(vec.sim.times[1:].double(), 1 - sigmas[1:], atol=1e-7)
+    obs, _ = vec.reset(seed=0)
+    assert np.isfinite(np.asarray(obs["x"])).all()
+    # the opt-out: uniform in t from t_start, as before
+    uni = gym.make("diffusiongym/TextToImage-v0", noise="ode", action_mode="model", time_grid="uniform", **kwargs)
+    assert uni.unwrapped.task.times is None
+    assert torch.allclose(uni.unwrapped.sim.times.double(), torch.linspace(1e-3, 1, STEPS + 1, dtype=torch.float64))
 
 
 def test_bad_flow_inputs_name_what_is_wrong(saved, tmp_path):

@@ -44,7 +44,6 @@ from diffusiongym.compiled import simulator_steps, step_table, time_rows
 from diffusiongym.policies.control import output_control
 from diffusiongym.sampling import MIN_STABLE_STEPS, StepSchedule
 from diffusiongym.tasks import TASKS, Task, make_task
-from diffusiongym.timegrid import make_time_grid
 from diffusiongym.utils.validation import (
     check_device,
     check_positive_int,
@@ -153,7 +152,8 @@ class DiffusionSimulator:
     task : Task
     num_envs : int
     steps : int, optional
-        Euler–Maruyama steps per episode (default: the task's).
+        Euler–Maruyama steps per episode (default: the task's), on the task's grid
+        (:meth:`~diffusiongym.tasks.Task.time_grid`: its fixed ``times`` or uniform from ``t_start``).
     action_mode : {"control", "drift", "model"}
     action_scale : float, optional
         Physical action = ``action_scale * a``. Default: the task's for ``"control"``,
@@ -198,7 +198,7 @@ class DiffusionSimulator:
         scale = action_scale if action_scale is not None else DEFAULT_SCALES.get(action_mode, task.action_scale)
         self.action_scale = check_real("action_scale", scale, positive=True)
         self.steps = check_positive_int("steps", steps if steps is not None else task.steps)
-        self.schedule = StepSchedule.build(task.environment, make_time_grid(self.steps, task.t_start))
+        self.schedule = StepSchedule.build(task.environment, task.time_grid(self.steps))
         self.deterministic = self.schedule.deterministic
         if self.deterministic and action_mode == "control":
             raise ValueError(
@@ -212,7 +212,11 @@ class DiffusionSimulator:
         self.compile = compile
         self.sample_shape = task.sample_shape
         self.times = self.schedule.times.to(device=self.device, dtype=self.dtype)
-        self.beta0 = float(task.environment.scheduler.beta(torch.tensor(self.schedule.t[0], dtype=torch.float64)))
+        self.beta0 = (
+            task.init_std
+            if task.init_std is not None
+            else float(task.environment.scheduler.beta(torch.tensor(self.schedule.t[0], dtype=torch.float64)))
+        )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(np.random.SeedSequence().generate_state(1)[0]))
         self.x: Tensor | None = None

@@ -10,11 +10,15 @@ sample (a tensor ``(n,)`` in ``cond``); ``g == 1`` skips the unconditional branc
 
 :class:`TextToImageEnvironment` is a :class:`~diffusiongym.envs.environment.DiffusionEnvironment`
 (epsilon for VP schedulers, velocity for flow matching) with the decoder attached
-(:meth:`~TextToImageEnvironment.decode`, :meth:`~TextToImageEnvironment.pred_final_images`) and,
-with ``integrator="scheduler"`` (ODE only), the scheduler's own update on its own grid
-(:mod:`~diffusiongym.text_to_image.integrator`): the per-step drift coefficients are then the
-scheduler's, so :func:`diffusiongym.sample` with ``grid=env.step_grid.times`` reproduces the stock
-pipeline. ``integrator="euler"`` is the engine's Euler(-Maruyama) step in ``t`` (any noise).
+(:meth:`~TextToImageEnvironment.decode`, :meth:`~TextToImageEnvironment.pred_final_images`).
+Its default time grid (``time_grid="scheduler"``) is the scheduler's own: ``t_k = 1 - sigma_k`` for
+flow matching (with SD3's ``shift`` or FLUX's dynamic shift), ``t_k = 1 - tau_k / (T - 1)`` for the
+VP tables, as the stock pipelines step (:meth:`TextToImageEnvironment.time_points`);
+``time_grid="uniform"`` opts out (uniform in ``t``). ``integrator="euler"`` (default) is the
+engine's Euler(-Maruyama) step in ``t`` on that grid (any noise; for flow matching it *is* the
+scheduler's step); ``integrator="scheduler"`` (ODE only) is the scheduler's own update on its grid
+(:mod:`~diffusiongym.text_to_image.integrator`, e.g. DDIM's): the per-step drift coefficients are
+then the scheduler's. Either way :func:`generate` and the ``TextToImage-v0`` envs use the grid.
 """
 
 from __future__ import annotations
@@ -34,11 +38,20 @@ from diffusiongym.text_to_image.decode import LatentDecoder
 from diffusiongym.text_to_image.families import family_adapter
 from diffusiongym.text_to_image.integrator import SchedulerGrid, scheduler_grid
 from diffusiongym.text_to_image.prompts import PromptCache, PromptSet
+from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
 from diffusiongym.utils.validation import check_positive_int, check_real, unknown_name_error
 
-__all__ = ["TextToImageModel", "TextToImageEnvironment", "text_to_image_environment", "generate", "INTEGRATORS"]
+__all__ = [
+    "TextToImageModel",
+    "TextToImageEnvironment",
+    "text_to_image_environment",
+    "generate",
+    "INTEGRATORS",
+    "TIME_GRIDS",
+]
 
 INTEGRATORS = ("euler", "scheduler")
+TIME_GRIDS = ("scheduler", "uniform")
 
 
 class TextToImageModel(DiffusersModel):
@@ -123,8 +136,11 @@ class TextToImageEnvironment(DiffusionEnvironment):
     decoder : LatentDecoder
     prompts : PromptSet
     components : PipelineComponents
+    integrator : {"euler", "scheduler"}
+    time_grid : {"scheduler", "uniform"}
     step_grid : SchedulerGrid or None
-        The scheduler's grid and update (``integrator="scheduler"``), else ``None``.
+        The scheduler's grid for ``steps`` steps (with its update for ``integrator="scheduler"``);
+        ``None`` for ``time_grid="uniform"`` or without ``steps``.
     """
 
     def __init__(
@@ -134,33 +150,103 @@ class TextToImageEnvironment(DiffusionEnvironment):
         components: PipelineComponents,
         noise: str | float | Noise | Callable[[Tensor], Tensor] = "ode",
         step_grid: SchedulerGrid | None = None,
+        *,
+        integrator: str | None = None,
+        time_grid: str = "scheduler",
     ):
         self.parameterization = model.parameterization  # per instance: epsilon (VP) or velocity (flow)
         super().__init__(model, model.scheduler, noise, model.sample_shape)
         self.decoder = decoder
         self.components = components
         self.prompts = model.cache.prompts
-        if step_grid is not None and not self.noise.is_deterministic:
-            raise ValueError("integrator: 'scheduler' is the deterministic (ODE) update; use noise='ode' or 'euler'")
+        if integrator is None:  # a grid with the scheduler's update means its integrator
+            integrator = "scheduler" if step_grid is not None and step_grid.A is not None else "euler"
+        if integrator not in INTEGRATORS:
+            raise unknown_name_error("integrator", integrator, INTEGRATORS)
+        if time_grid not in TIME_GRIDS:
+            raise unknown_name_error("time_grid", time_grid, TIME_GRIDS)
+        if integrator == "scheduler":
+            if step_grid is None or step_grid.A is None:
+                raise ValueError("integrator: 'scheduler' needs the scheduler's grid and update (pass steps=)")
+            if time_grid != "scheduler":
+                raise ValueError("time_grid: integrator='scheduler' runs on the scheduler's own grid only")
+            if not self.noise.is_deterministic:
+                raise ValueError(
+                    "integrator: 'scheduler' is the deterministic (ODE) update; use noise='ode' or 'euler'"
+                )
+        self.integrator = integrator
+        self.time_grid = time_grid
         self.step_grid = step_grid
-
-    @property
-    def integrator(self) -> str:
-        return "euler" if self.step_grid is None else "scheduler"
 
     def coefficients(self, t: Tensor, target: str) -> tuple[Tensor, Tensor]:
         """As the base class; with ``integrator="scheduler"`` the ``"drift"`` coefficients are the
         scheduler's update divided by the step (defined on ``step_grid.times`` only)."""
-        if target == "drift" and self.step_grid is not None:
+        if target == "drift" and self.integrator == "scheduler":
             return self.step_grid.drift_coefficients(t)
         return super().coefficients(t, target)
 
     def with_noise(self, noise: Any) -> TextToImageEnvironment:
-        """A copy with another noise; a stochastic one drops the scheduler integrator (Euler-Maruyama in ``t``)."""
+        """A copy with another noise; a stochastic one drops the scheduler integrator (Euler-Maruyama
+        in ``t``, on the same grid)."""
         new = super().with_noise(noise)
         if not new.noise.is_deterministic:
-            new.step_grid = None
+            new.integrator = "euler"
         return new
+
+    def scheduler_grid(self, steps: int | None = None) -> SchedulerGrid:
+        """The scheduler's grid for ``steps`` steps (default and cached: the env's ``step_grid``), as
+        the pipeline sets it (``set_timesteps`` with the family's shift options)."""
+        if steps is None or (self.step_grid is not None and steps == len(self.step_grid)):
+            if self.step_grid is None:
+                raise ValueError("steps: this environment was built without steps; pass steps=")
+            return self.step_grid
+        if self.integrator == "scheduler":
+            raise ValueError(
+                f"steps: integrator='scheduler' runs its own {len(self.step_grid)}-step grid, got steps={steps}"
+            )
+        steps = check_positive_int("steps", steps)
+        model = self.model
+        return scheduler_grid(
+            self.components.scheduler,
+            steps,
+            model.scheduler,
+            model.kind,
+            model.parameterization,
+            update=False,
+            **model.adapter.grid_options(steps),
+        )
+
+    def default_t_start(self) -> float | None:
+        """The grid's start by default: ``DEFAULT_T_START`` for flow matching with a stochastic noise
+        (memoryless noise is singular at ``t = 0``), else ``None`` (the scheduler grid's own start; 0
+        for a uniform grid)."""
+        return DEFAULT_T_START if self.model.kind == "flow" and not self.noise.is_deterministic else None
+
+    def time_points(self, steps: int | None = None, t_start: float | None = None) -> Tensor:
+        """The default time grid, float64 ``(steps + 1,)``.
+
+        ``time_grid="scheduler"``: the scheduler's evaluation times (:meth:`scheduler_grid`), its first
+        point raised to ``t_start`` when that is later (``ValueError`` unless ``t_start`` stays below
+        the second point). ``"uniform"``: ``steps`` uniform steps from ``t_start`` (default 0).
+        ``t_start=None``: :meth:`default_t_start`.
+        """
+        t_start = self.default_t_start() if t_start is None else check_real("t_start", t_start, low=0.0)
+        if self.time_grid == "uniform":
+            if steps is None:
+                raise ValueError("steps: time_grid='uniform' needs a step count; pass steps=")
+            return make_time_grid(check_positive_int("steps", steps), 0.0 if t_start is None else t_start)
+        times = self.scheduler_grid(steps).times
+        if t_start is None or t_start <= float(times[0]):
+            return times
+        if self.integrator == "scheduler":
+            raise ValueError(f"t_start: integrator='scheduler' starts at its own t = {float(times[0])}, got {t_start}")
+        if t_start >= float(times[1]):
+            raise ValueError(
+                f"t_start: expected a start below the scheduler grid's second time {float(times[1])}, got {t_start}"
+            )
+        times = times.clone()
+        times[0] = t_start
+        return times
 
     def decode(self, z: Tensor, grad: bool | None = None) -> Tensor:
         """Images ``(n, 3, H, W)`` in ``[-1, 1]`` of latents ``z`` (:class:`LatentDecoder`)."""
@@ -170,10 +256,13 @@ class TextToImageEnvironment(DiffusionEnvironment):
         """The decoded Tweedie estimate ``decode(E[x1 | x_t = x])``."""
         return self.decode(self.pred_final(x, t, **cond))
 
-    def initial_latents(self, z: Tensor) -> Tensor:
-        """The first state for the pipeline's ``latents=z``: ``step_grid.init_scale * z`` (the
-        scheduler's ``init_noise_sigma`` and input scaling), ``z`` itself without a step grid."""
-        return z if self.step_grid is None else z * self.step_grid.init_scale
+    def initial_latents(self, z: Tensor, steps: int | None = None) -> Tensor:
+        """The first state for the pipeline's ``latents=z``: ``init_scale * z`` of the scheduler grid
+        for ``steps`` (the scheduler's ``init_noise_sigma`` and input scaling), ``z`` itself with
+        ``time_grid="uniform"`` or without a step count."""
+        if self.time_grid == "uniform" or (steps is None and self.step_grid is None):
+            return z
+        return z * self.scheduler_grid(steps).init_scale
 
 
 def text_to_image_environment(
@@ -184,6 +273,7 @@ def text_to_image_environment(
     negative_prompt: str | None = None,
     integrator: str = "euler",
     steps: int | None = None,
+    time_grid: str = "scheduler",
     noise: Any = "ode",
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -207,9 +297,14 @@ def text_to_image_environment(
     negative_prompt : str, optional
         Used when ``prompts`` is not already a :class:`PromptSet`.
     integrator : {"euler", "scheduler"}
-        ``"scheduler"`` needs ``steps`` and ``noise="ode"``.
+        ``"euler"``: our Euler(-Maruyama) step in ``t``; ``"scheduler"``: the scheduler's own
+        update (needs ``steps`` and ``noise="ode"``).
     steps : int, optional
-        Step count of the scheduler grid.
+        Step count of the stored scheduler grid (``env.step_grid``); :func:`generate` builds the
+        grid of another count on demand.
+    time_grid : {"scheduler", "uniform"}
+        The default time grid: the scheduler's (as the pipeline steps: SD3's shift, FLUX's dynamic
+        shift, the VP timesteps) or uniform in ``t`` (the opt-out).
     noise : str, float or Noise
     device, dtype
         Where the networks run, their precision (``torch.float16`` / ``torch.bfloat16``).
@@ -225,6 +320,12 @@ def text_to_image_environment(
     """
     if integrator not in INTEGRATORS:
         raise unknown_name_error("integrator", integrator, INTEGRATORS)
+    if time_grid not in TIME_GRIDS:
+        raise unknown_name_error("time_grid", time_grid, TIME_GRIDS)
+    if integrator == "scheduler" and time_grid != "scheduler":
+        raise ValueError(
+            "time_grid: integrator='scheduler' runs on the scheduler's own grid; use time_grid='scheduler'"
+        )
     if isinstance(pipeline, PipelineComponents):
         components = pipeline
     elif isinstance(pipeline, str) or hasattr(pipeline, "__fspath__"):
@@ -244,19 +345,23 @@ def text_to_image_environment(
         guidance_scale = adapter.default_guidance_scale
     model = TextToImageModel(components, cache, guidance_scale=guidance_scale)
     grid = None
-    if integrator == "scheduler":
-        if steps is None:
-            raise ValueError("steps: integrator='scheduler' builds the scheduler's grid for a step count; pass steps=")
+    if integrator == "scheduler" and steps is None:
+        raise ValueError("steps: integrator='scheduler' builds the scheduler's grid for a step count; pass steps=")
+    if time_grid == "scheduler" and steps is not None:
+        steps = check_positive_int("steps", steps)
         grid = scheduler_grid(
             components.scheduler,
-            check_positive_int("steps", steps),
+            steps,
             model.scheduler,
             model.kind,
             model.parameterization,
+            update=integrator == "scheduler",
             **adapter.grid_options(steps),
         )
     decoder = LatentDecoder(components.vae, decode_chunk_size)
-    return TextToImageEnvironment(model, decoder, components, noise=noise, step_grid=grid)
+    return TextToImageEnvironment(
+        model, decoder, components, noise=noise, step_grid=grid, integrator=integrator, time_grid=time_grid
+    )
 
 
 def generate(
@@ -269,9 +374,10 @@ def generate(
     **sample_kwargs: Any,
 ) -> Trajectory:
     """The base rollout from the pipeline's initial latents ``z`` ``(n, C, h, w)`` for ``prompts``
-    (texts or indices, one per sample): :func:`diffusiongym.sample` on the scheduler's grid
-    (``integrator="scheduler"``) or on ``steps`` uniform steps (``"euler"``). ``sample_kwargs``
-    go to :func:`~diffusiongym.sample` (e.g. ``grid=``, ``reward=``)."""
+    (texts or indices, one per sample): :func:`diffusiongym.sample` on
+    ``env.time_points(steps, t_start)`` (the scheduler's grid by default, as the pipeline steps;
+    ``steps`` default: the env's, else 50), from ``env.initial_latents(z)``. ``sample_kwargs`` go to
+    :func:`~diffusiongym.sample` (e.g. ``grid=`` to override the grid, ``t_start=``, ``reward=``)."""
     if not isinstance(env, TextToImageEnvironment):
         raise TypeError(f"env: expected a TextToImageEnvironment, got {type(env).__name__}")
     idx = torch.as_tensor(env.prompts.indices(prompts), device=z.device).reshape(-1)
@@ -280,9 +386,12 @@ def generate(
     cond = {"prompt": idx}
     if guidance_scale is not None:
         cond["guidance_scale"] = guidance_scale
-    if env.step_grid is not None:
-        sample_kwargs.setdefault("grid", env.step_grid.times)
-    elif "grid" not in sample_kwargs:
-        sample_kwargs["steps"] = check_positive_int("steps", steps if steps is not None else 50)
-        sample_kwargs.setdefault("t_start", 0.0)
-    return sample(env, x=env.initial_latents(z), cond=cond, **sample_kwargs)
+    t_start = sample_kwargs.pop("t_start", None)
+    if "grid" in sample_kwargs:
+        if steps is not None or t_start is not None:
+            raise ValueError("grid: pass either grid= or steps= / t_start=, not both")
+    else:
+        if steps is None and env.step_grid is None:
+            steps = 50
+        sample_kwargs["grid"] = env.time_points(steps, t_start)
+    return sample(env, x=env.initial_latents(z, steps), cond=cond, **sample_kwargs)

@@ -19,6 +19,11 @@ probability-flow ODE (``docs/text_to_image.md``). To run it through the engine, 
 with the drift ``((A_k - 1) / h_k) x + (B_k / h_k) out`` (:meth:`SchedulerGrid.drift_coefficients`).
 Multistep (PNDM, DPM-Solver, UniPC) and ancestral (DDPM, Euler ancestral) samplers are not
 one-step deterministic updates and are refused.
+
+The grid alone (``update=False``: ``A = B = None``) is the default time grid of every environment
+(``time_grid="scheduler"``), for any scheduler with ``set_timesteps``: the integrator is then our
+Euler(-Maruyama) step in ``t`` at the pipeline's evaluation times (a repeated timestep, as PNDM's
+first PLMS step, counted once).
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ class SchedulerGrid:
         ``t_k = 1 - tau_k / (T - 1)`` (VP) or ``1 - sigma_k`` (flow), then 1.
     timesteps : Tensor, (n,) float64
         The scheduler's timesteps ``tau_k`` (the denoiser's input).
-    A, B : Tensor, (n,) float64
-        ``x_{k+1} = A_k x_k + B_k out_k`` with ``out`` in the environment's parameterisation.
+    A, B : Tensor, (n,) float64, or None
+        ``x_{k+1} = A_k x_k + B_k out_k`` with ``out`` in the environment's parameterisation
+        (``None`` for the grid alone).
     init_scale : float
         The environment's first state is ``init_scale * z`` for the pipeline's ``latents=z``
         (``init_noise_sigma`` times the input scaling at ``tau_0``).
@@ -60,18 +66,20 @@ class SchedulerGrid:
 
     times: Tensor
     timesteps: Tensor
-    A: Tensor
-    B: Tensor
+    A: Tensor | None
+    B: Tensor | None
     init_scale: float
 
     def __len__(self) -> int:
-        return self.A.numel()
+        return self.times.numel() - 1
 
     def drift_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(coef_x, coef_out)`` of the effective drift at grid points ``t`` (any shape).
 
         ``ValueError`` for a ``t`` that is not a left point of the grid (the update is only
         defined there)."""
+        if self.A is None or self.B is None:
+            raise ValueError("integrator: this grid has no scheduler update (built with update=False)")
         t64 = torch.as_tensor(t, dtype=torch.float64)
         left = self.times[:-1].to(t64.device)
         flat = t64.reshape(-1)
@@ -103,7 +111,14 @@ def _pairs_to_update(
 
 
 def scheduler_grid(
-    diffusers_scheduler: Any, steps: int, scheduler: Scheduler, kind: str, parameterization: str, **set_timesteps: Any
+    diffusers_scheduler: Any,
+    steps: int,
+    scheduler: Scheduler,
+    kind: str,
+    parameterization: str,
+    *,
+    update: bool = True,
+    **set_timesteps: Any,
 ) -> SchedulerGrid:
     """The :class:`SchedulerGrid` of ``diffusers_scheduler`` for ``steps`` steps.
 
@@ -116,9 +131,14 @@ def scheduler_grid(
     kind : {"vp", "flow"}
     parameterization : str
         Of the environment's model output (``"epsilon"`` for VP, ``"velocity"`` for flow).
+    update : bool
+        Also the per-step update ``(A, B)`` (:data:`STEP_SCHEDULERS` only); ``False``: the grid
+        and ``init_scale`` alone, for any scheduler.
     """
     steps = check_positive_int("steps", steps)
     name = type(diffusers_scheduler).__name__
+    if not update:
+        return _grid_only(diffusers_scheduler, steps, kind, set_timesteps)
     if name not in STEP_SCHEDULERS:
         raise ValueError(
             f"integrator: 'scheduler' reproduces {list(STEP_SCHEDULERS)}; {name} is a multistep or ancestral "
@@ -156,3 +176,29 @@ def scheduler_grid(
         )
     A, B = _pairs_to_update(parameterization, scheduler, times[:-1], ab, ab_next)
     return SchedulerGrid(times=times, timesteps=taus, A=A, B=B, init_scale=init)
+
+
+def _grid_only(diffusers_scheduler: Any, steps: int, kind: str, set_timesteps: dict[str, Any]) -> SchedulerGrid:
+    """The scheduler's evaluation times for ``steps`` steps (no update): ``1 - sigma_k`` (flow) or
+    ``1 - tau_k / (T - 1)`` (VP, repeated timesteps once), then 1."""
+    name = type(diffusers_scheduler).__name__
+    sched = copy.deepcopy(diffusers_scheduler)
+    sched.set_timesteps(steps, device="cpu", **set_timesteps)
+    taus = sched.timesteps.to(torch.float64)
+    init = float(getattr(sched, "init_noise_sigma", 1.0))
+    if kind == "flow":
+        sig = sched.sigmas.to(torch.float64)
+        times = torch.cat([1.0 - sig[:-1], torch.ones(1, dtype=torch.float64)])
+        init = 1.0
+    else:
+        T = int(sched.config.num_train_timesteps)
+        taus = torch.unique(taus).flip(0)
+        times = torch.cat([1.0 - taus / (T - 1), torch.ones(1, dtype=torch.float64)])
+        if hasattr(sched, "scale_model_input"):  # the state is the denoiser's input (Euler-type: / sqrt(sigma^2 + 1))
+            init *= float(sched.scale_model_input(torch.ones(()), sched.timesteps[0]))
+    if times.numel() != steps + 1 or not bool((times[1:] > times[:-1]).all()):
+        raise ValueError(
+            f"time_grid: {name}'s {steps}-step timesteps {taus.tolist()[-2:]} do not give {steps} steps before the "
+            "data end (t = 1); use timestep_spacing='leading' or 'trailing', or time_grid='uniform'"
+        )
+    return SchedulerGrid(times=times, timesteps=taus, A=None, B=None, init_scale=init)

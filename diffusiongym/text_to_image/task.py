@@ -10,15 +10,15 @@ index in ``Discrete(capacity)`` (the prompt set's initial prompts plus ``extra_s
 ``label`` in ``Digits-v0``). ``reset(options={"prompt": "a photo of a cat"})`` uses that prompt
 (a text, appended to the set if new, or an index); the vector env takes one per sub-env. The
 terminal reward is the image reward on the decoded latents (:class:`DecodedReward`).
-``render()`` shows the decoded Tweedie estimate of the current state. With
-``integrator="scheduler"`` (``noise="ode"``, ``action_mode`` ``"drift"`` or ``"model"``) the
-episode follows the scheduler's own grid and update, so zero control reproduces the pipeline.
+``render()`` shows the decoded Tweedie estimate of the current state. Episodes step on the
+scheduler's time grid (the task's ``times``, as the pipeline steps: SD3's shift, FLUX's dynamic shift;
+``time_grid="uniform"`` opts out); with ``integrator="scheduler"`` (``noise="ode"``, ``action_mode``
+``"drift"`` or ``"model"``) also with the scheduler's own update, so zero control reproduces the
+pipeline (for flow matching our Euler step already is the scheduler's).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,13 @@ import torch
 
 from diffusiongym.envs.gym_env import SINGLE_ENV_KWARGS, DiffusionEnv, render_frame, render_state
 from diffusiongym.envs.registry import NAMESPACE, register_ids
-from diffusiongym.envs.simulator import DiffusionSimulator, resolve_task
+from diffusiongym.envs.simulator import resolve_task
 from diffusiongym.envs.vector_env import VECTOR_ENV_KWARGS, DiffusionVectorEnv
 from diffusiongym.rewards.base import Reward
 from diffusiongym.rewards.model_base import ModelImageReward
-from diffusiongym.sampling import StepSchedule
 from diffusiongym.tasks import Task, check_reward, register_task
 from diffusiongym.text_to_image.decode import DecodedReward
-from diffusiongym.text_to_image.environment import TextToImageEnvironment, text_to_image_environment
+from diffusiongym.text_to_image.environment import text_to_image_environment
 from diffusiongym.text_to_image.prompts import PromptSet
 from diffusiongym.timegrid import DEFAULT_T_START
 from diffusiongym.utils.validation import check_positive_int, check_real
@@ -56,6 +55,7 @@ def text_to_image_task(
     noise: Any = "memoryless",
     integrator: str = "euler",
     steps: int = 50,
+    time_grid: str = "scheduler",
     t_start: float | None = None,
     action_scale: float = 1.0,
     device: torch.device | str = "cpu",
@@ -80,9 +80,17 @@ def text_to_image_task(
     guidance_scale, negative_prompt
         Classifier-free guidance (``None``: the family's default, 7.5 for SD/SDXL, 7.0 for SD3, 1.0
         for FLUX).
-    reward_scale, noise, steps, t_start, action_scale
-        As every task (``t_start`` default: 0 for the VP tables, their noisiest point with ``alpha > 0``;
-        ``DEFAULT_T_START`` for flow matching (SD3, FLUX), where the memoryless noise is singular at 0).
+    reward_scale, noise, steps, action_scale
+        As every task.
+    time_grid : {"scheduler", "uniform"}
+        The episodes' grid (the task's ``times``): the scheduler's for ``steps`` steps, as the
+        pipeline steps (default), or uniform in ``t`` from ``t_start``.
+    t_start : float, optional
+        Start of the grid. Scheduler grid: its first point raised to ``t_start`` when that is later
+        (default: the scheduler's own start, raised to ``DEFAULT_T_START`` for flow matching with a
+        stochastic noise, which the memoryless noise needs: it is singular at ``t = 0``). Uniform
+        grid: default 0 for the VP tables (their noisiest point with ``alpha > 0``),
+        ``DEFAULT_T_START`` for flow matching (SD3, FLUX).
     integrator : {"euler", "scheduler"}
         See :func:`~diffusiongym.text_to_image.environment.text_to_image_environment`.
     device, dtype, offload_text_encoders, decode_chunk_size
@@ -116,6 +124,7 @@ def text_to_image_task(
         guidance_scale=guidance_scale,
         integrator=integrator,
         steps=steps,
+        time_grid=time_grid,
         noise=noise,
         device=device,
         dtype=dtype,
@@ -128,34 +137,27 @@ def text_to_image_task(
     if not isinstance(reward, DecodedReward) and not getattr(reward, "on_latents", False):
         reward = DecodedReward(reward, env.decoder, prompt_set, text_keyword)
     conditioning = {"prompt": (prompt_set.space, prompt_set.sample)}
-    if t_start is None:
+    times, init_std = None, None
+    if time_grid == "scheduler":
+        times = env.time_points(steps, t_start)
+        if float(times[0]) == float(env.step_grid.times[0]):  # the pipeline's start: its initial latents
+            init_std = env.step_grid.init_scale
+        t_start = float(times[0])
+    elif t_start is None:
         t_start = DEFAULT_T_START if env.model.kind == "flow" else 0.0
-    return Task(TASK_NAME, env, reward, reward_scale, steps, t_start, action_scale, None, conditioning)
-
-
-@contextlib.contextmanager
-def _uniform_grid_while_building(task: Task) -> Iterator[None]:
-    """The base simulator builds its (uniform) schedule at construction: hide the scheduler grid
-    meanwhile; :func:`_use_scheduler_grid` replaces that schedule right after."""
-    env = task.environment
-    grid = getattr(env, "step_grid", None)
-    env.step_grid = None
-    try:
-        yield
-    finally:
-        env.step_grid = grid
-
-
-def _use_scheduler_grid(sim: DiffusionSimulator, env: TextToImageEnvironment) -> None:
-    """Run the simulator on the scheduler's own grid (``integrator="scheduler"``)."""
-    grid = env.step_grid
-    if grid is None:
-        return
-    if sim.steps != len(grid):
-        raise ValueError(f"steps: the scheduler grid has {len(grid)} steps, the env {sim.steps}; pass the same steps")
-    sim.schedule = StepSchedule.build(env, grid.times)
-    sim.times = sim.schedule.times.to(device=sim.device, dtype=sim.dtype)
-    sim.beta0 = grid.init_scale
+    return Task(
+        TASK_NAME,
+        env,
+        reward,
+        reward_scale,
+        steps,
+        t_start,
+        action_scale,
+        None,
+        conditioning,
+        times=times,
+        init_std=init_std,
+    )
 
 
 def _prompt_options(options: dict[str, Any] | None, prompts: PromptSet, batch: int | None) -> dict[str, Any] | None:
@@ -169,15 +171,13 @@ def _prompt_options(options: dict[str, Any] | None, prompts: PromptSet, batch: i
 
 class TextToImageEnv(DiffusionEnv):
     """:class:`~diffusiongym.envs.gym_env.DiffusionEnv` for text-to-image tasks: prompts as texts at
-    reset, decoded frames in ``render``, the scheduler's grid with ``integrator="scheduler"``."""
+    reset, decoded frames in ``render``; the episodes run on the task's grid (the scheduler's by default)."""
 
     def __init__(
         self, task: Task | str = TASK_NAME, render_mode: str | None = None, *, flat_obs: bool = False, **kwargs: Any
     ):
         task, env_kw = resolve_task(task, kwargs, SINGLE_ENV_KWARGS, "TextToImageEnv", ("render_mode", "flat_obs"))
-        with _uniform_grid_while_building(task):
-            super().__init__(task, render_mode=render_mode, flat_obs=flat_obs, **env_kw)
-        _use_scheduler_grid(self.sim, self.task.environment)
+        super().__init__(task, render_mode=render_mode, flat_obs=flat_obs, **env_kw)
 
     @property
     def prompts(self) -> PromptSet:
@@ -217,9 +217,7 @@ class TextToImageVectorEnv(DiffusionVectorEnv):
         task, env_kw = resolve_task(
             task, kwargs, VECTOR_ENV_KWARGS, "TextToImageVectorEnv", ("num_envs", "render_mode")
         )
-        with _uniform_grid_while_building(task):
-            super().__init__(task, num_envs, render_mode=render_mode, **env_kw)
-        _use_scheduler_grid(self.sim, self.task.environment)
+        super().__init__(task, num_envs, render_mode=render_mode, **env_kw)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         prompts = self.task.environment.prompts

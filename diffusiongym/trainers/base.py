@@ -46,7 +46,7 @@ from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.loggers.base import Logger
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
-from diffusiongym.tasks import TASK_OPTIONS, resolve_task
+from diffusiongym.tasks import TASK_OPTIONS, Task, resolve_task
 from diffusiongym.timegrid import make_time_grid
 from diffusiongym.trainers.checkpoint import (
     check_header,
@@ -183,7 +183,10 @@ class Trainer(abc.ABC):
 
     @functools.cached_property
     def times(self) -> Tensor:
-        """The task's time grid, float64 ``(steps + 1,)`` (built once)."""
+        """The task's time grid, float64 ``(steps + 1,)`` (built once): its fixed grid where it
+        has one (e.g. a text-to-image scheduler's), else uniform from ``t_start`` to 1."""
+        if isinstance(self.task, Task):
+            return self.task.time_grid()
         return make_time_grid(self.task.steps, self.task.t_start)
 
     def init_seed(self, *names: object) -> int:
@@ -406,7 +409,10 @@ class Trainer(abc.ABC):
         """Fresh trajectories of the current :attr:`policy` (no effect on training's RNG), on the
         task's grid or a uniform grid of ``steps`` steps from ``task.t_start``."""
         n = check_positive_int("num_samples", num_samples)
-        grid = self.times if steps is None else make_time_grid(check_positive_int("steps", steps), self.task.t_start)
+        if steps is None or getattr(self.task, "times", None) is not None:  # a fixed grid: Task.time_grid checks steps
+            grid = self.times if steps is None else self.task.time_grid(check_positive_int("steps", steps))
+        else:
+            grid = make_time_grid(check_positive_int("steps", steps), self.task.t_start)
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         cond = self.conditioning(n, gen)
         with self.eval_mode():
