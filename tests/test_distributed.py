@@ -7,10 +7,11 @@ shard per rank); this process trains the same configuration alone (both shards).
 histories, every logged metric and the parameters must agree. The configurations make the
 global statistics differ from the per-rank ones: a GRPO group spans both ranks, EFM and the
 reward-weighted trainer normalise a softmax over both ranks' samples, RQL normalises its Q
-term by the global mean, Adjoint Matching draws shared loss times; an implementation that
-used its rank's batch only for any of them would fail. The pair also checks the collectives
-on unequal shares directly and writes checkpoints (sharded state included: a Value Matching
-replay buffer, an EFM round in progress) that this process resumes under one rank.
+term by the global mean, Adjoint Matching draws shared loss times, TerminalFlow fits its
+normaliser on both ranks' pool trajectories; an implementation that used its rank's batch only
+for any of them would fail. The pair also checks the collectives on unequal shares directly and
+writes checkpoints (sharded state included: a Value Matching replay buffer, an EFM round in
+progress; a TerminalFlow pool is redrawn per shard) that this process resumes under one rank.
 
 Tolerance: the two runs do the same arithmetic except the order of two reductions (the
 gradient average over ranks vs the mean over the concatenated batch, and the metrics' mean
@@ -35,9 +36,11 @@ from test_trainer_contract import _example
 from diffusiongym.discrete.tasks import grid_task
 from diffusiongym.distributed import sample_sharded
 from diffusiongym.tasks import make_task
+from diffusiongym.td_flows import LinearGaussianMDP, TDFlow, TDFlowConfig, TerminalFlow, TerminalFlowConfig
 from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from diffusiongym.trainers.base import Trainer
 from diffusiongym.trainers.efm import EFMConfig, EFMTrainer
+from diffusiongym.trainers.offline_data import OfflineTask
 from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig
 from diffusiongym.trainers.policy_gradient_discrete import DiscretePolicyGradient
 from diffusiongym.trainers.reward_weighted import RewardWeightedConfig, RewardWeightedTrainer
@@ -97,6 +100,14 @@ def make(name: str, shards: int = 2, seed: int = 0) -> Trainer:
             **common,
         )
         return RQL("GMM1D-v0", config=cfg, steps=10)
+    if name == "td_flow":  # TD²-CFM: minibatch, loss noise and the stratified grid offset drawn per shard
+        mdp = LinearGaussianMDP.default()
+        data = mdp.dataset(512, generator=torch.Generator().manual_seed(0))
+        cfg = TDFlowConfig(batch_size=32, hidden=16, layers=1, flow_steps=2, **common)
+        return TDFlow(OfflineTask(data), config=cfg, pi=mdp.policy)
+    if name == "terminal_flow":  # the pool is sharded; its normaliser is fitted on both ranks' trajectories
+        cfg = TerminalFlowConfig(batch_size=64, num_trajectories=64, hidden=16, layers=1, **common)
+        return TerminalFlow("GMM1D-v0", config=cfg, steps=10)
     raise KeyError(name)
 
 
@@ -108,8 +119,10 @@ NAMES = [
     "policy_gradient_discrete",
     "reward_weighted_discrete",
     "rql",
+    "td_flow",
+    "terminal_flow",
 ]
-CHECKPOINTED = ["value_matching", "efm", "policy_gradient"]
+CHECKPOINTED = ["value_matching", "efm", "policy_gradient", "terminal_flow"]
 
 
 def parameters(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -16,7 +16,9 @@ draws ``x1_j`` (:meth:`TerminalFlow.value`), the cost-to-go that
 
 On the Trainer contract the task is an ordinary diffusion task; :attr:`TerminalFlow.policy` is
 the zero control (the model describes the base policy), so ``evaluate`` reports the base's
-metrics. The trajectory pool is a fixed function of the seed (redrawn on resume).
+metrics. The trajectory pool is a fixed function of the seed (redrawn on resume). Data-parallel
+(``rollout_shards = S``, ``docs/distributed.md``): shard ``s`` holds ``num_trajectories / S``
+pool trajectories drawn from its own seed and draws ``batch_size / S`` triples from them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from diffusiongym.distributed.collectives import gather_cat
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import sample
 from diffusiongym.td_flows.successor import SuccessorFlow
@@ -90,6 +93,7 @@ class TerminalFlow(Trainer):
 
     config_class: ClassVar[type[TrainerConfig]] = TerminalFlowConfig
     config: TerminalFlowConfig
+    supports_sharding = True
 
     def setup(self, model: SuccessorFlow | None) -> None:
         shape = self.env.sample_shape
@@ -113,51 +117,66 @@ class TerminalFlow(Trainer):
         return zero_control
 
     def pool(self) -> Tensor:
-        """Base trajectories ``(m + 1, N, d)`` on the task's grid (drawn once from a seed derived
-        from ``config.seed``; the normaliser is fitted on them at the first draw)."""
+        """Base trajectories ``(m + 1, N, d)`` on the task's grid: this process's shards of the
+        pool (``N = num_trajectories`` in one process), each drawn once from a seed derived from
+        ``config.seed`` and its shard. The normaliser is fitted on the whole pool (gathered over
+        ranks) at the first draw."""
         if self._pool is None:
-            gen = torch.Generator(device=self.device).manual_seed(self.init_seed("pool"))
-            traj = sample(
-                self.env,
-                self.config.num_trajectories,
-                grid=self.times,
-                store="states",
-                generator=gen,
-                device=self.device,
-                dtype=self.dtype,
-            )
-            self._pool = traj.states
-            m = self._pool.shape[0] - 1
-            x1 = self._pool[-1]
-            states = torch.cat(
-                [
-                    self._pool[:-1].reshape(-1, x1.shape[1]),
-                    self.times[:-1].to(x1).repeat_interleave(x1.shape[0])[:, None],
-                ],
-                1,
-            )
+            n = self.shard_size(self.config.num_trajectories, "num_trajectories")
+            parts = [
+                sample(
+                    self.env,
+                    n,
+                    grid=self.times,
+                    store="states",
+                    generator=torch.Generator(device=self.device).manual_seed(seed),
+                    device=self.device,
+                    dtype=self.dtype,
+                ).states
+                for seed in self.shard_seed("pool")
+            ]
+            self._pool = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
             if self.iteration == 0:  # a resumed run has the fitted normaliser in its checkpoint
+                full = gather_cat(self._pool, 1)  # every rank's shards, in shard order
+                m = full.shape[0] - 1
+                x1 = full[-1]
+                states = torch.cat(
+                    [
+                        full[:-1].reshape(-1, x1.shape[1]),
+                        self.times[:-1].to(x1).repeat_interleave(x1.shape[0])[:, None],
+                    ],
+                    1,
+                )
                 self.model.fit_normalizer(states, x1.repeat(m, 1))
         return self._pool
 
     def _step(self) -> dict[str, float]:
         pool = self.pool()
-        m, n = pool.shape[0] - 1, pool.shape[1]
-        b = self.config.batch_size
-        k = torch.randint(0, m, (b,), generator=self.generator, device=self.device)
-        j = torch.randint(0, n, (b,), generator=self.generator, device=self.device)
-        t = self.times.to(device=self.device, dtype=self.dtype)[k]
-        s = torch.cat([pool[k, j], t[:, None]], 1)
+        m = pool.shape[0] - 1
+        gens = self.shard_generators()
+        n = pool.shape[1] // len(gens)  # trajectories per shard
+        b = self.shard_size(self.config.batch_size)
+        times = self.times.to(device=self.device, dtype=self.dtype)
         self.model.train()
-        loss = weighted_flow_matching_loss(
-            self.model,
-            "velocity",
-            self.model.scheduler,
-            self.model.normalize(pool[-1, j]),
-            t_range=(0.0, 1.0),
-            generator=self.generator,
-            cond={"s": s},
-        )
+        losses = []
+        for i, gen in enumerate(gens):  # shard i draws from its own generator and its own trajectories
+            k = torch.randint(0, m, (b,), generator=gen, device=self.device)
+            j = torch.randint(0, n, (b,), generator=gen, device=self.device)
+            if i:
+                j = j + i * n
+            s = torch.cat([pool[k, j], times[k][:, None]], 1)
+            losses.append(
+                weighted_flow_matching_loss(
+                    self.model,
+                    "velocity",
+                    self.model.scheduler,
+                    self.model.normalize(pool[-1, j]),
+                    t_range=(0.0, 1.0),
+                    generator=gen,
+                    cond={"s": s},
+                )
+            )
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()  # equal shards: the batch mean
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = self.clip_gradients(self.model.parameters())

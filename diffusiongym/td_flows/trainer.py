@@ -18,6 +18,11 @@ dataset's action units), and :attr:`TDFlow.policy` returns it. :meth:`TDFlow.eva
 ``TypeError`` naming what to use instead. Checkpoints hold the model, the target network, the
 optimiser, the generator and the dataset's fingerprint; ``pi`` is code, not state: pass the same
 one on resume.
+
+Data-parallel (``rollout_shards = S``, ``docs/distributed.md``): every rank holds the whole
+dataset; shard ``s`` draws ``batch_size / S`` transitions and its loss's noise from its own
+generator, and the gradient is averaged over ranks (a stochastic ``pi`` should draw from its
+own per-rank generator: its draws are not shard-invariant).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from diffusiongym.distributed.collectives import any_rank
 from diffusiongym.td_flows.losses import LOSSES, polyak_update, td_loss
 from diffusiongym.td_flows.successor import SuccessorFlow
 from diffusiongym.trainers.base import Trainer, TrainerConfig
@@ -117,6 +123,7 @@ class TDFlow(Trainer):
 
     config_class: ClassVar[type[TrainerConfig]] = TDFlowConfig
     config: TDFlowConfig
+    supports_sharding = True
 
     def setup(self, model: SuccessorFlow | None, *, pi: Callable[[Tensor], Tensor] | None = None) -> None:
         if not isinstance(self.task, OfflineTask):
@@ -160,25 +167,31 @@ class TDFlow(Trainer):
 
     def _step(self) -> dict[str, float]:
         cfg = self.config
-        batch = self.dataset.batch(cfg.batch_size, self.generator)
+        size = self.shard_size(cfg.batch_size)
         self.model.train()
-        loss = td_loss(
-            cfg.loss,
-            self.model,
-            self.target,
-            batch,
-            self.pi,
-            gamma=cfg.gamma,
-            steps=cfg.flow_steps,
-            generator=self.generator,
-        )
+        # each shard draws its minibatch and the loss's noise from its own generator; the loss is
+        # the mean of the shards' means (equal sizes), the base averages the gradient over ranks
+        losses = [
+            td_loss(
+                cfg.loss,
+                self.model,
+                self.target,
+                self.dataset.batch(size, gen),
+                self.pi,
+                gamma=cfg.gamma,
+                steps=cfg.flow_steps,
+                generator=gen,
+            )
+            for gen in self.shard_generators()
+        ]
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = self.clip_gradients(self.model.parameters())
         self.optimizer.step()
         polyak_update(self.target, self.model, cfg.tau)
         self.model.eval()
-        if not bool(torch.isfinite(loss)):
+        if any_rank(not bool(torch.isfinite(loss))):
             raise FloatingPointError(f"TDFlow diverged at iteration {self.iteration}: loss {float(loss)}; lower lr")
         return {"loss": loss.detach(), "grad_norm": norm}
 
