@@ -175,30 +175,50 @@ class GaussianMixture:
         ``x`` has shape ``(n, d)``; ``alpha``, ``beta`` are scalars or shape ``(n,)``.
         Computed in ``x``'s dtype.
         """
+        if torch.compiler.is_compiling():
+            return self._posterior_batch_last(x, alpha, beta)
         w, mu, q, lam = self._constants(x)
         a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
         b = torch.as_tensor(beta, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
-        # torch.compile: broadcast-and-sum instead of einsum, which inductor lowers to extern bmm calls
-        # and loops vectorised over the size-d axis; broadcasting fuses into one loop over the batch
-        fused = torch.compiler.is_compiling()
-        r = x[:, None, :] - a * mu
-        y = (r[..., None] * q).sum(-2) if fused else torch.einsum("nki,kij->nkj", r, q)  # coordinates in Q_k
+        y = torch.einsum("nki,kij->nkj", x[:, None, :] - a * mu, q)  # coordinates in Q_k
         c = a**2 * lam + b**2  # eigenvalues of C_k
         log_rho = torch.log(w) - 0.5 * ((y**2 / c) + torch.log(c)).sum(-1)
         log_rho = log_rho - torch.logsumexp(log_rho, dim=1, keepdim=True)
         rho = log_rho.exp()
         y_over_c = y / c
-        if fused:
-            back = (q * y_over_c[:, :, None, :]).sum(-1)  # Q_k y_k / c_k in x-coordinates, (n, K, d)
-            score = -(rho[..., None] * back).sum(1)
-            means = mu + (q * (a * lam * y_over_c)[:, :, None, :]).sum(-1)
-            x1_hat = (rho[..., None] * means).sum(1)
-        else:
-            score = -torch.einsum("nk,kij,nkj->ni", rho, q, y_over_c)
-            means = mu + torch.einsum("kij,nkj->nki", q, a * lam * y_over_c)
-            x1_hat = torch.einsum("nk,nki->ni", rho, means)
+        score = -torch.einsum("nk,kij,nkj->ni", rho, q, y_over_c)
+        means = mu + torch.einsum("kij,nkj->nki", q, a * lam * y_over_c)
+        x1_hat = torch.einsum("nk,nki->ni", rho, means)
         cov_eigvals = lam * b**2 / c
         return Posterior(log_rho, means, cov_eigvals.expand(x.shape[0], -1, -1), q, score, x1_hat)
+
+    def _posterior_batch_last(self, x: Tensor, alpha: Tensor | float, beta: Tensor | float) -> Posterior:
+        """:meth:`posterior` as traced by ``torch.compile``: the same maths on ``(K, d, n)`` tensors,
+        the batch axis last and ``K``, ``d`` reduced by broadcast-and-sum.
+
+        Inductor vectorises a fused loop's innermost axis. With the batch first (the eager layout)
+        the innermost axes are the tiny ``K`` and ``d`` (masked 16-lane vectors for 1 or 2 useful
+        lanes), einsums become extern ``bmm`` calls, and the log-sum-exp and the sums over ``K``
+        run as scalar loops with scalar ``exp``/``log``; with the batch last every loop is
+        vectorised over the batch (GMM1D's model call 4x faster, GMM2D's 10x at ``n = 16384``)."""
+        w, mu, q, lam = self._constants(x)
+        a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(1, 1, -1)
+        b = torch.as_tensor(beta, dtype=x.dtype, device=x.device).reshape(1, 1, -1)
+        r = x.T[None] - a * mu[:, :, None]  # (K, d, n)
+        y = (r[:, :, None, :] * q[:, :, :, None]).sum(1)  # coordinates in Q_k, (K, d, n)
+        c = a * a * lam[:, :, None] + b * b  # eigenvalues of C_k
+        log_rho = torch.log(w)[:, None] - 0.5 * ((y * y / c) + torch.log(c)).sum(1)  # (K, n)
+        top = log_rho.amax(0, keepdim=True)
+        log_rho = log_rho - (top + torch.log(torch.exp(log_rho - top).sum(0, keepdim=True)))
+        rho = torch.exp(log_rho)
+        y_over_c = y / c
+        back = (q[:, :, :, None] * y_over_c[:, None, :, :]).sum(2)  # Q_k y_k / c_k in x-coordinates
+        score = -(rho[:, None, :] * back).sum(0).T
+        means = mu[:, :, None] + (q[:, :, :, None] * (a * lam[:, :, None] * y_over_c)[:, None, :, :]).sum(2)
+        x1_hat = (rho[:, None, :] * means).sum(0).T
+        cov_eigvals = (lam[:, :, None] * (b * b) / c).permute(2, 0, 1)
+        n = x.shape[0]
+        return Posterior(log_rho.T, means.permute(2, 0, 1), cov_eigvals.expand(n, -1, -1), q, score, x1_hat)
 
     def to_config(self) -> dict[str, Any]:
         return {"weights": self.weights.tolist(), "means": self.means.tolist(), "covs": self.covs.tolist()}
