@@ -22,6 +22,7 @@ wrong statistic moves parameters by ~1e-3 and metrics by ~1e-2).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -292,3 +293,45 @@ def test_shards_must_divide_the_batch_and_the_world():
     rwr = _example()
     with pytest.raises(ValueError, match="RewardWeightedRegression draws its batch from one generator"):
         rwr.RewardWeightedRegression("GMM1D-v0", config=rwr.RWRConfig(rollout_shards=2), steps=4)
+
+
+_MPI_RANK_SCRIPT = """
+import json, sys
+import torch
+import diffusiongym.distributed as dgd
+assert dgd.init_process_group()
+total = torch.tensor([float(dgd.rank() + 1)])
+torch.distributed.all_reduce(total)
+print(json.dumps({"rank": dgd.rank(), "world": dgd.world_size(), "local": dgd.local_rank(), "sum": total.item()}))
+dgd.destroy_process_group()
+"""
+
+
+def test_an_mpi_launch_forms_the_group():
+    """``accelerate launch`` runs multi-CPU jobs through ``mpirun``, which sets only MPI's rank
+    variables (here Open MPI's): the processes must still form one group, not train alone."""
+    port = str(_free_port())
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MPI_RANK_SCRIPT],
+            cwd=ROOT,
+            env={
+                **base,
+                "OMP_NUM_THREADS": "1",
+                "OMPI_COMM_WORLD_SIZE": "2",
+                "OMPI_COMM_WORLD_RANK": str(rank),
+                "OMPI_COMM_WORLD_LOCAL_RANK": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    reports = sorted((json.loads(o.strip().splitlines()[-1]) for o in outs), key=lambda r: r["rank"])
+    assert reports == [{"rank": 0, "world": 2, "local": 0, "sum": 3.0}, {"rank": 1, "world": 2, "local": 1, "sum": 3.0}]

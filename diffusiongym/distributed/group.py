@@ -48,9 +48,27 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+#: (world size, rank, local rank) variables of the launchers, torchrun's first; MPI launchers
+#: (``mpirun``, which ``accelerate launch`` uses for multi-CPU runs) set only their own
+_LAUNCHER_VARIABLES = (
+    ("WORLD_SIZE", "RANK", "LOCAL_RANK"),
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+    ("PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID"),  # MPICH, Intel MPI
+)
+
+
+def _launcher() -> tuple[int, int, int] | None:
+    """``(world size, rank, local rank)`` from the first launcher whose variables are set."""
+    for size, rank_, local in _LAUNCHER_VARIABLES:
+        if size in os.environ:
+            return int(os.environ[size]), int(os.environ.get(rank_, "0")), int(os.environ.get(local, "0"))
+    return None
+
+
 def local_rank() -> int:
-    """The rank on this node (``LOCAL_RANK`` set by the launcher; 0 otherwise): the GPU to use."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    """The rank on this node (``LOCAL_RANK`` or the MPI launcher's; 0 otherwise): the GPU to use."""
+    launcher = _launcher()
+    return 0 if launcher is None else launcher[2]
 
 
 def is_main_process() -> bool:
@@ -73,22 +91,29 @@ def default_device() -> torch.device:
 
 def init_process_group(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
     """Join the process group the launcher describes (environment ``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``); returns whether a group is up.
+    ``MASTER_ADDR``, ``MASTER_PORT``; or an MPI launcher's rank and size, e.g. ``mpirun`` under
+    ``accelerate launch`` on CPUs, with ``MASTER_ADDR`` / ``MASTER_PORT``); returns whether a
+    group is up.
 
-    ``backend``: default ``"nccl"`` when CUDA is available, else ``"gloo"``. Without
-    ``WORLD_SIZE`` in the environment (a plain ``python script.py``) nothing happens and
-    ``False`` is returned, so the same script runs in one process. Already initialised: no-op.
-    On CUDA the current device is set to ``cuda:LOCAL_RANK``.
+    ``backend``: default ``"nccl"`` when CUDA is available, else ``"gloo"``. Without a launcher's
+    variables (a plain ``python script.py``) nothing happens and ``False`` is returned, so the
+    same script runs in one process. Already initialised: no-op. On CUDA the current device is
+    set to ``cuda:LOCAL_RANK``.
     """
     if is_distributed():
         return True
-    if "WORLD_SIZE" not in os.environ or not dist.is_available():
+    launcher = _launcher()
+    if launcher is None or not dist.is_available():
         return False
+    size, rank_, _ = launcher
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ValueError(f"init_process_group: a launcher set the world size {size} but not {missing}")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(default_device())
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=backend, rank=rank_, world_size=size, timeout=timedelta(seconds=timeout_s))
     return True
 
 
