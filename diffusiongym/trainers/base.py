@@ -59,6 +59,7 @@ from diffusiongym.trainers.checkpoint import (
 )
 from diffusiongym.trainers.evaluation import EVALUATION_KEYS, trajectory_metrics
 from diffusiongym.trainers.gradient_checkpointing import enable_gradient_checkpointing
+from diffusiongym.trainers.sharding import ShardedBatches
 from diffusiongym.trainers.config import LR_SCHEDULES, OPTIMIZERS, TrainerConfig, make_lr_scheduler, make_optimizer
 from diffusiongym.utils.io import frozen_parameter_names, optimizer_tensors
 from diffusiongym.utils.runtime import derive_seed, flush_denormals, seeded
@@ -78,7 +79,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- trainer
-class Trainer(abc.ABC):
+class Trainer(ShardedBatches, abc.ABC):
     """Base of every adaptation method (see the module docstring).
 
     Parameters
@@ -203,52 +204,6 @@ class Trainer(abc.ABC):
         """Per-sample conditioning drawn from the task's samplers (empty if unconditional)."""
         gen = self.generator if generator is None else generator
         return {name: spec[1](n, gen, self.device) for name, spec in getattr(self.task, "conditioning", {}).items()}
-
-    # ------------------------------------------------------------------- sharding
-    @property
-    def sharded(self) -> bool:
-        """Whether batches are drawn in ``rollout_shards > 1`` shards (see :class:`TrainerConfig`)."""
-        return self.config.rollout_shards > 1
-
-    def _iteration_generators(self) -> tuple[list[torch.Generator], torch.Generator]:
-        if self._shard_gens is None or self._shard_gens[0] != self.iteration:
-            seed, it = self.config.seed, self.iteration
-
-            def gen(*names: object) -> torch.Generator:
-                return torch.Generator(device=self.device).manual_seed(derive_seed(seed, "iteration", it, *names))
-
-            self._shard_gens = (it, [gen("shard", s) for s in self.local_shards], gen("shared"))
-        return self._shard_gens[1], self._shard_gens[2]
-
-    def shard_generators(self) -> list[torch.Generator]:
-        """One generator per shard this process draws, for this iteration: ``[self.generator]``
-        with one shard; else fresh generators seeded from ``(seed, iteration, shard)``, the same
-        objects for the whole iteration. Draw each shard's per-sample randomness from its own."""
-        return [self.generator] if not self.sharded else self._iteration_generators()[0]
-
-    def shared_generator(self) -> torch.Generator:
-        """A generator for draws every shard shares (e.g. which grid times a loss uses): the
-        trainer's with one shard, else one seeded from ``(seed, iteration)``, equal on all ranks."""
-        return self.generator if not self.sharded else self._iteration_generators()[1]
-
-    def shard_size(self, total: int, name: str = "batch_size") -> int:
-        """``total / rollout_shards`` (``ValueError`` naming ``name`` unless it divides)."""
-        shards = self.config.rollout_shards
-        if total % shards:
-            raise ValueError(f"{name}: expected a multiple of rollout_shards={shards}, got {total}")
-        return total // shards
-
-    def shard_seed(self, *names: object) -> list[int]:
-        """Per local shard, a seed derived from ``config.seed``, ``names`` and the shard (one
-        shard: ``[init_seed(*names)]``, the unsharded seed)."""
-        if not self.sharded:
-            return [self.init_seed(*names)]
-        return [self.init_seed(*names, "shard", s) for s in self.local_shards]
-
-    def _sync_before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        average_gradients([p for p in params if id(p) not in self._synced])
-        self._synced.difference_update(id(p) for p in params)
 
     def configure_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         """Set :attr:`optimizer` (``config.optimizer`` over ``module``'s trainable parameters) and
