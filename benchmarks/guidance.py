@@ -7,11 +7,12 @@ GMM1D / GMM2D (exact oracle): every method produces ``n`` output samples on the 
 grid. Columns:
 
 - ``train`` / ``sample`` / ``total``: base-model evaluations (rows through the network),
-  counted by :class:`diffusiongym.guidance.CountingModel`. Training: the forward rows of the
-  base network during ``trainer.train`` (exact); Adjoint Matching also runs its fine-tuned copy
-  and one vector-Jacobian product per adjoint forward, not in the count (its true cost is about
-  2-3x). Sampling a fine-tuned copy counts the copy's rows too; gradient guidance counts the
-  backward pass as one evaluation per row.
+  counted by :class:`diffusiongym.guidance.CountingModel`. Training: every row through the base
+  network during ``trainer.train`` and, for Adjoint Matching, through its fine-tuned copy (a
+  forward hook); a row evaluated with autograd on (the lean adjoint's vector-Jacobian products
+  of the base drift, the copy's loss) counts once more for its backward pass. Sampling a
+  fine-tuned copy counts the copy's rows too; gradient guidance counts the backward pass as one
+  evaluation per row.
 - ``reward``: mean ``r(x1)`` (p*'s own mean in the ``p*`` row).
 - ``ed/thr``: energy distance to ``n`` exact p* samples over the package's i.i.d. two-sample
   threshold at size ``n`` (< 1: indistinguishable from p* at this size; resampled sets carry
@@ -39,11 +40,11 @@ import torch
 
 from adaptation_methods import adjoint_matching, value_matching
 from diffusiongym.guidance import (
+    CountingModel,
     OracleTwist,
     PredFinalTwist,
     ValueTwist,
     best_of_n,
-    counting_environment,
     gradient_guidance,
     importance_resampling,
     smc,
@@ -92,10 +93,21 @@ def print_row(r: dict) -> None:
     )
 
 
+class CountingWithBackward(CountingModel):
+    """Counts a row evaluated with autograd on once more, for the backward pass it is there for
+    (Adjoint Matching's vector-Jacobian products of the base drift)."""
+
+    def __call__(self, x, t, **cond):
+        out = super().__call__(x, t, **cond)
+        if out.requires_grad:
+            self.add_backward(x.shape[0])
+        return out
+
+
 def _trained(kind: str, task, task_id: str, quick: bool, seed: int, iterations: int | None = None):
     """A fine-tuning trainer on a counted copy of ``task``; returns (trainer, counter, training evals)."""
-    env, counter = counting_environment(task.environment)
-    counted = dataclasses.replace(task, environment=env)
+    counter = CountingWithBackward(task.environment.model)
+    counted = dataclasses.replace(task, environment=task.environment.with_model(counter))
     if iterations is None and quick:
         iterations = QUICK_TRAIN_ITERATIONS[kind]
     iterations = {} if iterations is None else {"iterations": iterations}
@@ -105,9 +117,17 @@ def _trained(kind: str, task, task_id: str, quick: bool, seed: int, iterations: 
     else:
         config = adjoint_matching.config(task_id, quick, seed, **iterations)
         trainer = AdjointMatching(counted, config=config, steps=adjoint_matching.TRAIN_STEPS)
+    copy_rows = [0]
+
+    def count_copy(module, args, out):  # the fine-tuned copy's rows (+1 each for the loss's backward)
+        copy_rows[0] += args[0].shape[0] * (2 if out.requires_grad else 1)
+
+    hook = trainer.model.register_forward_hook(count_copy) if isinstance(trainer.model, torch.nn.Module) else None
     with flush_denormals():
         trainer.train(progress=False)
-    return trainer, counter, counter.evals
+    if hook is not None:
+        hook.remove()
+    return trainer, counter, counter.evals + copy_rows[0]
 
 
 def gmm_rows(
