@@ -385,7 +385,7 @@ def test_missing_folders_and_components_are_named(tmp_path, clip_dir):
             (empty / name).write_bytes((clip_dir / name).read_bytes())
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         CLIPScore.from_pretrained(clip_dir, processor_source=empty)
-    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*allow_download=True"):
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*never downloads"):
         CLIPScore.from_pretrained("tiny-org/not-cached-clip", cache_dir=tmp_path / "empty_cache")
     # a hub id in the local cache is read from its snapshot folder, without a connection (autouse fixture)
     snapshot = tmp_path / "cache" / "models--tiny-org--clip" / "snapshots" / ("0" * 40)

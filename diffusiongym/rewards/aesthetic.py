@@ -161,7 +161,6 @@ class AestheticReward(ModelImageReward):
         head: str | Path,
         *,
         processor_source: str | Path | None = None,
-        allow_download: bool = False,
         cache_dir: str | Path | None = None,
         revision: str | None = None,
         device: Any = "cpu",
@@ -175,7 +174,6 @@ class AestheticReward(ModelImageReward):
         backbone = load_clip(
             source,
             processor_source=processor_source,
-            allow_download=allow_download,
             cache_dir=cache_dir,
             revision=revision,
             device=device,

@@ -75,7 +75,6 @@ class CLIPScore(ModelImageReward):
         source: str | Path,
         *,
         processor_source: str | Path | None = None,
-        allow_download: bool = False,
         cache_dir: str | Path | None = None,
         revision: str | None = None,
         device: Any = "cpu",
@@ -88,7 +87,6 @@ class CLIPScore(ModelImageReward):
         backbone = load_clip(
             source,
             processor_source=processor_source,
-            allow_download=allow_download,
             cache_dir=cache_dir,
             revision=revision,
             device=device,

@@ -2,8 +2,9 @@
 
 :func:`load_clip` reads a transformers ``CLIPModel`` (``config.json`` and ``model.safetensors``),
 its tokenizer and its image-processor config (``preprocessor_config.json``) from a local folder or
-from the local Hugging Face cache. Nothing is downloaded unless ``allow_download=True``; without
-it transformers is called with ``local_files_only=True`` and never touches the network. Weights
+from the local Hugging Face cache. Nothing is ever downloaded (fetch a model first with
+``huggingface-cli download``): transformers is called on local folders with ``local_files_only=True``
+and never touches the network. Weights
 are read from safetensors only (``use_safetensors=True``): pickled ``.bin`` weights are refused.
 
 :class:`CLIPImagePreprocess` repeats ``CLIPImageProcessor`` in torch, so gradients flow back to
@@ -247,24 +248,20 @@ def _cached_snapshot(repo_id: str, filename: str, cache_dir: Any, revision: str 
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _resolve(
-    source: Any, argument: str, filename: str, allow_download: bool, cache_dir: Any, revision: str | None
-) -> tuple[str, bool]:
-    """``(folder or hub id, is a local folder)``: a hub id becomes its local cache snapshot unless
-    ``allow_download``; errors for a file, a missing path or an id that is not cached."""
+def _resolve(source: Any, argument: str, filename: str, cache_dir: Any, revision: str | None) -> Path:
+    """The local folder of ``source``: itself, or a hub id's snapshot in the local Hugging Face
+    cache; errors for a file, a missing path or an id that is not cached."""
     if not isinstance(source, (str, Path)):
         raise TypeError(f"{argument}: expected a folder or a hub id, got {type(source).__name__}")
     if not str(source).strip():
         raise ValueError(f"{argument}: expected a folder or a hub id, got an empty string")
     path = Path(source).expanduser()
     if path.is_dir():
-        return str(path), True
+        return path
     if path.exists():
         raise ValueError(f"{argument}: expected a folder or a hub id, got the file {str(source)!r}")
     if not _is_hub_id(str(source)):
         raise FileNotFoundError(f"{argument}: no folder {str(source)!r} (and it is not a hub id)")
-    if allow_download:
-        return str(source), False
     snapshot = _cached_snapshot(str(source), filename, cache_dir, revision)
     if snapshot is None:
         from huggingface_hub import constants
@@ -272,16 +269,16 @@ def _resolve(
         where = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
         raise FileNotFoundError(
             f"{argument}: {str(source)!r} is not a local folder and is not in the local Hugging Face cache "
-            f"({where}); nothing is downloaded unless allow_download=True"
+            f"({where}); diffusiongym never downloads: fetch it first (huggingface-cli download {source}) "
+            "or pass a folder"
         )
-    return str(snapshot), True
+    return snapshot
 
 
 def load_clip(
     source: str | Path,
     *,
     processor_source: str | Path | None = None,
-    allow_download: bool = False,
     cache_dir: str | Path | None = None,
     revision: str | None = None,
     device: Any = "cpu",
@@ -296,14 +293,12 @@ def load_clip(
     source : folder or hub id
         Holds ``config.json`` and ``model.safetensors`` (and, unless ``processor_source`` is
         given, the tokenizer and ``preprocessor_config.json``). A hub id is read from the local
-        Hugging Face cache only, unless ``allow_download``.
+        Hugging Face cache only (never downloaded).
     processor_source : folder or hub id, optional
         Where the tokenizer and ``preprocessor_config.json`` are (PickScore's are those of the
         CLIP model it was fine-tuned from); default ``source``.
-    allow_download : bool
-        Let transformers download what is not cached (off by default: ``local_files_only=True``).
     cache_dir, revision
-        Passed to transformers.
+        Where a hub id's snapshot is looked up.
     device, dtype
         Where and in which precision the model runs.
     need_tokenizer : bool
@@ -312,32 +307,22 @@ def load_clip(
         Images per forward pass.
     """
     transformers = import_transformers()
-    src, local = _resolve(source, "source", "config.json", allow_download, cache_dir, revision)
-    proc, proc_local = _resolve(
+    src = _resolve(source, "source", "config.json", cache_dir, revision)
+    proc = _resolve(
         processor_source if processor_source is not None else source,
         "processor_source",
         "preprocessor_config.json",
-        allow_download,
         cache_dir,
         revision,
     )
-    if local:
-        _check_folder(Path(src), need_model=True, need_processor=False)
-    if proc_local:
-        if need_tokenizer:
-            _check_folder(Path(proc), need_model=False, need_processor=True)
-        elif not (Path(proc) / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(f"processor_source: {proc} has no preprocessor_config.json")
-    # local folders from here on unless allow_download (then transformers may fetch what is missing)
-    options = {"local_files_only": not allow_download, "cache_dir": cache_dir, "revision": revision}
-    model = transformers.CLIPModel.from_pretrained(src, use_safetensors=True, **options)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(proc, **options) if need_tokenizer else None
-    if proc_local:
-        cfg_file = Path(proc) / "preprocessor_config.json"
-    else:
-        from huggingface_hub import hf_hub_download
-
-        cfg_file = Path(hf_hub_download(proc, "preprocessor_config.json", **options))
+    _check_folder(src, need_model=True, need_processor=False)
+    if need_tokenizer:
+        _check_folder(proc, need_model=False, need_processor=True)
+    elif not (proc / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(f"processor_source: {proc} has no preprocessor_config.json")
+    model = transformers.CLIPModel.from_pretrained(str(src), use_safetensors=True, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(proc), local_files_only=True) if need_tokenizer else None
+    cfg_file = proc / "preprocessor_config.json"
     preprocess = CLIPImagePreprocess.from_config(read_json_config("processor_source", cfg_file))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return CLIPBackbone(model, tokenizer, preprocess, batch_size=batch_size)

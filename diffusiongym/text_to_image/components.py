@@ -4,9 +4,10 @@ or from objects in memory.
 :func:`load_components` reads ``model_index.json`` (its ``_class_name`` names the family, see
 :data:`~diffusiongym.text_to_image.families.PIPELINE_FAMILIES`), then each component the family needs
 from its subfolder: the denoiser, the VAE (``AutoencoderKL``), the CLIP text encoders and tokenizers,
-the scheduler. Offline by default: ``local_files_only=True`` (a hub id is looked up in the local
-Hugging Face cache only, as :func:`~diffusiongym.models.diffusers_loader.load_diffusers_environment`
-does); ``local_files_only=False`` lets diffusers/transformers download. Weights: safetensors only
+the scheduler. Never downloads: a hub id is looked up in the local Hugging Face cache only, as
+:func:`~diffusiongym.models.diffusers_loader.load_diffusers_environment` does (fetch a pipeline
+first with ``huggingface-cli download``), and every ``from_pretrained`` call is made with
+``local_files_only=True``. Weights: safetensors only
 (``use_safetensors=True``; a folder with only pickles is refused). Every missing piece raises
 ``FileNotFoundError`` naming the component and the path; a component of an unexpected class
 raises ``ValueError``.
@@ -127,7 +128,6 @@ def load_components(
     dtype: torch.dtype | None = None,
     vae_dtype: torch.dtype | None = None,
     variant: str | None = None,
-    local_files_only: bool = True,
     cache_dir: str | Path | None = None,
     revision: str | None = None,
 ) -> PipelineComponents:
@@ -145,33 +145,17 @@ def load_components(
         ``force_upcast`` (SDXL's VAE overflows in float16) and ``dtype`` is float16.
     variant : str, optional
         Weights variant (``"fp16"`` reads ``*.fp16.safetensors``).
-    local_files_only : bool
-        ``True`` (default): never touch the network.
     cache_dir, revision
         Hugging Face cache folder and revision for a hub id.
     """
     if not isinstance(pipeline, (str, Path)):
         raise TypeError(f"pipeline: expected a folder path (str or Path), got {type(pipeline).__name__}")
-    if not isinstance(local_files_only, bool):
-        raise TypeError(f"local_files_only: expected a bool, got {local_files_only!r}")
     for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
         if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
             raise TypeError(f"{name}: expected a floating-point torch.dtype or None, got {value!r}")
     device = check_device(device)
     src = str(pipeline)
-    if local_files_only or Path(src).expanduser().is_dir():
-        root = _resolve_source(src, cache_dir, revision, ["unet", "transformer"])
-    else:  # the user asked for the network: let diffusers resolve (and download) the snapshot
-        from huggingface_hub import snapshot_download
-
-        root = Path(
-            snapshot_download(
-                src,
-                cache_dir=cache_dir,
-                revision=revision,
-                allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-            )
-        )
+    root = _resolve_source(src, cache_dir, revision, ["unet", "transformer"])
     index = root / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(
@@ -205,7 +189,7 @@ def load_components(
         folder = root / key
         if not folder.is_dir():
             raise FileNotFoundError(f"pipeline: missing component folder {folder} ({key}: {cls_name})")
-        parts[key] = _load_part(diffusers, root, key, library, cls_name, variant, local_files_only)
+        parts[key] = _load_part(diffusers, root, key, library, cls_name, variant)
     denoiser_dtype = dtype
     vae = parts["vae"]
     if vae_dtype is None:
@@ -221,9 +205,7 @@ def load_components(
     return PipelineComponents(family, parts, options, src)
 
 
-def _load_part(
-    diffusers: Any, root: Path, key: str, library: str, cls_name: str, variant: str | None, local_only: bool
-) -> Any:
+def _load_part(diffusers: Any, root: Path, key: str, library: str, cls_name: str, variant: str | None) -> Any:
     folder = root / key
     if key == "scheduler":
         config = read_json_config(f"pipeline ({key})", folder / "scheduler_config.json")
@@ -235,15 +217,15 @@ def _load_part(
         _check_model_config(read_json_config(f"pipeline ({key})", cfg_file), f"{key}/config.json")
         _check_safetensors(folder, variant)
         return getattr(diffusers, cls_name).from_pretrained(
-            str(root), subfolder=key, local_files_only=local_only, use_safetensors=True, variant=variant
+            str(root), subfolder=key, local_files_only=True, use_safetensors=True, variant=variant
         )
     import transformers
 
     cls = getattr(transformers, cls_name)
     if key.startswith("tokenizer"):
-        return cls.from_pretrained(str(folder), local_files_only=local_only)
+        return cls.from_pretrained(str(folder), local_files_only=True)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"pipeline: no config.json for component {key!r} in {folder}")
     _check_transformers_weights(folder, variant)
     kwargs = {"variant": variant} if variant else {}
-    return cls.from_pretrained(str(folder), local_files_only=local_only, use_safetensors=True, **kwargs)
+    return cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, **kwargs)

@@ -280,7 +280,6 @@ def text_to_image_environment(
     offload_text_encoders: bool = True,
     decode_chunk_size: int | None = None,
     family_options: dict[str, Any] | None = None,
-    local_files_only: bool = True,
 ) -> TextToImageEnvironment:
     """Build the latent environment of a pipeline.
 
@@ -315,8 +314,6 @@ def text_to_image_environment(
     family_options : dict, optional
         Adapter options (SDXL: ``original_size``, ``crops_coords_top_left``, ``target_size``;
         SD3/FLUX: ``height``, ``width``, ``max_sequence_length``; FLUX: ``guidance``).
-    local_files_only : bool
-        Offline loading (default).
     """
     if integrator not in INTEGRATORS:
         raise unknown_name_error("integrator", integrator, INTEGRATORS)
@@ -329,7 +326,7 @@ def text_to_image_environment(
     if isinstance(pipeline, PipelineComponents):
         components = pipeline
     elif isinstance(pipeline, str) or hasattr(pipeline, "__fspath__"):
-        components = load_components(pipeline, device=device, dtype=dtype, local_files_only=local_files_only)
+        components = load_components(pipeline, device=device, dtype=dtype)
     elif hasattr(pipeline, "components"):
         components = components_from_pipeline(pipeline)
     else:
