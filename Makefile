@@ -14,8 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# one intra-op thread: the demo's small batches lose to thread overhead (30 s an iteration with 2 threads on a busy 2-core machine)
 demo: $(BIN)/.installed
-	$(BIN)/python -m diffusiongym.demo
+	OMP_NUM_THREADS=1 $(BIN)/python -m diffusiongym.demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

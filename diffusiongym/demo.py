@@ -39,7 +39,7 @@ from diffusiongym.rewards.images import DigitClassifierReward
 from diffusiongym.tasks import make_task
 from diffusiongym.trainers.adjoint_matching import AdjointMatching, AdjointMatchingConfig, multimodal_recipe
 from diffusiongym.trainers.base import trajectory_metrics
-from diffusiongym.utils.runtime import flush_denormals, torch_threads
+from diffusiongym.utils.runtime import flush_denormals
 from diffusiongym.utils.validation import check_int, check_positive_int
 
 DIGIT_STEPS, DIGIT_T_START, DIGIT_LAMBDA, DIGIT_BATCH = 25, 1e-2, 2.0, 32
@@ -248,7 +248,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=40, help="Adjoint Matching iterations on the digits")
     parser.add_argument("--gmm-iterations", type=int, default=60, help="Adjoint Matching iterations on GMM1D")
     parser.add_argument("--target", type=int, default=3, help="the digit class to reward")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     try:
@@ -257,7 +256,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         check_positive_int("--gmm-iterations", args.gmm_iterations)
         check_int("--target", args.target, low=0, high=9)
         check_int("--seed", args.seed, low=0)
-        check_positive_int("--threads", args.threads)
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -271,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     progress = not args.no_progress
     print(f"diffusiongym demo: seed {args.seed}, writing to {out}/", flush=True)
-    with flush_denormals(), torch_threads(args.threads):
+    with flush_denormals():
         gym_digits(args.num_samples, args.seed)
         before, after, x_before, x_after = adapt_digits(
             args.target, args.iterations, args.num_samples, args.seed, out, progress

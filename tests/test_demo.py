@@ -47,9 +47,7 @@ def test_demo_writes_the_figures_and_prints_before_and_after(tmp_path, capsys):
     ]
 
 
-@pytest.mark.parametrize(
-    "argv", [["--iterations", "0"], ["--num-samples", "-1"], ["--target", "10"], ["--threads", "0"]]
-)
+@pytest.mark.parametrize("argv", [["--iterations", "0"], ["--num-samples", "-1"], ["--target", "10"]])
 def test_demo_rejects_bad_arguments(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--out", str(tmp_path), *argv])

@@ -6,9 +6,7 @@ set process-wide for a while:
 - flushing denormals (subnormal floats slow CPU training about tenfold); torch has no
   getter, so :func:`flush_denormals` probes the current mode and restores it on exit;
 - the global RNG, which ``nn.Module`` initialisers and dropout draw from and which takes
-  no generator; :func:`seeded` forks it, seeds it and restores it on exit;
-- the intra-op thread count, for programs (the demo, benchmarks) whose small batches lose to
-  thread overhead on a busy machine: :func:`torch_threads` sets and restores it.
+  no generator; :func:`seeded` forks it, seeds it and restores it on exit.
 
 :func:`derive_seed` turns one run seed and a few names into independent 63-bit seeds, so
 that each consumer of randomness (network init, dropout of iteration ``k``, rank ``r``)
@@ -23,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["flush_denormals", "denormals_flushed", "seeded", "derive_seed", "torch_threads"]
+__all__ = ["flush_denormals", "denormals_flushed", "seeded", "derive_seed"]
 
 _TINY = 1e-310  # a float64 subnormal
 
@@ -64,16 +62,3 @@ def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads and restore the caller's count on exit."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int number of threads, got {n!r}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
