@@ -29,6 +29,9 @@ Built-in tasks
 The GMM tasks default to the linear scheduler, memoryless noise, 100 steps from ``t_start = 1e-3``
 and a velocity base model; ``action_scale = 5`` covers the optimal control
 (``|u*|`` has 99th percentile 4.5 and 4.1 on sampled trajectories).
+
+Module size: the task types, their field checks, the registry and ``make_task`` / ``resolve_task``
+(what every trainer and env resolves a task with), plus the built-in GMM factories.
 """
 
 from __future__ import annotations

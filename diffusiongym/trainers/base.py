@@ -22,6 +22,10 @@ targets, update). The base class gives the rest, the same for every method:
   :func:`~diffusiongym.utils.runtime.seeded` with a seed derived from it.
 
 See ``docs/adding_a_method.md`` for a worked example.
+
+Module size: this is the one Trainer contract (construction, step and train with logging,
+sample and evaluate, save and load), whose parts share the trainer's state; the pieces that stand
+alone live beside it (config.py, checkpoint.py, evaluation.py, sharding.py).
 """
 
 from __future__ import annotations

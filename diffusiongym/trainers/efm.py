@@ -36,6 +36,9 @@ One :class:`EFMTrainer` iteration is **one gradient step**; ``config.iterations`
 split evenly over ``config.rounds`` rounds, and a round's data are drawn at its first step.
 The effective sample size ``1 / sum g_i^2`` of every round is logged and a
 ``RuntimeWarning`` is raised when it drops below ``ess_warn_fraction * n``.
+
+Module size: one method and its config; the offline, online and sharded weightings share the
+round state the checkpoint saves, so they stay in one class.
 """
 
 from __future__ import annotations

@@ -39,13 +39,8 @@ from torch import Tensor
 from diffusiongym.discrete.chain import base_rates, controlled_step, draw_step
 from diffusiongym.trainers.base import TrainerConfig
 from diffusiongym.trainers.discrete_trainer import DiscreteTrainer
-from diffusiongym.trainers.policy_gradient import (
-    PolicyGradientConfig,
-    Rollout,
-    cat_rollouts,
-    ppo_update,
-    rollout_metrics,
-)
+from diffusiongym.trainers.policy_gradient import PolicyGradientConfig
+from diffusiongym.trainers.ppo import Rollout, cat_rollouts, ppo_update, rollout_metrics
 
 __all__ = ["DiscretePolicyGradient", "step_log_prob"]
 

@@ -20,6 +20,9 @@ used: non-differentiable rewards work.
 checkpoints (:meth:`~diffusiongym.trainers.base.Trainer.save`) also hold the replay buffer,
 and :func:`load_value_policy` rebuilds the trained policy from one without a trainer. The
 digits recipe lives in :mod:`diffusiongym.trainers.value_matching_digits`.
+
+Module size: one method, its config, value-network construction and the policy loader, kept
+together because checkpoints, load_value_policy and the trainer share the value-network spec.
 """
 
 from __future__ import annotations
