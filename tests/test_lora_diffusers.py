@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_text_to_image import MAX_LENGTH, tiny_tokenizer
 from tiny_unets import tiny_unet
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusiongym import AdjointMatching, AdjointMatchingConfig, BrightnessReward, add_lora
 from diffusiongym.models.diffusers_loader import load_diffusers_environment
@@ -27,30 +28,14 @@ from diffusiongym.trainers.efm import EFMConfig, EFMTrainer
 from diffusiongym.text_to_image import generate, text_to_image_environment, text_to_image_task
 from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig
 
-CHARS = "abcdefghijklmnopqrstuvwxyz "
-MAX_LENGTH = 16
 PROMPT = "a red cat"
-
-
-def _tokenizer(folder) -> CLIPTokenizer:
-    """A CLIP tokenizer over single characters, from a vocab.json / merges.txt written here."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS.strip():
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH, pad_token="<|endoftext|>"
-    )
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     """A tiny StableDiffusionPipeline folder: latents (4, 8, 8), images (3, 16, 16)."""
     root = tmp_path_factory.mktemp("sd")
-    tokenizer = _tokenizer(root / "vocab")
+    tokenizer = tiny_tokenizer(root / "vocab")
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
