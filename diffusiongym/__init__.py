@@ -118,7 +118,8 @@ from diffusiongym.guidance import (
     smc,
 )
 
-# Exact optima and statistics
+# Exact optima, Monte-Carlo optima and statistics
+from diffusiongym.optimum import OptimumEstimate, estimate_optimum
 from diffusiongym.oracle import TiltOracle
 from diffusiongym.utils.stats import energy_distance, null_energy_threshold
 
@@ -249,8 +250,10 @@ __all__ = [
     "importance_resampling",
     "gradient_guidance",
     "ResamplingVectorEnv",
-    # oracle and statistics
+    # oracle, Monte-Carlo optimum and statistics
     "TiltOracle",
+    "OptimumEstimate",
+    "estimate_optimum",
     "energy_distance",
     "null_energy_threshold",
     # submodules
