@@ -76,6 +76,15 @@ class ValueMatchingConfig(TrainerConfig):
         (0: on-policy regression only). Older targets are costs-to-go of older controls.
     time_weighting : {"variance", "uniform"}
         Per-time weight of the loss (see :func:`time_weights`).
+    center_targets : bool
+        Regress onto ``C_k - c_k``, ``c_k`` the mean cost-to-go of the buffered trajectories
+        at grid time ``k`` (recomputed every iteration, over every shard). ``c_k`` depends on
+        ``t`` only, so ``grad_x V`` and the control are those of the uncentred fixed point;
+        the network learns the variation of ``V`` in ``x`` instead of first spending its
+        steps on an offset (on the digits row, ``r = log p(3 | x)`` puts ``C ~ 20`` with
+        spread ~8: uncentred, 40 iterations left the control at zero). ``V`` itself is then
+        the cost-to-go up to a function of ``t`` (a :class:`~diffusiongym.guidance.ValueTwist`
+        built on it shifts ``log Z`` by that function's ``t_0`` value).
     """
 
     iterations: int = 200
@@ -86,6 +95,7 @@ class ValueMatchingConfig(TrainerConfig):
     minibatch_size: int = 2048
     replay: int = 0
     time_weighting: str = "variance"
+    center_targets: bool = False
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"time_weighting": TIME_WEIGHTINGS}
 
@@ -258,6 +268,9 @@ class ValueMatching(Trainer):
         # 2. the regression set of each shard: every grid point of its buffered trajectories
         shards = [self._shard_data(j) for j in range(len(gens))]
         total = int(all_sum(torch.tensor([sum(d[2].shape[1] for d in shards)])).item())
+        if cfg.center_targets and total > 0:
+            offset = all_sum(sum(d[2].sum(1) for d in shards)) / total  # (m + 1,): mean C_k over every shard
+            shards = [(states, conds, targets - offset[:, None]) for states, conds, targets in shards]
         per_shard = self.shard_size(cfg.minibatch_size, "minibatch_size")
 
         # 3. weighted regression of V(x_k, t_k) onto C_k
