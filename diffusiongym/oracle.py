@@ -8,7 +8,10 @@ With base ``p1`` a Gaussian mixture and a reward with a closed-form Gaussian til
 - optimal objective ``log E_p1[exp(lambda r(X1))]``;
 - under the *memoryless* schedule, value function
   ``V*(x, t) = -log E[exp(lambda r(X1)) | X_t = x]`` where ``X1 | X_t = x`` is the
-  interpolant's posterior mixture, and optimal control ``u* = -sigma grad_x V*``.
+  interpolant's posterior mixture, and optimal control ``u* = -sigma grad_x V*``;
+- the exact reward-KL frontier ``(KL(p*_s || p), E_{p*_s}[r])`` over tilts ``s >= 0``
+  (:func:`tilt_frontier`, :meth:`TiltOracle.frontier`, :meth:`TiltOracle.frontier_at_kl`): the best
+  reward at each KL, against which methods that do not optimise the KL objective (RQL) are judged.
 
 This is how every adaptation method in the package is judged (``docs/maths.md``,
 "The Gaussian-mixture oracle").
@@ -41,13 +44,14 @@ from diffusiongym.noise import Memoryless
 from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
 from diffusiongym.rewards.base import ConstantReward, Reward
 from diffusiongym.schedulers import Scheduler, make_scheduler
-from diffusiongym.utils.validation import check_real
+from diffusiongym.utils.validation import as_float64_vector, check_real
 
 __all__ = [
     "TiltOracle",
     "OracleControl",
     "mixture_oracle",
     "tilt_mixture",
+    "tilt_frontier",
     "gaussian_tilt",
     "gaussian_expectation",
     "has_gaussian_tilt",
@@ -118,6 +122,42 @@ def tilt_mixture(mixture: GaussianMixture, reward: Reward, scale: float) -> tupl
     log_w = torch.log(mixture.weights) + log_z
     log_norm = torch.logsumexp(log_w, 0)
     return GaussianMixture(torch.exp(log_w - log_norm), means, covs), float(log_norm)
+
+
+def tilt_frontier(mixture: GaussianMixture, reward: Reward, scales: Any) -> tuple[Tensor, Tensor]:
+    """The exact reward-KL frontier ``(KL(p*_s || p), E_{p*_s}[r])`` at each tilt ``s`` in ``scales``.
+
+    ``p*_s ∝ p exp(s r)`` maximises ``E_q[r]`` among laws with ``KL(q || p) <= KL(p*_s || p)``
+    (Lagrangian duality; ``s >= 0`` is the multiplier's inverse), so these points are the best
+    reward any method can reach at each KL. Closed form: ``E_{p*_s}[r]`` is the tilted mixture's
+    expectation and ``KL(p*_s || p) = s E_{p*_s}[r] - log E_p[exp(s r)]``. Both increase with ``s``
+    (``dKL/ds = s Var_{p*_s}(r)``, ``dE/ds = Var_{p*_s}(r)``), and ``dKL/dE = s``.
+
+    Parameters
+    ----------
+    mixture : GaussianMixture
+        The base ``p``.
+    reward : Reward
+        With a registered Gaussian tilt (else ``TypeError``).
+    scales : float or sequence of float
+        Tilts ``s >= 0``, any number of them; ``ValueError`` naming ``scales`` otherwise.
+
+    Returns
+    -------
+    kl, expected_reward : Tensor
+        float64, shape ``(len(scales),)``.
+    """
+    values = as_float64_vector("scales", scales, "tilt scales", min_length=1)
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise ValueError(f"scales: expected finite tilt scales >= 0, got {values.tolist()[:8]}")
+    kls, rewards = [], []
+    for s in values.tolist():
+        tilted, log_norm = tilt_mixture(mixture, reward, s)
+        expected = float(tilted.weights.double() @ gaussian_expectation(reward, tilted.means, tilted.covs).double())
+        kl = s * expected - log_norm
+        kls.append(kl if kl > 0 else 0.0)  # >= 0 exactly; clamps rounding at s ~ 0
+        rewards.append(expected)
+    return torch.tensor(kls, dtype=torch.float64), torch.tensor(rewards, dtype=torch.float64)
 
 
 # ------------------------------------------------------------------ built-in closed forms
@@ -223,6 +263,48 @@ class TiltOracle:
         if abs(gap) < 1e-12:
             raise ValueError("objective: the base model is already optimal (zero gap); gap_closed is undefined")
         return (objective - self.base_objective) / gap
+
+    def frontier(self, scales: Any) -> tuple[Tensor, Tensor]:
+        """The exact reward-KL frontier ``(KL(p*_s || p), E_{p*_s}[r])`` at tilts ``scales``
+        (:func:`tilt_frontier`); at ``s = reward_scale`` it passes through ``target``, where
+        ``s E[r] - KL`` is ``optimal_objective``."""
+        return tilt_frontier(self.mixture, self.reward, scales)
+
+    def frontier_at_kl(self, kl: Any, tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+        """The frontier at given KLs: ``(scale, E_{p*_scale}[r])`` with ``KL(p*_scale || p) = kl``.
+
+        The best expected reward of any law within KL ``kl`` of the base. ``KL(p*_s || p)`` increases
+        with ``s``, so each ``s`` is found by bisection (bracket doubled from 1, to ``tol`` relative in
+        ``s``). ``kl``: a float or sequence of floats ``>= 0`` (``ValueError`` naming ``kl``; also for a
+        KL no tilt reaches, e.g. any ``kl > 0`` for a constant reward). Shapes ``(len(kl),)``, float64.
+        """
+        values = as_float64_vector("kl", kl, "KL values", min_length=1)
+        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise ValueError(f"kl: expected finite KL values >= 0, got {values.tolist()[:8]}")
+        tol = check_real("tol", tol, positive=True)
+
+        def kl_at(s: float) -> float:
+            return float(self.frontier([s])[0][0])
+
+        scales = []
+        for target in values.tolist():
+            if target == 0.0:
+                scales.append(0.0)
+                continue
+            high = 1.0
+            while kl_at(high) < target:
+                high *= 2.0
+                if high > 1e8:
+                    raise ValueError(
+                        f"kl: {target} is beyond the frontier (KL of the tilt at scale 1e8 is {kl_at(1e8):.4g})"
+                    )
+            low = 0.0
+            while high - low > tol * high:
+                mid = 0.5 * (low + high)
+                low, high = (mid, high) if kl_at(mid) < target else (low, mid)
+            scales.append(0.5 * (low + high))
+        scale_tensor = torch.tensor(scales, dtype=torch.float64)
+        return scale_tensor, self.frontier(scale_tensor)[1]
 
     def value(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``V*(x, t)`` for the memoryless schedule, shape ``(n,)``; differentiable in ``x``."""

@@ -285,3 +285,66 @@ def test_with_reward_rebuilds_the_oracle_from_the_task_factory():
         with_reward(task, lambda x: x[:, 0])
     bare = Task("bare", task.environment, task.reward, oracle=task.oracle)  # no factory: the oracle is dropped
     assert with_reward(bare, dg.ConstantReward(0.0)).oracle is None
+
+
+# ------------------------------------------------------------------- reward-KL frontier
+@pytest.mark.parametrize("task_id", ["GMM1D-v0", "GMM2D-v0"])
+def test_frontier_endpoints_monotonicity_and_slope(task_id):
+    oracle = make_task(task_id).oracle
+    lam = oracle.reward_scale
+    kl, reward = oracle.frontier([0.0, lam])
+    # s = 0 is the base: zero KL and E_p[r] (base_objective / lambda, both exact)
+    assert float(kl[0]) == 0.0
+    assert float(reward[0]) == pytest.approx(oracle.base_objective / lam, abs=1e-12)
+    # s = lambda is p* itself: lambda E r - KL is the optimal objective (same closed forms)
+    assert lam * float(reward[1]) - float(kl[1]) == pytest.approx(oracle.optimal_objective, abs=1e-10)
+    scales = torch.linspace(0.0, 3 * lam, 61, dtype=torch.float64)
+    kl, reward = oracle.frontier(scales)
+    assert bool((kl.diff() > 0).all()) and bool((reward.diff() > 0).all())
+    # dKL/dE = s: central differences with step 1e-4 in s; the error is O(step^2) ~ 1e-8 relative
+    s = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64) * lam
+    eps = 1e-4
+    kl_p, r_p = oracle.frontier(s + eps)
+    kl_m, r_m = oracle.frontier(s - eps)
+    torch.testing.assert_close((kl_p - kl_m) / (r_p - r_m), s, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("task_id", ["GMM1D-v0", "GMM2D-v0"])
+def test_frontier_at_kl_inverts_the_frontier(task_id):
+    oracle = make_task(task_id).oracle
+    scales = torch.tensor([0.0, 0.2, 1.0, 3.0], dtype=torch.float64)
+    kl, reward = oracle.frontier(scales)
+    found, best = oracle.frontier_at_kl(kl)
+    torch.testing.assert_close(found, scales, rtol=1e-7, atol=1e-9)  # bisection to 1e-10 relative in s
+    torch.testing.assert_close(best, reward, rtol=1e-7, atol=1e-9)
+
+
+def test_frontier_matches_monte_carlo_of_the_tilt():
+    # KL(p*_s || p) = E_{p*_s}[log p*_s - log p] and E_{p*_s}[r] from 200k exact draws of p*_s;
+    # 5 standard errors of the sample means (each ~1e-3 here) bound the difference.
+    oracle = make_task("GMM2D-v0").oracle
+    s = 0.7
+    tilted, _ = tilt_mixture(oracle.mixture, oracle.reward, s)
+    x = tilted.sample(200_000, generator=torch.Generator().manual_seed(0)).double()
+    log_ratio = tilted.log_prob(x) - oracle.mixture.log_prob(x)
+    r = oracle.reward(x)[0].double()
+    kl, reward = oracle.frontier([s])
+    n = math.sqrt(len(x))
+    assert abs(float(log_ratio.mean()) - float(kl[0])) < 5 * float(log_ratio.std()) / n
+    assert abs(float(r.mean()) - float(reward[0])) < 5 * float(r.std()) / n
+
+
+def test_frontier_rejects_bad_inputs():
+    oracle = make_task("GMM1D-v0").oracle
+    with pytest.raises(ValueError, match="scales"):
+        oracle.frontier([-0.1])
+    with pytest.raises(ValueError, match="scales"):
+        oracle.frontier([float("nan")])
+    with pytest.raises(ValueError, match="kl"):
+        oracle.frontier_at_kl([-1.0])
+    with pytest.raises(ValueError, match="kl"):
+        oracle.frontier_at_kl(float("inf"))
+    flat = dg.TiltOracle(dg.gmm_preset("1d"), dg.ConstantReward(1.0), 1.0)
+    assert float(flat.frontier_at_kl(0.0)[0][0]) == 0.0
+    with pytest.raises(ValueError, match="kl: .* beyond the frontier"):
+        flat.frontier_at_kl(0.1)  # a constant reward's tilts all equal the base: KL 0

@@ -6,7 +6,8 @@ target of every flow step, the stepwise policy loss, the ``bc_reversal`` choices
 (:meth:`RQL.update`): reverse a batch of data actions through the flow, regress ``V(s, x^f, f)``
 on ``r + gamma (1 - done) V_target(s', x'^0, 0)`` at every ``f`` (Huber, Polyak target), and,
 every ``policy_delay`` updates after ``value_warmup``, step the policy on
-``-V(s, x^f + v h_f, f + 1) + alpha |v - (x^{f+1} - x^f) / h_f|^2``.
+``-V(s, x^f + v h_f, f + 1) + alpha w_f |v - (x^{f+1} - x^f) / h_f|^2`` (step weights ``w_f``:
+``config.bc_weighting``, :meth:`RQL._bc_step_weights`; 1 by default).
 
 Construction: ``RQL(task, config=..., steps=10)`` in the diffusion gym (the flow runs on the
 task's grid; default model :func:`~diffusiongym.trainers.flow_diffusion.diffusion_policy`, default
@@ -144,6 +145,27 @@ class RQL(Trainer):
         self.value_lr_scheduler = make_lr_scheduler(self.value_optimizer, cfg)
         self._drift = FlowDrift(self.model)
         self._bc_paths: Tensor | None = None
+        self.bc_weights = self._bc_step_weights()
+
+    def _bc_step_weights(self) -> Tensor:
+        """Weight of each flow step's BC term, shape ``(F,)``, mean 1 (``config.bc_weighting``).
+
+        ``"memoryless"``: ``(1 / sigma^2(t))^p`` (``p = config.bc_weight_power``) of the task's
+        memoryless noise at the step's midpoint (``sigma^2 = 2 eta``; ``1 / sigma^2 = t / (2 (1 - t))``
+        on the linear path). ``1 / sigma^2`` is the rate at which a drift change costs path KL in the
+        SDE with the flow's marginals: changes late in the flow (which move samples within or off
+        the base's modes) cost far more KL than early ones (which reroute mass between modes, as
+        the tilt ``p*`` does); ``p = 2`` sharpens that contrast (measured in ``rql_config.diffusion_recipe``)."""
+        fs = self.model.flow_steps
+        if self.config.bc_weighting == "uniform":
+            return torch.ones(fs, device=self.device, dtype=self.dtype)
+        if self.offline:
+            raise ValueError("bc_weighting: 'memoryless' needs a diffusion task's scheduler; use 'uniform' offline")
+        times = self.model.times.detach().double().cpu()
+        mid = 0.5 * (times[1:] + times[:-1])
+        eta = self.task.environment.scheduler.eta(mid).clamp_min(1e-12)
+        w = (1.0 / (2.0 * eta)) ** self.config.bc_weight_power
+        return (w / w.mean()).to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------- pieces
     def policy_updates(self, iterations: int) -> int:
@@ -223,7 +245,7 @@ class RQL(Trainer):
             bc_step = (bc_path.gather(0, idx + 1).reshape(-1, d) - bc_xf) / h
             # BC towards the reversal's own step (x^{f+1} - x^f) / h (velocity units), at that reversal's x^f
             v_bc = v if cfg.bc_reversal == "current" else pol(s_rep, bc_xf, t)
-            bc = (v_bc - bc_step).pow(2).sum(1).mean()
+            bc = (self.bc_weights[f_pol].reshape(-1) * (v_bc - bc_step).pow(2).sum(1)).mean()
             scale = all_mean(q.detach().abs().mean()).clamp_min(1e-6) if cfg.normalize_q else 1.0
             policy_loss = -q.mean() / scale + cfg.alpha * bc
             self.optimizer.zero_grad(set_to_none=True)
