@@ -25,7 +25,7 @@ import torch
 
 import diffusiongym as dg
 from diffusiongym.tasks import make_task
-from adaptation_methods.adjoint_matching import TASKS, make
+from adaptation_methods.adjoint_matching import GMM_TASKS, make
 
 N_EVAL = 16384
 N_TEST = 2048
@@ -34,7 +34,7 @@ N_TEST = 2048
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the --quick budget of benchmarks/adaptation.py")
-    parser.add_argument("--tasks", nargs="*", default=TASKS)
+    parser.add_argument("--tasks", nargs="*", default=GMM_TASKS)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument(
         "--plain", action="store_true", help="no likelihood-ratio steps (the paper's Monte-Carlo lean adjoint)"

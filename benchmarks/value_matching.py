@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from adaptation_methods.value_matching import TASKS, make
+from adaptation_methods.value_matching import GMM_TASKS, make
 
 import diffusiongym as dg
 
@@ -46,7 +46,7 @@ def value_mse(trainer, task, traj, ks) -> list[tuple[float, float, float]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tasks", nargs="*", default=TASKS)
+    parser.add_argument("--tasks", nargs="*", default=GMM_TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=None, help="folder for training-curve and V-vs-V* figures")
     args = parser.parse_args(argv)

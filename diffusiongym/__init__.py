@@ -120,7 +120,7 @@ from diffusiongym.guidance import (
 
 # Exact optima, Monte-Carlo optima and statistics
 from diffusiongym.optimum import OptimumEstimate, estimate_optimum
-from diffusiongym.oracle import TiltOracle
+from diffusiongym.oracle import TiltOracle, tilt_frontier
 from diffusiongym.utils.stats import energy_distance, null_energy_threshold
 
 from diffusiongym import discrete, distributed, guidance, td_flows
@@ -252,6 +252,7 @@ __all__ = [
     "ResamplingVectorEnv",
     # oracle, Monte-Carlo optimum and statistics
     "TiltOracle",
+    "tilt_frontier",
     "OptimumEstimate",
     "estimate_optimum",
     "energy_distance",

@@ -12,7 +12,7 @@ from torch import nn
 
 import diffusiongym as dg
 from diffusiongym.utils.runtime import flush_denormals
-from diffusiongym.policies.networks import SignalScaled, TimeCNN, TimeMLP
+from diffusiongym.policies.networks import CopyDifference, SignalScaled, TimeCNN, TimeMLP
 from diffusiongym.policies.value import ControlPolicy, ValuePolicy
 from diffusiongym.rewards.base import CallableReward
 from diffusiongym.tasks import make_task
@@ -498,3 +498,22 @@ def test_centered_targets_ignore_a_constant_reward_offset(centered):
         assert max(gaps) < 1e-4
     else:
         assert max(gaps) > 1e-3
+
+
+def test_copy_difference_starts_at_zero_and_trains_the_copy_only():
+    base = TimeMLP(3, 3, hidden=16, layers=2)
+    diff = CopyDifference(base)
+    x, t = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), torch.full((5,), 0.3)
+    assert torch.equal(diff(x, t), torch.zeros(5, 3))
+    assert all(not p.requires_grad for p in base.parameters())
+    names = [name for name, _ in diff.named_parameters()]
+    assert names and all(name.startswith("copy.") for name in names)  # the frozen base is not a submodule
+    diff(x, t).pow(2).sum().backward()  # zero output, zero gradient; perturb the copy and try again
+    with torch.no_grad():
+        next(diff.copy.parameters()).add_(0.1)
+    xg = x.clone().requires_grad_(True)
+    out = diff(xg, t)
+    (grad,) = torch.autograd.grad(out.sum(), xg)
+    assert out.abs().max() > 0 and grad.abs().max() > 0  # differentiable in x through both networks
+    with pytest.raises(TypeError, match="base"):
+        CopyDifference(lambda x, t: x)
