@@ -16,6 +16,7 @@ from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.trainers.base import EVALUATION_KEYS, TrainerConfig
 from diffusiongym.trainers.checkpoint import CheckpointError
 from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig, group_advantages
+from diffusiongym.trainers.ppo import returns_to_go, step_advantages
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +47,44 @@ def test_group_advantages_closed_form():
     adv = group_advantages(r, 3, normalize_std=True)
     g1 = torch.tensor([1.0, 3.0, 0.0])
     torch.testing.assert_close(adv[:3], (g1 - g1.mean()) / (g1.std() + 1e-6))
+
+
+def test_returns_to_go_and_step_advantages_closed_form():
+    # 3 steps, 4 episodes in groups of 2: per-step KLs c (a function of the step's start state),
+    # terminal lambda r; the env's rewards are -c with lambda r added on the last step.
+    c = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 1.0, 1.0], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    terminal = torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=torch.float64)
+    step_rewards = -c
+    step_rewards[-1] += terminal
+    # G_k = lambda r - sum_{j > k} c_j: step k's own cost c_k (fixed by x_k) is left out
+    expected = torch.tensor(
+        [[9.4, 19.3, 28.7, 38.6], [9.9, 19.8, 29.7, 39.6], [10.0, 20.0, 30.0, 40.0]], dtype=torch.float64
+    )
+    to_go = returns_to_go(step_rewards, terminal)
+    torch.testing.assert_close(to_go, expected)
+    assert torch.equal(step_rewards, -c + torch.nn.functional.pad(terminal[None], (0, 0, 2, 0)))  # not modified
+    returns = step_rewards.sum(0)  # lambda r - sum_k c_k = [8.4, 17.3, 25.7, 34.6]
+    # a per-step group baseline: each pair's mean of G_k
+    adv = step_advantages(to_go, returns, 2, normalize_std=False)
+    half = torch.tensor([[4.95, 4.95], [4.95, 4.95], [5.0, 5.0]], dtype=torch.float64)
+    torch.testing.assert_close(adv, torch.stack([-half[:, 0], half[:, 0], -half[:, 1], half[:, 1]], 1))
+    # std-normalised: one scale per group, the std of its whole returns (|a - b| / sqrt 2 for a pair)
+    adv = step_advantages(to_go, returns, 2, normalize_std=True, eps=0.0)
+    scale = torch.tensor([8.9, 8.9], dtype=torch.float64) / 2**0.5
+    torch.testing.assert_close(
+        adv, step_advantages(to_go, returns, 2, normalize_std=False) / scale.repeat_interleave(2)
+    )
+
+
+def test_to_go_and_return_estimators_agree_without_running_costs():
+    # With no KL (the zero-initialised policy is the base: every c_k = 0) both estimators give
+    # every step the group-normalised terminal advantage, so one update is the same either way.
+    a, b = _small(iterations=1), _small(iterations=1, advantage="return")
+    a.train(progress=False)
+    b.train(progress=False)
+    assert a.history["kl"] == [0.0]
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)  # float32 rounding of the cumulative sums
 
 
 @pytest.mark.parametrize("policy_type", ["model", "control"])
@@ -142,6 +181,22 @@ def test_grpo_closes_most_of_the_gmm2d_gap():
     assert abs(history["reward"][-1] - after["reward"]) < 0.6  # measured 0.01; MC stds ~0.1 and ~0.05, plus one update
 
 
+def test_defaults_close_most_of_the_gmm1d_gap():
+    # The default recipe (to-go advantages, lr 3e-3) on GMM1D-v0, 6 iterations of 256 on a
+    # 50-step grid, scored against the exact oracle on 2048 fresh samples.
+    trainer = PolicyGradient("GMM1D-v0", config=PolicyGradientConfig(iterations=6, seed=0), steps=50)
+    before = trainer.evaluate(2048, seed=1)
+    trainer.train(progress=False)
+    after = trainer.evaluate(2048, seed=1)
+    # measured: objective -2.52 -> -1.74, gap closed 0.01 -> 0.72 (KL 0.72). The std of a
+    # 2048-sample objective is ~0.03 and seeds move a 6-iteration run by ~0.05 of the gap, so
+    # 0.5 of the gap (and +0.5 nats) sits far below the measurement, while a policy that does
+    # not learn stays near 0 (the zero-initialised model is the base)
+    assert before["kl"] == 0.0 and abs(before["gap_closed"]) < 0.1
+    assert after["objective"] > before["objective"] + 0.5, (before, after)
+    assert after["gap_closed"] > 0.5, after
+
+
 def test_seed_changes_the_run_and_caller_rng_is_untouched():
     state = torch.get_rng_state()
     a, b = _small(seed=1), _small(seed=2)
@@ -194,6 +249,12 @@ def test_errors():
         PolicyGradientConfig(clip_coef=0.0)
     with pytest.raises(ValueError, match="kl_coef"):
         PolicyGradientConfig(kl_coef=-1.0)
+    with pytest.raises(ValueError, match="advantage"):
+        PolicyGradientConfig(advantage="to-go")
+    with pytest.raises(ValueError, match="advantage"):
+        PolicyGradientConfig(advantage=1)
+    with pytest.raises(TypeError, match="advantages"):
+        PolicyGradientConfig(advantages="to_go")
     with pytest.raises(ValueError, match="sigma > 0"):
         PolicyGradient(
             task.environment.with_noise("ode"),

@@ -19,7 +19,21 @@ from torch import Tensor
 from diffusiongym.distributed.collectives import gather_cat, gather_offset
 from diffusiongym.trainers.base import Trainer
 
-__all__ = ["Rollout", "StepTerms", "cat_rollouts", "group_advantages", "ppo_loss", "ppo_update", "rollout_metrics"]
+__all__ = [
+    "ADVANTAGES",
+    "Rollout",
+    "StepTerms",
+    "cat_rollouts",
+    "group_advantages",
+    "ppo_loss",
+    "ppo_update",
+    "rollout_metrics",
+    "returns_to_go",
+    "step_advantages",
+]
+
+#: advantage estimators of :func:`ppo_update` (``PolicyGradientConfig.advantage``)
+ADVANTAGES = ("to_go", "return")
 
 
 def group_advantages(returns: Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6) -> Tensor:
@@ -30,6 +44,35 @@ def group_advantages(returns: Tensor, group_size: int, normalize_std: bool = Tru
     if normalize_std:
         adv = adv / (r.std(1, keepdim=True) + eps)
     return adv.reshape(-1)
+
+
+def returns_to_go(step_rewards: Tensor, terminal: Tensor) -> Tensor:
+    """Step ``k``'s return to go ``G_k = lambda r - sum_{j > k} c_j``, shape ``(m, n)``.
+
+    ``step_rewards`` ``(m, n)``: the env's rewards ``-c_j`` with ``terminal`` ``(n,)``
+    (``lambda r``) added to the last row. ``c_j`` is a function of ``x_j`` alone (the exact
+    per-step KL of the policy at the visited state), so the costs ``c_0 .. c_k`` do not
+    depend on step ``k``'s action ``x_{k+1}`` and are left out of its advantage.
+    """
+    costs = -step_rewards.clone()
+    costs[-1] += terminal
+    after = costs.flip(0).cumsum(0).flip(0) - costs  # sum_{j > k} c_j
+    return terminal.unsqueeze(0) - after
+
+
+def step_advantages(
+    to_go: Tensor, returns: Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """``(G_k - mean_group G_k) [/ (std_group R + eps)]`` for returns to go ``to_go`` ``(m, n)``
+    and whole returns ``returns`` ``(n,)`` (episodes laid out group after group): a per-step
+    group baseline and, as :func:`group_advantages`, one scale per group, the standard
+    deviation of its whole returns; shape ``(m, n)``."""
+    m = to_go.shape[0]
+    g = to_go.reshape(m, -1, group_size)
+    adv = g - g.mean(2, keepdim=True)
+    if normalize_std:
+        adv = adv / (returns.reshape(1, -1, group_size).std(2, keepdim=True) + eps)
+    return adv.reshape(m, -1)
 
 
 @dataclass
@@ -134,7 +177,9 @@ def ppo_loss(
 def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[str, Tensor]:
     """The PPO update shared by the policy-gradient trainers (``docs/maths.md``, "Policy gradients").
 
-    Group advantages of the batch's returns (``kl_in_return``; invalid episodes get 0), then
+    Group advantages of the batch's returns (``kl_in_return``; ``advantage="to_go"``: of each
+    step's return to go, :func:`returns_to_go`, with a per-step group baseline; invalid
+    episodes get 0), then
     ``update_epochs`` passes over shuffled minibatches (``trainer.generator``) of the
     ``m * n`` (step, trajectory) pairs with :func:`ppo_loss`; ``step_terms(k, i)`` (step and
     trajectory indices, ``(b,)`` each) returns the current policy's ``log pi(x_{k+1} | x_k)``
@@ -149,15 +194,20 @@ def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[
     """
     cfg = trainer.config
     m, n = batch.log_probs.shape
-    returns = batch.returns if cfg.kl_in_return else trainer.task.reward_scale * batch.reward
+    terminal = trainer.task.reward_scale * batch.reward
+    returns = batch.returns if cfg.kl_in_return else terminal
     returns, valid = gather_cat(returns), gather_cat(batch.valid)  # the whole batch, every rank's episodes
-    adv = group_advantages(returns, cfg.group_size, cfg.normalize_std)
+    if cfg.advantage == "to_go" and cfg.kl_in_return:
+        to_go = gather_cat(returns_to_go(batch.step_rewards, terminal), dim=1)
+        adv = step_advantages(to_go, returns, cfg.group_size, cfg.normalize_std)  # (m, N)
+    else:
+        adv = group_advantages(returns, cfg.group_size, cfg.normalize_std).expand(m, -1)
     adv = torch.where(valid, adv, torch.zeros_like(adv))
     # the KL penalty is divided by the same return scale as the advantages, so that
     # kl_coef = 1 is the gradient of lambda r - KL (up to a positive factor)
     ret_std = float(returns[valid].std()) if int(valid.sum()) > 1 else 0.0
     start, _ = gather_offset(n)
-    adv = adv[start : start + n]
+    adv = adv[:, start : start + n]
     kl_scale = cfg.kl_coef / (ret_std + 1e-6) if cfg.normalize_std else cfg.kl_coef
 
     trainer.model.train()
@@ -180,7 +230,7 @@ def ppo_update(trainer: Trainer, batch: Rollout, step_terms: StepTerms) -> dict[
             k = torch.cat([flat_k[sel] for sel in sels])
             i = torch.cat([flat_i[sel] + j * n_shard for j, sel in enumerate(sels)])
             new_logp, kl = step_terms(k, i)
-            loss, terms = ppo_loss(new_logp, batch.log_probs[k, i], adv[i], kl, cfg.clip_coef, kl_scale, m)
+            loss, terms = ppo_loss(new_logp, batch.log_probs[k, i], adv[k, i], kl, cfg.clip_coef, kl_scale, m)
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             terms["grad_norm"] = trainer.clip_gradients(params)
