@@ -160,8 +160,8 @@ def mean_se(values: list[float], digits: int = 4) -> str:
 def table(results: dict[tuple[str, str], list[dict[str, float]]]) -> str:
     """Markdown table, one row per (task, method), mean ± s.e. over the seeds run."""
     out = [
-        "| task | method | seeds | gap closed | KL | reward | class fraction | seconds | peak MB |",
-        "|" + "---|" * 9,
+        "| task | method | seeds | gap closed | KL | reward | class fraction | seconds | peak MB | GPU peak MB |",
+        "|" + "---|" * 10,
     ]
     for (task_id, name), runs in sorted(results.items()):
         cells = []

@@ -29,7 +29,8 @@ TASKS = ["GMM1D-v0", "GMM2D-v0", _digits.DIGITS]
 # image, policy_type="control"), lr 1e-3 with a cosine decay. Measured (one core, seed 0, batch 128
 # in groups of 16, 512 evaluation samples): gap 0.58 / 0.71 / 0.76 after 20 / 40 / 60 iterations
 # (KL 5.1 / 4.7 / 4.5, class-3 fraction 0.67 / 0.78 / 0.84), 1.25 CPU seconds per iteration.
-# The full budget (larger batches, on a GPU) is in the README table.
+# The full budget (batch 512 in groups of 32, 300 iterations, on an H200) closes 0.905 ± 0.003 over
+# seeds 0-2 (KL 3.50, class-3 fraction 0.93; README table).
 DIGITS_CONFIG = {
     True: {"iterations": 60, "batch_size": 128, "group_size": 16},
     False: {"iterations": 300, "batch_size": 512, "group_size": 32},

@@ -18,7 +18,9 @@ update (:func:`~diffusiongym.trainers.policy_gradient.ppo_update`):
 1. sample ``batch_size`` chains with the current policy (``self.generator``), in groups of
    ``group_size`` (unconditional tasks: a group only shares its baseline);
 2. return ``R = lambda r(x1) - sum_k cost_k`` with ``cost_k = h_k * KL rate`` the exact running
-   cost (``kl_in_return=False``: ``lambda r(x1)`` only), group advantages, 0 for invalid chains;
+   cost (``kl_in_return=False``: ``lambda r(x1)`` only); step ``k``'s advantage from its return
+   to go ``lambda r - sum_{j > k} cost_j`` with a per-step group baseline (``advantage="to_go"``,
+   the default; ``"return"``: the whole return's group advantage), 0 for invalid chains;
 3. clipped-ratio PPO over (step, chain) pairs plus ``kl_coef`` times the running cost of the
    step under the current policy (differentiable in the model).
 
