@@ -35,7 +35,6 @@ as well or slightly better here, within about two standard errors.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from adaptation import mean_se  # noqa: E402
 from adaptation_methods import policy_gradient as row  # noqa: E402
 
 from diffusiongym.trainers.policy_gradient import PolicyGradient, PolicyGradientConfig  # noqa: E402
@@ -89,15 +89,6 @@ def run(task_id: str, cfg: PolicyGradientConfig, seed: int) -> tuple[float, floa
     return gap, cpu
 
 
-def mean_se(values: list[float]) -> str:
-    k = len(values)
-    mean = sum(values) / k
-    if k == 1:
-        return f"{mean:.3f}"
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1) / k)
-    return f"{mean:.3f} ± {se:.3f}"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 iterations of 128 envs, seed 0")
@@ -124,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = []
         for task_id in args.tasks:
             runs = results[(name, task_id)]
-            cells += [mean_se([g for g, _ in runs]), f"{sum(c for _, c in runs) / len(runs):.0f}"]
+            cells += [mean_se([g for g, _ in runs], 3), f"{sum(c for _, c in runs) / len(runs):.0f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
