@@ -46,9 +46,6 @@ STIFF_FACTOR = 30.0
 
 __all__ = ["Trajectory", "sample", "StepSchedule", "STORABLE", "MIN_STABLE_STEPS", "STIFF_FACTOR"]
 
-# fewer steps than this with a first-step amplification |1 + h coef_x| above STIFF_FACTOR warns
-MIN_STABLE_STEPS = 5
-STIFF_FACTOR = 30.0
 
 STORABLE = ("states", "drifts", "noises", "controls")
 Control = Callable[..., Tensor]

@@ -21,8 +21,8 @@ checkpoints (:meth:`~diffusiongym.trainers.base.Trainer.save`) also hold the rep
 and :func:`load_value_policy` rebuilds the trained policy from one without a trainer. The
 digits recipe lives in :mod:`diffusiongym.trainers.value_matching_digits`.
 
-Module size: one method, its config, value-network construction and the policy loader, kept
-together because checkpoints, load_value_policy and the trainer share the value-network spec.
+The value networks themselves (the default one, and the spec a checkpoint rebuilds them
+from) are in :mod:`diffusiongym.policies.value_nets`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from diffusiongym.distributed.collectives import all_sum, gather_cat, global_mean_loss
 from diffusiongym.distributed.sampling import cat_trajectories
 from diffusiongym.envs.environment import DiffusionEnvironment
-from diffusiongym.policies.networks import SignalScaled, TimeCNN, TimeMLP
 from diffusiongym.policies.value import ValuePolicy
+from diffusiongym.policies.value_nets import build_value_net, default_value_net, value_net_spec
 from diffusiongym.sampling import sample
 from diffusiongym.trainers.base import Trainer, TrainerConfig, trajectory_metrics
 from diffusiongym.trainers.checkpoint import CheckpointError, check_state, read_checkpoint
@@ -123,43 +123,6 @@ def time_weights(env: DiffusionEnvironment, times: Tensor, kind: str = "variance
     remaining = torch.cat([sig2h.flip(0).cumsum(0).flip(0), sig2h.new_zeros(1)])
     w = 1.0 / (1.0 + 0.5 * remaining)
     return w / w.mean()
-
-
-def default_value_net(sample_shape: tuple[int, ...], scheduler: Any, num_classes: int | None = None) -> nn.Module:
-    """A value network for ``sample_shape`` with a zero head (the base control ``u = 0`` at
-    the start): ``SignalScaled(TimeMLP)`` for vectors ``(d,)``, ``SignalScaled(TimeCNN)``
-    for images ``(C, H, W)``; ``scheduler`` is the environment's. Draws its initial
-    weights from the global RNG (:class:`ValueMatching` builds it seeded)."""
-    if len(sample_shape) == 1:
-        return SignalScaled(TimeMLP(sample_shape[0], out_dim=1, hidden=128, layers=3, zero_init=True), scheduler)
-    if len(sample_shape) == 3:
-        return SignalScaled(
-            TimeCNN(sample_shape[0], num_classes=num_classes, output="value", zero_init=True), scheduler
-        )
-    raise ValueError(f"sample_shape: expected (d,) or (C, H, W), got {tuple(sample_shape)}")
-
-
-def value_net_spec(value_net: nn.Module) -> dict[str, Any]:
-    """``{"class", "config"}`` of a value network: what :func:`build_value_net` rebuilds."""
-    return {"class": type(value_net).__name__, "config": getattr(value_net, "config", None)}
-
-
-def build_value_net(spec: Any, scheduler: Any, source: str = "value_net") -> nn.Module:
-    """An untrained :class:`TimeMLP` / :class:`TimeCNN` (optionally in :class:`SignalScaled`
-    with ``scheduler``) from :func:`value_net_spec`; ``ValueError`` naming ``source`` for
-    any other network (then pass an untrained instance instead)."""
-    builders: dict[str, Callable[..., nn.Module]] = {"TimeMLP": TimeMLP, "TimeCNN": TimeCNN}
-    cls_name = spec.get("class") if isinstance(spec, dict) else None
-    config = (spec.get("config") if isinstance(spec, dict) else None) or {}
-    inner_name, inner_cfg = (
-        (config.get("net_class"), config.get("net")) if cls_name == "SignalScaled" else (cls_name, config)
-    )
-    if inner_name not in builders or not isinstance(inner_cfg, dict) or not inner_cfg:
-        raise ValueError(
-            f"{source}: cannot rebuild a value network of class {cls_name!r} (expected TimeMLP, TimeCNN or SignalScaled of one); pass an untrained instance to load into"
-        )
-    net = builders[inner_name](**inner_cfg)
-    return SignalScaled(net, scheduler) if cls_name == "SignalScaled" else net
 
 
 class ValueMatching(Trainer):

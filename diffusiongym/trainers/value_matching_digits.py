@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusiongym.trainers.value_matching import build_value_net, value_net_spec
+from diffusiongym.policies.value_nets import build_value_net, value_net_spec
 from diffusiongym.utils.io import save_module
 
 __all__ = ["DIGITS_VALUE_WEIGHTS", "digits_value_task", "load_value_net", "save_value_net"]
