@@ -13,7 +13,7 @@ import diffusiongym as dg
 from diffusiongym.models.gmm import TrainableGaussianMixtureModel
 from diffusiongym.parameterization import convert
 from diffusiongym.policies.control import ModelControl
-from diffusiongym.policies.networks import ResidualModel, TimeMLP
+from diffusiongym.policies.networks import ResidualModel, TimeMLP, TimeWindow
 from diffusiongym.schedulers import make_scheduler
 from diffusiongym.tasks import make_task
 from diffusiongym.trainers.base import EVALUATION_KEYS, trajectory_metrics
@@ -314,3 +314,29 @@ def test_config_and_argument_errors():
         EFMTrainer(task, data=(torch.zeros(4, 2), torch.zeros(4)))
     with pytest.raises(ValueError, match="rewards"):
         EFMTrainer(task, data=(torch.zeros(4, 1), torch.zeros(3)))
+
+
+def test_time_window_switches_the_control_off_from_t_stop():
+    # ResidualModel(base, TimeWindow(net, t_stop)) is the base from t_stop on: the control and
+    # its KL are exactly zero on those steps, and untouched before.
+    task = make_task("GMM1D-v0")
+    base = task.environment.model
+    net = TimeMLP(1, 1, hidden=16, layers=2, zero_init=False)
+    window = TimeWindow(net, 0.5)
+    x = torch.randn(6, 1, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.1, 0.3, 0.49, 0.5, 0.7, 1.0])
+    out = window(x, t)
+    assert torch.equal(out[:3], net(x, t)[:3]) and out[:3].abs().min() > 0
+    assert torch.equal(out[3:], torch.zeros(3, 1))
+    control = ModelControl(ResidualModel(base, window), task.environment)
+    traj = dg.sample(task.environment, 64, steps=10, t_start=0.01, control=control, seed=0)
+    late = traj.times[:-1] >= 0.5
+    assert late.any() and (~late).any()
+    assert torch.equal(traj.running_cost[late], torch.zeros_like(traj.running_cost[late]))
+    assert traj.running_cost[~late].sum(1).min() > 0
+    with pytest.raises(ValueError, match="t_stop"):
+        TimeWindow(net, 0.0)
+    with pytest.raises(ValueError, match="t_stop"):
+        TimeWindow(net, 1.5)
+    with pytest.raises(TypeError, match="net"):
+        TimeWindow(lambda x, t: x, 0.5)

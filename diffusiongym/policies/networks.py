@@ -7,6 +7,8 @@
   as a value (``output="value"``) or a field (``output="field"``).
 - :class:`SignalScaled`: ``net(alpha_t x, t)``, the input scaling value networks need.
 - :class:`ControlScaledNet`: a residual whose network outputs the control ``u`` itself.
+- :class:`CopyDifference`: a trainable copy of a base model minus the frozen base.
+- :class:`TimeWindow`: a residual (or control) switched off from ``t_stop`` on.
 - :func:`mlp`: the plain MLP the others (and RQL's flow networks) are built from.
 - :class:`ResidualModel`: a trainable copy of a base model, ``base(x, t) + net(x, t)``,
   with the residual's last layer zero-initialised so that it starts *equal* to the base.
@@ -36,6 +38,7 @@ __all__ = [
     "SignalScaled",
     "ControlScaledNet",
     "CopyDifference",
+    "TimeWindow",
 ]
 
 
@@ -171,8 +174,16 @@ class TimeCNN(nn.Module):
     class_key : str
         Conditioning keyword holding the labels.
     output : {"value", "field"}
-        ``"value"``: a scalar per sample, shape ``(n, 1)`` (mean-pooled head), for
-        :class:`ValuePolicy`. ``"field"``: shape ``(n, C, H, W)``, for :class:`ControlPolicy`.
+        ``"value"``: a scalar per sample, shape ``(n, 1)``, for :class:`ValuePolicy`.
+        ``"field"``: shape ``(n, C, H, W)``, for :class:`ControlPolicy`.
+    value_head : {"mean", "flatten"}
+        How ``"value"`` reduces the feature map: ``"mean"`` pools it (any image size, but the
+        value cannot tell where a feature is), ``"flatten"`` feeds all of it to a two-layer
+        MLP of width ``4 * hidden`` (needs ``image_size``). On the digits row the flattened
+        head learnt a value whose gradient steers as well as Adjoint Matching's control; the
+        pooled one's spent twice the KL for less reward.
+    image_size : (int, int), optional
+        ``(H, W)``, required by ``value_head="flatten"``.
     zero_init : bool
         Zero the head (the network starts as the zero function: the base model's control).
     """
@@ -187,10 +198,28 @@ class TimeCNN(nn.Module):
         output: str = "value",
         num_frequencies: int = 8,
         zero_init: bool = True,
+        value_head: str = "mean",
+        image_size: tuple[int, int] | None = None,
     ):
         super().__init__()
         if output not in ("value", "field"):
             raise ValueError(f"output: expected 'value' or 'field', got {output!r}")
+        if value_head not in ("mean", "flatten"):
+            raise ValueError(f"value_head: expected 'mean' or 'flatten', got {value_head!r}")
+        if value_head == "flatten":
+            if output != "value":
+                raise ValueError("value_head: 'flatten' is a head for output='value'")
+            if (
+                not isinstance(image_size, (tuple, list))
+                or len(image_size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)
+            ):
+                raise ValueError(
+                    f"image_size: expected (H, W), two positive integers, with value_head='flatten', got {image_size!r}"
+                )
+            image_size = (int(image_size[0]), int(image_size[1]))
+        elif image_size is not None:
+            raise ValueError("image_size: only used with value_head='flatten'; expected None")
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0
         ):
@@ -204,7 +233,10 @@ class TimeCNN(nn.Module):
             "output": output,
             "num_frequencies": num_frequencies,
         }
+        if value_head == "flatten":  # recorded only when used: older specs rebuild unchanged
+            self.config.update(value_head=value_head, image_size=list(image_size))
         self.in_channels, self.output, self.class_key = in_channels, output, class_key
+        self.image_size = image_size
         self.embed = FourierTimeEmbedding(num_frequencies)
         emb_dim = 4 * hidden
         self.time_mlp = nn.Sequential(nn.Linear(self.embed.dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -212,13 +244,19 @@ class TimeCNN(nn.Module):
         self.stem = nn.Conv2d(in_channels, hidden, 3, padding=1)
         self.blocks = nn.ModuleList(_Block(hidden, emb_dim) for _ in range(blocks))
         self.out_norm = nn.GroupNorm(min(8, hidden), hidden)
-        if output == "value":
-            self.head: nn.Module = nn.Linear(hidden, 1)
+        if value_head == "flatten":
+            width = 4 * hidden
+            self.head: nn.Module = nn.Sequential(
+                nn.Flatten(), nn.Linear(hidden * image_size[0] * image_size[1], width), nn.SiLU(), nn.Linear(width, 1)
+            )
+        elif output == "value":
+            self.head = nn.Linear(hidden, 1)
         else:
             self.head = nn.Conv2d(hidden, in_channels, 3, padding=1)
         if zero_init:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            last = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -237,6 +275,10 @@ class TimeCNN(nn.Module):
         for block in self.blocks:
             h = block(h, emb)
         h = torch.nn.functional.silu(self.out_norm(h))
+        if self.image_size is not None:
+            if tuple(h.shape[2:]) != self.image_size:
+                raise ValueError(f"x: expected images of size {self.image_size}, got {tuple(x.shape[2:])}")
+            return self.head(h)
         if self.output == "value":
             return self.head(h.mean(dim=(2, 3)))
         return self.head(h)
@@ -336,3 +378,43 @@ class CopyDifference(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         return self.copy(x, t, **cond) - self._base[0](x, t, **cond)
+
+
+class TimeWindow(nn.Module):
+    """``net(x, t, **cond)`` for ``t < t_stop``, zero from ``t_stop`` on.
+
+    Inside ``ResidualModel(base, TimeWindow(net, t_stop))`` the fine-tuned model *is* the
+    base from ``t_stop`` on, so its control is exactly zero there and costs no KL. Why: a
+    control learnt by regression near the data end is mostly estimation noise that the KL
+    charges in full. EFM's flow-matching target in control units, ``coef_out (target - base)
+    / sigma``, has a conditional variance that grows like ``1 / (1 - t)`` under the memoryless
+    schedule, while the optimal control there is small (``sigma -> 0``). On the digits row,
+    a model trained on ``t <= 0.98`` spent 4.4 of its 7.0 nats on the five steps from
+    ``t = 0.8`` on. Switching those steps off cost 0.4 in mean reward and cut the KL to 2.6;
+    training on ``t <= 0.8`` only, with this window, closed 0.86 of the gap instead of 0.64.
+
+    Parameters
+    ----------
+    net : nn.Module
+        Output of any shape with a leading batch dimension ``n``.
+    t_stop : float
+        The first time without output, in ``(0, 1]`` (``1``: on everywhere the grid goes).
+    """
+
+    def __init__(self, net: nn.Module, t_stop: float):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net: expected an nn.Module, got {type(net).__name__}")
+        if isinstance(t_stop, bool) or not isinstance(t_stop, (int, float)) or not 0.0 < t_stop <= 1.0:
+            raise ValueError(f"t_stop: expected a number in (0, 1], got {t_stop!r}")
+        self.net = net
+        self.t_stop = float(t_stop)
+
+    def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        t = time_vector(t, x)
+        out = self.net(x, t, **cond)
+        on = (t < self.t_stop).to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
+        return out * on
+
+    def extra_repr(self) -> str:
+        return f"t_stop={self.t_stop}"

@@ -101,7 +101,10 @@ class EFMConfig(TrainerConfig):
         Offline ``log w = inverse_temperature * r``; ``None`` means the task's
         ``reward_scale`` (targets ``p*``). Not used online.
     t_min, t_max : float
-        Training time range; ``t_min = None`` uses the task grid's ``t_start``.
+        Training time range; ``t_min = None`` uses the task grid's ``t_start``. With ``t_max <
+        1``, build the model as ``ResidualModel(base, TimeWindow(net, t_max))``
+        (:class:`~diffusiongym.policies.networks.TimeWindow`) so that it is the base where it
+        was not trained: on the digits row that took the gap closed from 0.64 to 0.86.
     time_power : float
         ``1``: uniform training times; ``> 1``: more of them near the data end, where the KL
         weighs drift errors most (memoryless: ``sigma -> 0`` as ``t -> 1``).
