@@ -61,14 +61,14 @@ from diffusiongym.discrete.registry import register_discrete_envs
 from diffusiongym.tasks import TASKS, Task, make_task, register_task
 
 # The engine
-from diffusiongym.logprob import path_log_ratio, step_log_prob
+from diffusiongym.logprob import path_log_ratio, step_log_prob, step_log_ratios
 from diffusiongym.compiled import CompileError
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.timegrid import make_time_grid
 
 # Policies (controls u(x, t, **cond)) and the networks they are built from
 from diffusiongym.policies import ControlAgent, ControlPolicy, ModelControl, ValuePolicy
-from diffusiongym.policies.networks import ResidualModel, SignalScaled, TimeCNN, TimeMLP
+from diffusiongym.policies.networks import ResidualModel, SignalScaled, TimeCNN, TimeMLP, TimeWindow
 
 # Adaptation methods, one Trainer contract
 from diffusiongym.trainers import *  # noqa: F403  (the names of diffusiongym.trainers.__all__, listed once there)
@@ -201,6 +201,7 @@ __all__ = [
     "make_time_grid",
     "step_log_prob",
     "path_log_ratio",
+    "step_log_ratios",
     # policies and networks
     "ControlAgent",
     "ValuePolicy",
@@ -210,6 +211,7 @@ __all__ = [
     "TimeCNN",
     "SignalScaled",
     "ResidualModel",
+    "TimeWindow",
     # TD flows
     "TDFlow",
     "TDFlowConfig",

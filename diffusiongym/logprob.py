@@ -37,6 +37,7 @@ __all__ = [
     "step_kl",
     "trajectory_log_probs",
     "path_log_ratio",
+    "step_log_ratios",
 ]
 
 
@@ -246,13 +247,14 @@ def trajectory_log_probs(
     return torch.stack(rows)
 
 
-def path_log_ratio(traj: Trajectory) -> Tensor:
-    """``log dP_base / dP_control`` of each sampled path, shape ``(n,)`` (Girsanov, discrete).
+def step_log_ratios(traj: Trajectory) -> Tensor:
+    """``log N_base(x_{k+1} | x_k) - log N_u(x_{k+1} | x_k)`` of every step, shape ``(m, n)``.
 
-    For the Euler–Maruyama chain sampled with control ``u`` and standard normals ``z``,
-    ``log N_base(x_{k+1}) - log N_u(x_{k+1}) = -(1/2 h_k |u_k|^2 + sqrt(h_k) u_k . z_k)``
-    exactly. Needs ``store=("controls", "noises")``. Its expectation under the control is
-    minus the KL; it is the importance weight that turns controlled samples into base ones.
+    For the Euler–Maruyama chain sampled with control ``u`` and standard normals ``z``, step
+    ``k``'s term is ``-(1/2 h_k |u_k|^2 + sqrt(h_k) u_k . z_k)`` exactly (Girsanov, discrete).
+    Needs ``store=("controls", "noises")``. Its sum is :func:`path_log_ratio`; its tail sums
+    from step ``k`` on turn controlled samples into base ones from ``x_k`` on (Value Matching's
+    ``target="soft"``).
     """
     if not isinstance(traj, Trajectory):
         raise TypeError(f"traj: expected a Trajectory, got {type(traj).__name__}")
@@ -261,4 +263,12 @@ def path_log_ratio(traj: Trajectory) -> Tensor:
     h = (traj.times[1:] - traj.times[:-1]).to(traj.controls.dtype).to(traj.controls.device)
     m, n = traj.controls.shape[:2]
     cross = (traj.controls * traj.noises).reshape(m, n, -1).sum(-1)
-    return -(traj.running_cost + h.sqrt()[:, None] * cross).sum(0)
+    return -(traj.running_cost + h.sqrt()[:, None] * cross)
+
+
+def path_log_ratio(traj: Trajectory) -> Tensor:
+    """``log dP_base / dP_control`` of each sampled path, shape ``(n,)``: the sum of
+    :func:`step_log_ratios` (needs ``store=("controls", "noises")``). Its expectation under
+    the control is minus the KL; it is the importance weight that turns controlled samples
+    into base ones."""
+    return step_log_ratios(traj).sum(0)
