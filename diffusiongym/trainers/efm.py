@@ -37,15 +37,14 @@ split evenly over ``config.rounds`` rounds, and a round's data are drawn at its 
 The effective sample size ``1 / sum g_i^2`` of every round is logged and a
 ``RuntimeWarning`` is raised when it drops below ``ess_warn_fraction * n``.
 
-Module size: one method and its config; the offline, online and sharded weightings share the
-round state the checkpoint saves, so they stay in one class.
+The round state a checkpoint saves (the data-set digest, an unfinished online round) is in
+:mod:`diffusiongym.trainers.efm_round_state`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,7 +58,8 @@ from diffusiongym.policies.control import ModelControl
 from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.sampling import sample
 from diffusiongym.trainers.base import Trainer, TrainerConfig
-from diffusiongym.trainers.checkpoint import CheckpointError, tensor_digest
+from diffusiongym.trainers.checkpoint import tensor_digest
+from diffusiongym.trainers.efm_round_state import RoundState
 from diffusiongym.trainers.flow_matching import (
     check_weighted_data,
     efm_weights,
@@ -68,9 +68,6 @@ from diffusiongym.trainers.flow_matching import (
 )
 
 __all__ = ["EFMConfig", "EFMTrainer", "efm_weights", "flow_matching_target", "weighted_flow_matching_loss"]
-
-#: per-round statistics recorded with every step of the round
-ROUND_STATS = ("ess", "ess_fraction", "reward", "valid_fraction", "kl", "objective")
 
 
 @dataclass
@@ -161,7 +158,7 @@ class EFMConfig(TrainerConfig):
         return self.iterations // self.rounds
 
 
-class EFMTrainer(Trainer):
+class EFMTrainer(RoundState, Trainer):
     """Energy-weighted flow matching (see the module docstring) under the Trainer contract.
 
     Parameters
@@ -384,92 +381,3 @@ class EFMTrainer(Trainer):
         if not terms:
             return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
         return torch.stack(terms).sum() / len(self.local_shards)
-
-    # ------------------------------------------------------------- checkpoints
-    def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The data-set digest (offline, given data) and the current online round's data
-        while it is unfinished (offline data are redrawn or given again on resume)."""
-        meta: dict[str, Any] = {} if self._data_digest is None else {"data_digest": self._data_digest}
-        rd = self._round
-        if (
-            self.config.mode == "offline"
-            or rd is None
-            or rd["index"] != self.iteration // self.config.iterations_per_round
-        ):
-            return {}, meta
-        tensors = {  # sharded: every process's part, in shard order (resumable under any world size)
-            "round.x1": gather_cat(rd["x1"]),
-            "round.weights": gather_cat(rd["weights"]),
-            **{f"round.cond.{k}": gather_cat(v) for k, v in rd["cond"].items()},
-        }
-        meta["round"] = {"index": rd["index"], "stats": rd["stats"]}
-        return tensors, meta
-
-    def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
-        unknown = sorted(set(meta) - {"data_digest", "round"})
-        if unknown:
-            raise CheckpointError(f"extra: unexpected keys {unknown}")
-        if meta.get("data_digest") != self._data_digest:
-            raise CheckpointError(
-                f"extra.data_digest: the checkpoint was trained on {'other data' if meta.get('data_digest') else 'data drawn from the base'}, "
-                f"this trainer {'was given other data' if self._data_digest else 'was built without data='}; pass the same data set to resume"
-            )
-        if "round" not in meta:
-            if tensors:
-                raise CheckpointError(f"extra: unexpected tensors {sorted(tensors)[:5]}")
-
-            def clear() -> None:
-                self._round = None
-
-            return clear
-        if self.config.mode != "online":
-            raise CheckpointError("extra.round: offline trainers keep no round data")
-        info = meta["round"]
-        index = info.get("index") if isinstance(info, dict) else None
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise CheckpointError(f"extra.round.index: expected a non-negative integer, got {index!r}")
-        stats = info.get("stats")
-        if (
-            not isinstance(stats, dict)
-            or sorted(stats) != sorted(ROUND_STATS)
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats.values())
-        ):
-            raise CheckpointError(f"extra.round.stats: expected numbers {sorted(ROUND_STATS)}")
-        x1, g = tensors.get("round.x1"), tensors.get("round.weights")
-        n = self.config.samples_per_round
-        shape = tuple(self.env.sample_shape or x1.shape[1:]) if x1 is not None else ()
-        if x1 is None or tuple(x1.shape) != (n, *shape) or x1.dtype != self.dtype:
-            raise CheckpointError(
-                f"extra.round.x1: expected {self.dtype} of shape {(n, *shape)}, got {None if x1 is None else (x1.dtype, tuple(x1.shape))}"
-            )
-        if (
-            g is None
-            or g.shape != (n,)
-            or g.dtype != torch.float64
-            or not bool(torch.isfinite(g).all() and (g >= 0).all())
-            or abs(float(g.sum()) - 1.0) > 1e-6
-        ):
-            raise CheckpointError(f"extra.round.weights: expected {n} non-negative float64 weights summing to 1")
-        cond = {k[len("round.cond.") :]: v for k, v in tensors.items() if k.startswith("round.cond.")}
-        names = sorted(getattr(self.task, "conditioning", {}))
-        if sorted(cond) != names or any(v.shape[:1] != (n,) for v in cond.values()):
-            raise CheckpointError(f"extra.round.cond: expected tensors {names} with {n} rows, got {sorted(cond)}")
-        leftover = sorted(set(tensors) - {"round.x1", "round.weights"} - {f"round.cond.{k}" for k in cond})
-        if leftover:
-            raise CheckpointError(f"extra: unexpected tensors {leftover[:5]}")
-        dev = self.device
-        if self.sharded:  # this process's shards
-            per = n // self.config.rollout_shards
-            rows = slice(self.local_shards.start * per, self.local_shards.stop * per)
-            x1, g, cond = x1[rows], g[rows], {k: v[rows] for k, v in cond.items()}
-
-        def apply() -> None:
-            self._round = {
-                "index": index,
-                "x1": x1.to(dev),
-                "weights": g.to(dev),
-                "cond": {k: v.to(dev) for k, v in cond.items()},
-                "stats": {k: float(v) for k, v in stats.items()},
-            }
-
-        return apply
