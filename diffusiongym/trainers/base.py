@@ -24,8 +24,9 @@ targets, update). The base class gives the rest, the same for every method:
 See ``docs/adding_a_method.md`` for a worked example.
 
 Module size: this is the one Trainer contract (construction, step and train with logging,
-sample and evaluate, save and load), whose parts share the trainer's state; the pieces that stand
-alone live beside it (config.py, checkpoint.py, evaluation.py, sharding.py).
+sample and evaluate), whose parts share the trainer's state; the pieces that stand
+alone live beside it (config.py, checkpoint.py, evaluation.py, sharding.py, and
+trainer_state.py: save, load and the hooks a method overrides to put more in a checkpoint).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -45,27 +45,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffusiongym.distributed.collectives import all_mean, any_rank, average_gradients
-from diffusiongym.distributed.group import barrier, is_main_process, shard_range, world_size
+from diffusiongym.distributed.group import is_main_process, shard_range, world_size
 from diffusiongym.envs.environment import DiffusionEnvironment
 from diffusiongym.loggers.base import Logger
 from diffusiongym.rewards.base import Reward
 from diffusiongym.sampling import Trajectory, sample
 from diffusiongym.tasks import TASK_OPTIONS, Task, resolve_task
 from diffusiongym.timegrid import make_time_grid
-from diffusiongym.trainers.checkpoint import (
-    check_header,
-    CheckpointError,
-    read_checkpoint,
-    stage_generators,
-    stage_modules,
-    stage_optimizers,
-    write_checkpoint,
-)
 from diffusiongym.trainers.evaluation import EVALUATION_KEYS, trajectory_metrics
 from diffusiongym.trainers.gradient_checkpointing import enable_gradient_checkpointing
 from diffusiongym.trainers.sharding import ShardedBatches
+from diffusiongym.trainers.trainer_state import TrainerState
 from diffusiongym.trainers.config import LR_SCHEDULES, OPTIMIZERS, TrainerConfig, make_lr_scheduler, make_optimizer
-from diffusiongym.utils.io import frozen_parameter_names, optimizer_tensors
 from diffusiongym.utils.runtime import derive_seed, flush_denormals, seeded
 from diffusiongym.utils.validation import check_positive_int
 
@@ -83,7 +74,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- trainer
-class Trainer(ShardedBatches, abc.ABC):
+class Trainer(TrainerState, ShardedBatches, abc.ABC):
     """Base of every adaptation method (see the module docstring).
 
     Parameters
@@ -407,129 +398,3 @@ class Trainer(ShardedBatches, abc.ABC):
         and ``gap_closed`` (fraction of the oracle's gap; NaN without an oracle). ``steps``:
         evaluate on a grid other than the training one (e.g. finer)."""
         return trajectory_metrics(self.sample(num_samples, seed, steps=steps), self.task)
-
-    # ---------------------------------------------------------------- checkpoints
-    def checkpoint_modules(self) -> dict[str, nn.Module]:
-        """Modules whose trainable state is saved (frozen parameters are left out)."""
-        return {"model": self.model} if isinstance(getattr(self, "model", None), nn.Module) else {}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"optimizer": self.optimizer} if self.optimizer is not None else {}
-
-    def lr_schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        return {"optimizer": self.lr_scheduler} if self.lr_scheduler is not None else {}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"generator": self.generator}
-
-    def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Method state beyond modules/optimisers/generators: ``(tensors, json_meta)``."""
-        return {}, {}
-
-    def stage_extra_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Callable[[], None]:
-        """Validate :meth:`extra_state` output read from a checkpoint (raise on anything
-        wrong, touching nothing) and return a function that applies it."""
-        if tensors or meta:
-            raise CheckpointError(
-                f"extra: {type(self).__name__} keeps no extra state, got tensors {sorted(tensors)[:5]} and keys {sorted(meta)[:5]}"
-            )
-        return lambda: None
-
-    def task_fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must agree on with the live task."""
-        t = self.task
-        env = getattr(t, "environment", None)
-        shape = (
-            getattr(env, "sample_shape", None)
-            if env is not None
-            else getattr(getattr(t, "model", None), "sample_shape", None)
-        )
-        return {
-            "name": str(getattr(t, "name", "")),
-            "sample_shape": list(shape) if shape is not None else None,
-            "parameterization": getattr(env, "parameterization", None),
-            "reward": type(t.reward).__name__,
-            "reward_scale": float(t.reward_scale),
-            "steps": int(t.steps),
-            "t_start": float(getattr(t, "t_start", 0.0)),
-            "conditioning": sorted(getattr(t, "conditioning", {})),
-        }
-
-    def save(self, path: str | Path) -> Path:
-        """Write an atomic checkpoint folder (see :mod:`diffusiongym.trainers.checkpoint`).
-
-        In a process group call it on every rank: sharded state is gathered, rank 0 writes,
-        and every rank returns once the folder is complete. It can be loaded under any world
-        size that divides ``rollout_shards``."""
-        tensors: dict[str, Tensor] = {}
-        modules_meta: dict[str, list[str]] = {}
-        for name, module in self.checkpoint_modules().items():
-            frozen = frozen_parameter_names(module)
-            modules_meta[name] = sorted(frozen)
-            for key, value in module.state_dict().items():
-                if key not in frozen:
-                    tensors[f"module.{name}.{key}"] = value
-        optim_meta = {}
-        for name, opt in self.optimizers().items():
-            opt_tensors, optim_meta[name] = optimizer_tensors(opt, prefix=f"optimizer-{name}")
-            tensors.update(opt_tensors)
-        for name, gen in self.generators().items():
-            tensors[f"generator.{name}"] = gen.get_state()
-        extra_tensors, extra_meta = self.extra_state()
-        tensors.update({f"extra.{k}": v for k, v in extra_tensors.items()})
-        meta = {
-            "method": type(self).__name__,
-            "config": self.config.to_dict(),
-            "task": self.task_fingerprint(),
-            "iteration": self.iteration,
-            "history": self.history,
-            "modules": modules_meta,
-            "optimizers": optim_meta,
-            "lr_schedulers": {name: s.state_dict() for name, s in self.lr_schedulers().items()},
-            "extra": extra_meta,
-        }
-        if is_main_process():
-            write_checkpoint(path, meta, tensors)
-        barrier()
-        return Path(path)
-
-    def load(self, path: str | Path) -> Trainer:
-        """Restore a checkpoint of this method and task into this trainer; resume is exact.
-
-        Everything is read and validated first; on any error (another method or task, other
-        config, missing or misshapen tensors) the trainer is left exactly as it was and the
-        error names the file and the field. Returns ``self``. In a process group every rank
-        loads (each takes its own shards of sharded state).
-        """
-        meta, tensors = read_checkpoint(path)
-        where = Path(path) / "trainer.json"
-        apply = self._stage(meta, tensors, where)
-        apply()
-        return self
-
-    def _stage(self, meta: dict[str, Any], tensors: dict[str, Tensor], where: Path) -> Callable[[], None]:
-        iteration, history = check_header(meta, where, type(self).__name__, self.task_fingerprint(), self.config)
-        used: set[str] = set()
-        steps: list[Callable[[], None]] = []
-        steps += stage_modules(self.checkpoint_modules(), meta.get("modules"), tensors, where, used)
-        steps += stage_optimizers(self.optimizers(), self.lr_schedulers(), meta, tensors, where, used)
-        steps += stage_generators(self.generators(), tensors, where, used)
-        extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
-        used |= {f"extra.{k}" for k in extra}
-        leftover = sorted(set(tensors) - used)
-        if leftover:
-            raise CheckpointError(f"{where}: weights: unexpected tensors {leftover[:5]}")
-        try:
-            steps.append(self.stage_extra_state(extra, meta.get("extra") or {}))
-        except CheckpointError:
-            raise
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{where}: extra: {err}") from None
-
-        def apply() -> None:
-            for fn in steps:
-                fn()
-            self.iteration = iteration
-            self.history = {k: [float(x) for x in v] for k, v in history.items()}
-
-        return apply
