@@ -30,31 +30,26 @@ The GMM tasks default to the linear scheduler, memoryless noise, 100 steps from 
 and a velocity base model; ``action_scale = 5`` covers the optimal control
 (``|u*|`` has 99th percentile 4.5 and 4.1 on sampled trajectories).
 
-Module size: the task types, their field checks, the registry and ``make_task`` / ``resolve_task``
-(what every trainer and env resolves a task with), plus the built-in GMM factories.
+Where things live: the task types and their field checks in :mod:`diffusiongym.task_types`, the
+GMM factories (:func:`gmm_task`) in :mod:`diffusiongym.gmm_tasks`; this module holds the registry,
+``make_task`` / ``resolve_task`` (what every trainer and env resolves a task with) and re-exports
+the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from diffusiongym.envs.environment import DiffusionEnvironment, make_environment
-from diffusiongym.models.gmm import GaussianMixture, GaussianMixtureModel, gmm_preset
-from diffusiongym.oracle import mixture_oracle
-from diffusiongym.rewards.analytic import LinearReward, QuadraticReward
-from diffusiongym.rewards.base import ConstantReward, Reward
-from diffusiongym.timegrid import DEFAULT_T_START, make_time_grid
+from diffusiongym.envs.environment import DiffusionEnvironment
+from diffusiongym.gmm_tasks import gmm_task, preset_factory
+from diffusiongym.rewards.base import Reward
+from diffusiongym.task_types import BaseTask, Task, check_reward, check_time_grid
 from diffusiongym.utils.validation import (
     MAX_STEPS,
-    as_float64_vector,
     check_positive_int,
     check_real,
     unexpected_keyword_error,
@@ -75,195 +70,6 @@ __all__ = [
     "check_reward",
     "check_time_grid",
 ]
-
-OracleFactory = Callable[[Reward, float], Any]
-
-
-class BaseTask:
-    """What every reward-adaptation task has, continuous or discrete; the trainers and envs type against it.
-
-    Not a dataclass itself (so each subclass keeps its own positional field order): the
-    dataclass subclasses :class:`Task` and :class:`~diffusiongym.discrete.tasks.DiscreteTask`
-    declare these fields; :meth:`__post_init__` checks them, with the base model checked by the
-    subclass hook ``_check_base_model`` (right after ``name``).
-
-    Attributes
-    ----------
-    name : str
-    reward : Reward
-        ``r(x1)`` on a batch of final states.
-    reward_scale : float
-        ``lambda`` in ``max E[lambda r(x1)] - KL``.
-    steps : int
-        Default number of simulation steps (at most 100,000).
-    action_scale : float
-        Gymnasium action ``a`` maps to the physical control ``action_scale * a``.
-    oracle : object or None
-        The exact optimum where one exists: ``optimal_objective``, ``base_objective``,
-        ``gap_closed(objective)``.
-    """
-
-    name: str
-    reward: Reward
-    reward_scale: float
-    steps: int
-    action_scale: float
-    oracle: Any
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str):
-            raise TypeError(f"name: expected a str, got {type(self.name).__name__}")
-        self._check_base_model()
-        self.reward = check_reward(self.reward)
-        self.reward_scale = check_real("reward_scale", self.reward_scale)
-        self.steps = check_positive_int("steps", self.steps, maximum=MAX_STEPS)
-        self.action_scale = check_real("action_scale", self.action_scale, positive=True)
-
-    def _check_base_model(self) -> None:
-        """Raise ``TypeError`` naming the field when the base model has the wrong type (subclasses)."""
-
-
-@dataclass
-class Task(BaseTask):
-    """Everything that defines a reward-adaptation problem.
-
-    Attributes
-    ----------
-    name : str
-    environment : DiffusionEnvironment
-        The *base model*: the pretrained network with its scheduler and noise schedule,
-        which gives the SDE drift ``b(x, t)``. Not a Gymnasium environment: for a Gymnasium
-        env ``env`` (:class:`~diffusiongym.envs.gym_env.DiffusionEnv`),
-        ``env.unwrapped.task.environment`` is the base model that env simulates.
-    reward : Reward
-    reward_scale : float
-        ``lambda`` in ``max E[lambda r(x1)] - KL``.
-    steps : int
-        Default number of Euler–Maruyama steps.
-    t_start : float
-        Start of the time grid.
-    action_scale : float
-        Gymnasium action ``a`` maps to the control ``u = action_scale * a``.
-    oracle : object or None
-        The exact optimum where one exists (e.g. a :class:`~diffusiongym.oracle.TiltOracle`):
-        ``optimal_objective``, ``base_objective``, ``gap_closed(objective)``.
-    conditioning : dict
-        Name -> ``(gymnasium space, sampler(n, generator, device) -> tensor)`` for
-        conditioned models (e.g. a class label); empty when unconditional.
-    oracle_factory : callable or None
-        ``oracle_factory(reward, reward_scale) -> oracle or None``: how :func:`with_reward`
-        rebuilds the oracle for another reward (``None``: the new task has no oracle).
-    times : Tensor or None, (steps + 1,) float64
-        A fixed time grid (e.g. a diffusers scheduler's): strictly increasing in ``[0, 1]``, with
-        ``times[0] == t_start``. ``None`` (default): ``steps`` uniform steps from ``t_start`` to 1.
-    init_std : float or None
-        Standard deviation of the initial states ``x ~ N(0, init_std^2 I)`` at ``times[0]``
-        (e.g. a pipeline's ``init_noise_sigma``); ``None``: ``beta(t_start)``.
-
-    Every field is checked on construction (and by ``dataclasses.replace``): a wrong type
-    raises ``TypeError``, a bad value ``ValueError``, both naming the field. ``steps`` is at
-    most 100,000; numpy numbers are accepted and stored as Python ``int`` / ``float``.
-    """
-
-    name: str
-    environment: DiffusionEnvironment
-    reward: Reward
-    reward_scale: float = 1.0
-    steps: int = 100
-    t_start: float = DEFAULT_T_START
-    action_scale: float = 5.0
-    oracle: Any = None
-    conditioning: dict[str, Any] = field(default_factory=dict)
-    oracle_factory: OracleFactory | None = None
-    times: Tensor | None = None
-    init_std: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.t_start = check_real("t_start", self.t_start, low=0.0)
-        if self.t_start >= 1.0:
-            raise ValueError(f"t_start: expected a number in [0, 1), got {self.t_start!r}")
-        if self.times is not None:
-            self.times = check_time_grid("times", self.times, self.steps)
-            if abs(float(self.times[0]) - self.t_start) > 1e-12:
-                raise ValueError(
-                    f"t_start: expected the grid's first time times[0] = {float(self.times[0])}, got {self.t_start}"
-                )
-        if self.init_std is not None:
-            self.init_std = check_real("init_std", self.init_std, positive=True)
-        if not isinstance(self.conditioning, dict):
-            raise TypeError(
-                f"conditioning: expected a dict name -> (space, sampler), got {type(self.conditioning).__name__}"
-            )
-        if self.oracle_factory is not None and not callable(self.oracle_factory):
-            raise TypeError(
-                f"oracle_factory: expected a callable (reward, reward_scale) -> oracle, got {type(self.oracle_factory).__name__}"
-            )
-
-    def _check_base_model(self) -> None:
-        if not isinstance(self.environment, DiffusionEnvironment):
-            raise TypeError(
-                f"environment: expected a DiffusionEnvironment (the base model), got {type(self.environment).__name__}"
-            )
-
-    def time_grid(self, steps: int | None = None) -> Tensor:
-        """The grid of ``steps`` steps (default: the task's), float64 ``(steps + 1,)``: :attr:`times`
-        when set (``ValueError`` for another step count), else uniform from ``t_start`` to 1."""
-        steps = self.steps if steps is None else steps
-        if self.times is None:
-            return make_time_grid(steps, self.t_start)
-        if steps != self.steps:
-            raise ValueError(
-                f"steps: task {self.name!r} has a fixed time grid of {self.steps} steps, got steps={steps}; "
-                "rebuild the task for that step count"
-            )
-        return self.times
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one sample ``x1`` (the environment's)."""
-        if self.environment.sample_shape is None:
-            raise ValueError(f"environment: task {self.name!r} needs a sample_shape (the model has none)")
-        return self.environment.sample_shape
-
-    @property
-    def mixture(self) -> GaussianMixture | None:
-        """The exact base law ``p1`` where it is a known Gaussian mixture (the oracle's, else the
-        base model's :class:`~diffusiongym.models.gmm.GaussianMixtureModel`), ``None`` otherwise.
-        Rendering and the exact-density checks read it here."""
-        for owner in (self.oracle, self.environment.model):
-            mixture = getattr(owner, "mixture", None)
-            if isinstance(mixture, GaussianMixture):
-                return mixture
-        return None
-
-
-def check_time_grid(argument: str, times: Any, steps: int) -> Tensor:
-    """``times`` as a float64 grid of ``steps + 1`` finite, strictly increasing points in ``[0, 1]``;
-    ``TypeError`` / ``ValueError`` naming ``argument`` otherwise."""
-    g = as_float64_vector(argument, times, "time points").clone()
-    if g.numel() != steps + 1:
-        raise ValueError(f"{argument}: expected steps + 1 = {steps + 1} time points, got {g.numel()}")
-    if not bool(torch.isfinite(g).all()):
-        raise ValueError(f"{argument}: expected finite times, got NaN or inf")
-    if not bool((g[1:] > g[:-1]).all()):
-        raise ValueError(f"{argument}: expected strictly increasing times, got {g.tolist()[:6]}")
-    if float(g[0]) < 0.0 or float(g[-1]) > 1.0:
-        raise ValueError(f"{argument}: expected times inside [0, 1], got [{float(g[0])}, {float(g[-1])}]")
-    return g
-
-
-def check_reward(reward: Any, argument: str = "reward") -> Reward:
-    """``reward`` if it is a :class:`Reward`; a ``TypeError`` naming ``argument`` otherwise
-    (a plain function must be wrapped: ``CallableReward(fn)``)."""
-    if isinstance(reward, Reward):
-        return reward
-    if callable(reward):
-        raise TypeError(
-            f"{argument}: expected a diffusiongym Reward, got the plain callable {getattr(reward, '__name__', type(reward).__name__)!r}; "
-            "wrap it: CallableReward(fn) with fn(x, **cond) -> (n,) tensor"
-        )
-    raise TypeError(f"{argument}: expected a diffusiongym Reward, got {type(reward).__name__}")
 
 
 TaskFactory = Callable[..., BaseTask]
@@ -316,97 +122,8 @@ def make_task(name: str, **kwargs: Any) -> BaseTask:
     return factory(**kwargs)
 
 
-def gmm_task(
-    name: str,
-    mixture: GaussianMixture,
-    reward: Reward,
-    reward_scale: float,
-    *,
-    parameterization: str = "velocity",
-    scheduler: str = "linear",
-    noise: Any = "memoryless",
-    steps: int = 100,
-    t_start: float = DEFAULT_T_START,
-    action_scale: float = 5.0,
-) -> Task:
-    """A task on an exact Gaussian-mixture base model.
-
-    Its oracle is :func:`~diffusiongym.oracle.mixture_oracle` of the mixture (``None`` when the
-    reward has no closed-form Gaussian tilt); the mixture stays with the oracle factory, so
-    :func:`with_reward` rebuilds the oracle for any other reward.
-    """
-    if not isinstance(mixture, GaussianMixture):
-        raise TypeError(f"mixture: expected a GaussianMixture, got {type(mixture).__name__}")
-    reward = check_reward(reward)
-    reward_scale = check_real("reward_scale", reward_scale)
-    steps = check_positive_int("steps", steps, maximum=MAX_STEPS)
-    action_scale = check_real("action_scale", action_scale, positive=True)
-    model = GaussianMixtureModel(mixture, scheduler, parameterization)
-    env = make_environment(model, parameterization, scheduler=model.scheduler, noise=noise)
-    factory = functools.partial(mixture_oracle, mixture, scheduler=model.scheduler)
-    return Task(
-        name,
-        env,
-        reward,
-        float(reward_scale),
-        steps,
-        t_start,
-        float(action_scale),
-        factory(reward, float(reward_scale)),
-        {},
-        factory,
-    )
-
-
-def _gmm_reward(reward: str | Reward, target: Any) -> Reward:
-    """Named rewards of the GMM tasks: ``"bump"`` (default; quadratic on the target mode),
-    ``"linear"`` (towards the target mode) or ``"constant"`` (zero)."""
-    if isinstance(reward, Reward):
-        return reward
-    if not isinstance(reward, str):
-        return check_reward(reward)  # raises: a plain function or another type
-    target = torch.as_tensor(target, dtype=torch.float64)
-    named = {
-        "bump": lambda: QuadraticReward(target, 1.0),
-        "linear": lambda: LinearReward(target / target.norm()),
-        "constant": lambda: ConstantReward(0.0),
-    }
-    if reward not in named:
-        raise unknown_name_error("reward", reward, named)
-    return named[reward]()
-
-
-def _preset_factory(name: str, preset: str, default_scale: float) -> TaskFactory:
-    """Factory of a built-in GMM task: the preset mixture, its last (light) mode as target."""
-
-    def factory(
-        *,
-        reward: str | Reward = "bump",
-        reward_scale: float = default_scale,
-        parameterization: str = "velocity",
-        scheduler: str = "linear",
-        noise: Any = "memoryless",
-        t_start: float = DEFAULT_T_START,
-        steps: int = 100,
-    ) -> Task:
-        mixture = gmm_preset(preset)
-        return gmm_task(
-            name,
-            mixture,
-            _gmm_reward(reward, mixture.means[-1]),
-            reward_scale,
-            parameterization=parameterization,
-            scheduler=scheduler,
-            noise=noise,
-            t_start=t_start,
-            steps=steps,
-        )
-
-    return factory
-
-
-register_task("GMM1D-v0", _preset_factory("GMM1D-v0", "1d", 1.0))
-register_task("GMM2D-v0", _preset_factory("GMM2D-v0", "2d", 2.0))
+register_task("GMM1D-v0", preset_factory("GMM1D-v0", "1d", 1.0))
+register_task("GMM2D-v0", preset_factory("GMM2D-v0", "2d", 2.0))
 
 
 def with_reward(task: Task, reward: Reward, reward_scale: float | None = None) -> Task:
