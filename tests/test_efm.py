@@ -334,6 +334,26 @@ def test_time_window_switches_the_control_off_from_t_stop():
     assert late.any() and (~late).any()
     assert torch.equal(traj.running_cost[late], torch.zeros_like(traj.running_cost[late]))
     assert traj.running_cost[~late].sum(1).min() > 0
+    # a batch past t_stop (a sampling step) runs the net on one row only: zeros of its output's
+    # shape, conditioning rows sliced alike, and a graph that gives zero gradients
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(1, 3)
+
+        def forward(self, x, t, label):
+            seen.append((x.shape[0], label.shape[0]))
+            return self.lin(x) + label[:, None]
+
+    rec = TimeWindow(Recorder(), 0.5)
+    late_out = rec(x, torch.full((6,), 0.8), label=torch.arange(6.0))
+    assert seen == [(1, 1)] and torch.equal(late_out, torch.zeros(6, 3))
+    late_out.sum().backward()
+    assert torch.equal(rec.net.lin.weight.grad, torch.zeros(3, 1))
+    rec(x, torch.full((6,), 0.2), label=torch.arange(6.0))
+    assert seen[-1] == (6, 6)
     with pytest.raises(ValueError, match="t_stop"):
         TimeWindow(net, 0.0)
     with pytest.raises(ValueError, match="t_stop"):

@@ -396,7 +396,9 @@ class TimeWindow(nn.Module):
     Parameters
     ----------
     net : nn.Module
-        Output of any shape with a leading batch dimension ``n``.
+        Output of any shape with a leading batch dimension ``n``. It runs on the whole batch
+        when any row has ``t < t_stop``, and on one row (for the output's shape) when none has:
+        the sampling steps past ``t_stop`` cost the base only.
     t_stop : float
         The first time without output, in ``(0, 1]`` (``1``: on everywhere the grid goes).
     """
@@ -412,9 +414,17 @@ class TimeWindow(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         t = time_vector(t, x)
+        on = t < self.t_stop
+        if bool(on.all()):
+            return self.net(x, t, **cond)
+        n = x.shape[0]
+        if not bool(on.any()):
+            # a sampling step past t_stop: the net runs on one row only, for its output's shape
+            row = {k: v[:1] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v for k, v in cond.items()}
+            zero = self.net(x[:1], t[:1], **row) * 0.0
+            return zero.expand(n, *zero.shape[1:]).contiguous()
         out = self.net(x, t, **cond)
-        on = (t < self.t_stop).to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
-        return out * on
+        return out * on.to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
 
     def extra_repr(self) -> str:
         return f"t_stop={self.t_stop}"
