@@ -14,8 +14,9 @@ README's table is this output of ``--full``).
 
 Every method runs through the same adapter, the Trainer contract: its module in
 ``benchmarks/adaptation_methods/<name>.py`` defines ``TASKS`` (the task ids it runs on) and
-``make(task_id, quick, seed) -> Trainer`` (its settings, with the measurements behind them);
-this script trains it (``train(progress=False)``) and reports ``trainer.evaluate`` on fresh
+``make(task_id, quick, seed) -> Trainer`` (its settings, with the measurements behind them)
+and optionally ``finish(trainer, task_id, quick, seed)``, a post-training step (EFM's control-scale
+search); this script trains it (``train(progress=False)``, then ``finish``) and reports ``trainer.evaluate`` on fresh
 samples (4096 quick, 16384 full; seed ``seed + 10_000``), on the task's grid or, where the module
 sets ``EVAL_STEPS`` (a method trained on a coarser grid), on that many steps. ``seconds`` covers
 building, training and evaluating; ``peak_mb`` is the process's peak resident memory
@@ -70,6 +71,9 @@ def train(module: ModuleType, task_id: str, quick: bool, seed: int) -> Trainer:
     """The method's trainer for ``task_id``, trained with its budget."""
     trainer = module.make(task_id, quick, seed)
     trainer.train(progress=False)
+    finish = getattr(module, "finish", None)  # an optional post-training step of the recipe
+    if finish is not None:
+        finish(trainer, task_id, quick, seed)
     return trainer
 
 

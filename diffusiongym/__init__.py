@@ -68,6 +68,7 @@ from diffusiongym.timegrid import make_time_grid
 
 # Policies (controls u(x, t, **cond)) and the networks they are built from
 from diffusiongym.policies import ControlAgent, ControlPolicy, ModelControl, ValuePolicy
+from diffusiongym.policies.delta import DeltaModel
 from diffusiongym.policies.networks import ResidualModel, SignalScaled, TimeCNN, TimeMLP, TimeWindow
 
 # Adaptation methods, one Trainer contract
@@ -212,6 +213,7 @@ __all__ = [
     "SignalScaled",
     "ResidualModel",
     "TimeWindow",
+    "DeltaModel",
     # TD flows
     "TDFlow",
     "TDFlowConfig",

@@ -25,8 +25,20 @@ TASKS = ["GMM1D-v0", "GMM2D-v0", _digits.DIGITS]
 #     0.80); uniform training times (time_power 1): 0.868; inverse temperature 2 (weights p(3|x)^2):
 #     0.870; two online importance rounds of 4096 (ESS 7.5% in the second): 0.869 (fraction 0.82).
 # Full budget (16384 samples, 600 iterations, 16384 evaluation samples, this CPU): 0.891 / 0.892 / 0.888 on
-# seeds 0 / 1 / 2 (0.8901 ± 0.0012; KL 2.80, class-3 fraction 0.81): short of 0.9, open work.
+# seeds 0 / 1 / 2 (0.8901 ± 0.0012; KL 2.80, class-3 fraction 0.81). Every change of the fit landed at
+# 0.885-0.890 (seed 0, 4096 evaluation samples): EMA, 4x samples with 2x iterations, batch 1024, lr
+# 1e-3 / 2e-3, training times on the grid, a loss in control units. Two findings moved it:
+#   - the same fit with uniform weights (inverse temperature 0) pays KL 0.52 for a gap closed of 0.01:
+#     the regression also learns how the chain's samples differ from the base's own flow. With that
+#     fit as the reference (EFMConfig(reference=True)): KL 2.43, reward -1.80, gap 0.891;
+#   - the fitted tilt is shrunk: scaling the control by 0.85 / 1.15 / 1.3 / 1.5 gave 0.845 / 0.896 /
+#     0.891 / 0.871 (2048 samples). The scale is chosen after training by the sampled objective
+#     (select_control_scale: no oracle) on samples of another seed.
+# Reference and scale together: see README (Digits-v0:class3 row) and finish() below.
 T_STOP = 0.8
+CONTROL_SCALES = (1.0, 1.1, 1.2, 1.3, 1.4)
+SCALE_SEARCH_SAMPLES = 1024
+SCALE_SEED_OFFSET = 20000  # the evaluation uses seed + 10000
 DIGITS_CONFIG = {
     True: {"samples_per_round": 4096, "iterations": 300, "batch_size": 256, "lr": 3e-4},
     False: {"samples_per_round": 16384, "iterations": 600, "batch_size": 256, "lr": 5e-4},
@@ -38,7 +50,7 @@ def make_digits(quick: bool, seed: int) -> EFMTrainer:
     base = task.environment.model
     control = ControlScaledNet(CopyDifference(base), task.environment)
     model = ResidualModel(base, TimeWindow(control, T_STOP))
-    config = EFMConfig(mode="offline", t_max=T_STOP, seed=seed, **DIGITS_CONFIG[quick])
+    config = EFMConfig(mode="offline", t_max=T_STOP, reference=True, seed=seed, **DIGITS_CONFIG[quick])
     return EFMTrainer(task, model=model, config=config, device=_digits.DEVICE)
 
 
@@ -63,3 +75,9 @@ def make(task_id: str, quick: bool, seed: int) -> EFMTrainer:
     with seeded(seed):
         model = ResidualModel(task.environment.model, TimeMLP(d, d, hidden=64, layers=3, zero_init=True))
     return EFMTrainer(task, model=model, config=config)
+
+
+def finish(trainer: EFMTrainer, task_id: str, quick: bool, seed: int) -> None:
+    """After training (digits): the control scale with the best sampled objective."""
+    if task_id == _digits.DIGITS:
+        trainer.select_control_scale(CONTROL_SCALES, SCALE_SEARCH_SAMPLES, seed + SCALE_SEED_OFFSET)

@@ -4,12 +4,14 @@
 - :class:`ValuePolicy`: ``u = -sigma grad_x V`` from a cost-to-go network.
 - :class:`ControlPolicy`: a network that outputs ``u``.
 - :class:`ModelControl`: the control of a fine-tuned model (``u = coef_out (out - out_base) / sigma``).
+- :class:`DeltaModel`: ``base + scale (model - reference)``, a fine-tuned model from two fits.
 - :class:`ControlAgent` / :func:`control_action`: observation in, normalised action out.
 - :mod:`diffusiongym.policies.networks`: the small time-conditioned networks.
 """
 
 from diffusiongym.policies.agent import ControlAgent, control_action
 from diffusiongym.policies.control import ModelControl, control_factor, output_control
+from diffusiongym.policies.delta import DeltaModel
 from diffusiongym.policies.networks import FourierTimeEmbedding, ResidualModel, TimeMLP
 from diffusiongym.policies.networks import SignalScaled, TimeCNN
 from diffusiongym.policies.value import ControlPolicy, ValuePolicy
@@ -23,6 +25,7 @@ __all__ = [
     "TimeMLP",
     "FourierTimeEmbedding",
     "ResidualModel",
+    "DeltaModel",
     "ValuePolicy",
     "ControlPolicy",
     "TimeCNN",

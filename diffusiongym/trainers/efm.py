@@ -38,7 +38,9 @@ The effective sample size ``1 / sum g_i^2`` of every round is logged and a
 ``RuntimeWarning`` is raised when it drops below ``ess_warn_fraction * n``.
 
 The round state a checkpoint saves (the data-set digest, an unfinished online round) is in
-:mod:`diffusiongym.trainers.efm_round_state`.
+:mod:`diffusiongym.trainers.efm_round_state`; the reference fit (``EFMConfig(reference=True)``)
+and the control scale (:meth:`EFMTrainer.select_control_scale`) in
+:mod:`diffusiongym.trainers.efm_reference`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from diffusiongym.policies.networks import ResidualModel, TimeMLP
 from diffusiongym.sampling import sample
 from diffusiongym.trainers.base import Trainer, TrainerConfig
 from diffusiongym.trainers.checkpoint import tensor_digest
+from diffusiongym.trainers.efm_reference import ReferenceFit
 from diffusiongym.trainers.efm_round_state import RoundState
 from diffusiongym.trainers.flow_matching import (
     check_weighted_data,
@@ -107,6 +110,13 @@ class EFMConfig(TrainerConfig):
         weighs drift errors most (memoryless: ``sigma -> 0`` as ``t -> 1``).
     ess_warn_fraction : float
         Warn when a round's ``ESS < ess_warn_fraction * n``.
+    reference : bool
+        Offline only. Also fit a reference copy (same start, seed and samples, uniform weights)
+        and use ``base + (model - reference)`` as the fine-tuned model
+        (:class:`~diffusiongym.policies.delta.DeltaModel`). The regression on samples of the
+        discretised base chain learns, besides the tilt, how those samples differ from the
+        base's own flow; the reference learns that part alone. On the digits row a
+        uniform-weight fit alone paid KL 0.52 for a gap closed of 0.01. Twice the training cost.
     """
 
     iterations: int = 1000
@@ -122,6 +132,7 @@ class EFMConfig(TrainerConfig):
     t_max: float = 1.0
     time_power: float = 2.0
     ess_warn_fraction: float = 0.02
+    reference: bool = False
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
         "mode": ("offline", "online"),
@@ -150,6 +161,10 @@ class EFMConfig(TrainerConfig):
             raise ValueError(f"t_min: expected None or a number in [0, t_max={self.t_max}), got {self.t_min!r}")
         if not self.time_power > 0:
             raise ValueError(f"time_power: expected a positive number, got {self.time_power!r}")
+        if self.reference and self.mode != "offline":
+            raise ValueError(
+                f"reference: the reference fit shares one offline data set; expected mode='offline', got {self.mode!r}"
+            )
         if not 0.0 < self.ess_warn_fraction < 1.0:
             raise ValueError(f"ess_warn_fraction: expected a number in (0, 1), got {self.ess_warn_fraction!r}")
 
@@ -158,7 +173,7 @@ class EFMConfig(TrainerConfig):
         return self.iterations // self.rounds
 
 
-class EFMTrainer(RoundState, Trainer):
+class EFMTrainer(ReferenceFit, RoundState, Trainer):
     """Energy-weighted flow matching (see the module docstring) under the Trainer contract.
 
     Parameters
@@ -179,7 +194,13 @@ class EFMTrainer(RoundState, Trainer):
     ----------
     model : nn.Module
     policy : ModelControl
-        ``u = coef_out (model - base) / sigma``.
+        ``u = coef_out (model - base) / sigma``; with a reference or a control scale other
+        than 1, ``u = scale * coef_out (model - reference) / sigma`` (:attr:`delta`).
+    reference : EFMTrainer or None
+        The reference fit (``config.reference``), stepped with this trainer.
+    delta : DeltaModel or None
+        ``base + scale * (model - reference)``, the policy's model once there is a reference or
+        :meth:`select_control_scale` has run.
 
     Usage::
 
@@ -209,6 +230,7 @@ class EFMTrainer(RoundState, Trainer):
         self.configure_optimizer(model)
         self._policy = ModelControl(model, env, self.task.action_scale)
         self._round: dict[str, Any] | None = None
+        self._setup_reference(model, data)
 
     def _default_model(self) -> nn.Module:
         base = self.env.model
@@ -298,6 +320,7 @@ class EFMTrainer(RoundState, Trainer):
             log_w = lam * r + path_log_ratio(traj) if cfg.weighting == "importance" else (lam / cfg.rounds) * r
             all_kl, all_valid = gather_cat(traj.kl), gather_cat(valid)
             kl = float(all_kl[all_valid].mean()) if bool(all_valid.any()) else math.nan
+        valid_local = valid
         # the softmax over the whole batch: every process's log-weights, this process's part
         g, ess = efm_weights(gather_cat(log_w.detach()), gather_cat(valid))
         start, n = gather_offset(x1.shape[0])
@@ -320,7 +343,14 @@ class EFMTrainer(RoundState, Trainer):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return {"index": index, "x1": x1, "weights": g.to(x1.device), "cond": cond, "stats": stats}
+        return {
+            "index": index,
+            "x1": x1,
+            "weights": g.to(x1.device),
+            "valid": valid_local,
+            "cond": cond,
+            "stats": stats,
+        }
 
     def _step(self) -> dict[str, float]:
         cfg = self.config
@@ -349,7 +379,8 @@ class EFMTrainer(RoundState, Trainer):
         norm = self.clip_gradients(self.model.parameters())
         self.optimizer.step()
         self.model.eval()
-        return {"loss": loss.detach(), "grad_norm": norm, "round": float(index), **rd["stats"]}
+        reference = {} if self.reference is None else self._reference_step(rd)
+        return {"loss": loss.detach(), "grad_norm": norm, "round": float(index), **rd["stats"], **reference}
 
     def _sharded_loss(self, rd: dict[str, Any], t_range: tuple[float, float]) -> Tensor:
         """The unbiased data-parallel estimate of ``sum_i g_i loss_i``: shard ``s`` draws
