@@ -34,7 +34,8 @@ TASKS = ["GMM1D-v0", "GMM2D-v0", _digits.DIGITS]
 #   - the fitted tilt is shrunk: scaling the control by 0.85 / 1.15 / 1.3 / 1.5 gave 0.845 / 0.896 /
 #     0.891 / 0.871 (2048 samples). The scale is chosen after training by the sampled objective
 #     (select_control_scale: no oracle) on samples of another seed.
-# Reference and scale together: see README (Digits-v0:class3 row) and finish() below.
+# Reference and scale together (finish() below; scale 1.3 chosen on every seed), 4096 evaluation samples:
+# 0.9164 / 0.9182 / 0.9182 on seeds 0 / 1 / 2 (0.918 ± 0.001; KL 3.13, reward -0.61, class-3 fraction 0.90).
 T_STOP = 0.8
 CONTROL_SCALES = (1.0, 1.1, 1.2, 1.3, 1.4)
 SCALE_SEARCH_SAMPLES = 1024

@@ -12,7 +12,7 @@ Two uses, both in :class:`~diffusiongym.trainers.efm.EFMTrainer`:
   regression on samples of the discretised base chain learns, besides the reward's tilt, how
   those samples differ from the base model's own flow; the uniform-weight fit learns that part
   alone (its ideal answer is the base itself), so the difference keeps the tilt.
-- ``scale != 1``: the fitted tilt comes out shrunk towards the base; a scale chosen by the
+- ``scale != 1``: a fitted tilt can come out shrunk towards the base; a scale chosen by the
   sampled objective (``lambda E[r] - KL``, no oracle needed) undoes that.
 """
 
