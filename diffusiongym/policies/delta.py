@@ -35,9 +35,9 @@ class DeltaModel(nn.Module):
     base : nn.Module
         The frozen base model ``base(x, t, **cond)``; not registered as a submodule.
     model, reference : nn.Module
-        Fine-tuned models in the base's parameterisation. When both are
-        :class:`~diffusiongym.policies.networks.ResidualModel` on ``base``, their nets are
-        differenced directly (the base runs once).
+        Fine-tuned models in the base's parameterisation. When ``model`` (and ``reference``,
+        if given) are :class:`~diffusiongym.policies.networks.ResidualModel` on ``base``, their
+        nets are used directly (the base runs once).
     scale : float
         Finite; ``1`` with ``reference=None`` is ``model`` itself.
     """
@@ -69,18 +69,17 @@ class DeltaModel(nn.Module):
             raise ValueError(f"scale: expected a finite number, got {value!r}")
         self._scale = float(value)
 
-    def _residual_nets(self) -> tuple[nn.Module, nn.Module] | None:
-        base, ref = self._base[0], self.reference
-        if isinstance(self.model, ResidualModel) and isinstance(ref, ResidualModel):
-            if self.model.base is base and ref.base is base:
-                return self.model.net, ref.net
-        return None
+    def _on_base(self, m: nn.Module | None) -> bool:
+        return isinstance(m, ResidualModel) and m.base is self._base[0]
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         base = self._base[0](x, t, **cond)
-        nets = self._residual_nets()
-        if nets is not None:
-            delta = (nets[0](x, t, **cond) - nets[1](x, t, **cond)).reshape(x.shape)
+        ref = self.reference
+        if self._on_base(self.model) and (ref is None or self._on_base(ref)):
+            # ResidualModels on this base: difference their nets (the base runs once)
+            delta = self.model.net(x, t, **cond).reshape(x.shape)
+            if ref is not None:
+                delta = delta - ref.net(x, t, **cond).reshape(x.shape)
         else:
             ref = base if self.reference is None else self.reference(x, t, **cond)
             delta = self.model(x, t, **cond) - ref

@@ -70,8 +70,8 @@ class ReferenceFit:
         ref = self.reference
         if ref._round is None or ref._round["index"] != rd["index"]:
             valid = rd["valid"]
-            g, ess = efm_weights(gather_cat(torch.zeros_like(valid, dtype=torch.float64)), gather_cat(valid))
-            start, n = gather_offset(valid.shape[0])
+            g, _ = efm_weights(gather_cat(torch.zeros_like(valid, dtype=torch.float64)), gather_cat(valid))
+            start, _ = gather_offset(valid.shape[0])
             ref._round = {**rd, "weights": g[start : start + valid.shape[0]].to(rd["x1"].device)}
         # the reference's optimiser and schedule are among this trainer's (stepped, synchronised
         # and saved with them); its iteration runs under the seed a standalone run would use
